@@ -18,3 +18,5 @@ await build({
   banner: { js: '#!/usr/bin/env node' },
   logLevel: 'warning',
 });
+import { chmodSync } from 'node:fs';
+chmodSync('dist/smartproxy.js', 0o755);

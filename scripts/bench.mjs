@@ -1,0 +1,209 @@
+// npm run bench: the same load against direct, smartproxy, haproxy, nginx stream and a naive
+// Node pipe proxy, side by side. The proxy under test runs alone on core 0; backends and load
+// generators share the other cores. Each run is repeated with the contenders in a rotated order
+// and the tables show medians, the ratio to direct and the run-to-run spread.
+//
+// Needs (Debian/Ubuntu): apt-get install -y haproxy nginx libnginx-mod-stream wrk iperf3 openssl
+// Whatever is missing is skipped with a visible line. Run as a user that may raise its own
+// file-descriptor limit (prlimit) for the idle scenario, e.g. root.
+import { mkdtempSync, existsSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { describeMachine, INSTALL_LINE, pinSelf } from './bench/machine.mjs';
+import { removeOnExit, runToCompletion, stopAllChildren } from './bench/processes.mjs';
+import { CONTENDER_NAMES, describeContender, whyUnavailable } from './bench/proxies.mjs';
+import { printSummary, summarizeIdle, summarizeRate } from './bench/report.mjs';
+import { RATE_SCENARIOS, SCENARIO_NAMES, runIdleScenario, runRateScenario } from './bench/scenarios.mjs';
+
+const REPO_ROOT = new URL('../', import.meta.url).pathname;
+const BUILD_TIMEOUT_MS = 120000;
+/** Rough cost of one idle run (start proxy, open, settle, close); only for the time budget. */
+const IDLE_RUN_ESTIMATE_S = 15;
+
+const USAGE = `usage: npm run bench -- [options]
+
+  --runs N              repetitions of every run (default 3)
+  --duration S          seconds per run (default 5)
+  --warmup S            seconds of unmeasured load per contender before a scenario (default 2; 0 = off)
+  --only LIST           scenarios, comma-separated: ${SCENARIO_NAMES.join(',')} (default all)
+  --proxies LIST        contenders: ${CONTENDER_NAMES.join(',')} (default all)
+  --idle-conns LIST     idle connection counts (default 5000,9000)
+  --json FILE           also write every raw run to FILE
+  --no-build            do not run \`npm run build\` before starting smartproxy
+
+Tools: ${INSTALL_LINE}`;
+
+function parseOptions() {
+  const { values } = parseArgs({
+    options: {
+      runs: { type: 'string', default: '3' },
+      duration: { type: 'string', default: '5' },
+      warmup: { type: 'string', default: '2' },
+      only: { type: 'string' },
+      proxies: { type: 'string' },
+      'idle-conns': { type: 'string', default: '5000,9000' },
+      json: { type: 'string' },
+      'no-build': { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  });
+  if (values.help) {
+    console.log(USAGE);
+    process.exit(0);
+  }
+  const list = (text, allowed, what) => {
+    const items = text.split(',').map((item) => item.trim()).filter(Boolean);
+    const unknown = items.filter((item) => !allowed.includes(item));
+    if (unknown.length) throw new UsageError(`unknown ${what}: ${unknown.join(', ')} (known: ${allowed.join(', ')})`);
+    return items;
+  };
+  const positive = (text, what, { allowZero = false } = {}) => {
+    const n = Number(text);
+    if (!Number.isInteger(n) || n < (allowZero ? 0 : 1)) throw new UsageError(`${what} must be a ${allowZero ? 'non-negative' : 'positive'} integer (got ${text})`);
+    return n;
+  };
+  return {
+    runs: positive(values.runs, '--runs'),
+    duration: positive(values.duration, '--duration'),
+    warmup: positive(values.warmup, '--warmup', { allowZero: true }),
+    scenarios: values.only ? list(values.only, SCENARIO_NAMES, 'scenario') : SCENARIO_NAMES,
+    contenders: values.proxies ? list(values.proxies, CONTENDER_NAMES, 'contender') : CONTENDER_NAMES,
+    idleSizes: values['idle-conns'].split(',').map((n) => positive(n, '--idle-conns')),
+    json: values.json ?? null,
+    build: !values['no-build'],
+  };
+}
+
+class UsageError extends Error {}
+
+const log = (line) => process.stderr.write(line + '\n');
+const out = (line) => process.stdout.write(line + '\n');
+
+/** Builds smartproxy when its sources exist. Returns why it cannot run, or null. */
+async function prepareSmartproxy(options) {
+  if (!existsSync(join(REPO_ROOT, 'src/cli.ts'))) return 'src/cli.ts does not exist yet';
+  if (!options.build) return null;
+  log('building smartproxy (npm run build)...');
+  try {
+    await runToCompletion('npm run build', ['npm', 'run', 'build', '--silent'], BUILD_TIMEOUT_MS, { cwd: REPO_ROOT });
+    return null;
+  } catch (err) {
+    return `npm run build failed: ${String(err.message).split('\n').slice(0, 3).join(' ')}`;
+  }
+}
+
+/** Seconds the whole plan should take; the watchdog allows twice that plus slack. */
+function estimateSeconds(options, scenarios, contenderCount) {
+  let seconds = 0;
+  for (const name of scenarios) {
+    if (name === 'idle') seconds += options.idleSizes.length * options.runs * contenderCount * IDLE_RUN_ESTIMATE_S;
+    else seconds += contenderCount * (options.warmup + options.runs * (options.duration + 1.5)) + 5;
+  }
+  return seconds;
+}
+
+async function main() {
+  const options = parseOptions();
+  const machine = describeMachine();
+  pinSelf(machine);
+  const tmpDir = mkdtempSync(join(tmpdir(), 'smartproxy-bench-'));
+  removeOnExit(tmpDir);
+  const ctx = { machine, tmpDir, smartproxySkip: null };
+
+  out('smartproxy benchmark');
+  out(`machine: ${machine.cores} cores, ${machine.cpuModel}, kernel ${machine.kernel}`);
+  out(
+    `versions: node ${machine.versions.node}, haproxy ${machine.versions.haproxy ?? '-'}, nginx ${machine.versions.nginx ?? '-'}, ` +
+      `wrk ${machine.versions.wrk ?? '-'}, iperf3 ${machine.versions.iperf3 ?? '-'}, openssl ${machine.versions.openssl ?? '-'}`,
+  );
+  out(
+    machine.pinned
+      ? `pinning: proxy under test on core ${machine.proxyCores}; backends and load generators on core(s) ${machine.loadCores}`
+      : 'pinning: OFF (needs >= 2 cores and taskset); proxy and load share the cores, CPU figures are noisier',
+  );
+  out(
+    machine.fdLimit >= machine.wantedFdLimit
+      ? `fd limit: ${machine.fdLimit} for every child`
+      : `fd limit: ${machine.fdLimit} for every child (raising to ${machine.wantedFdLimit} was refused here); ` +
+          `a proxy holds 2 per idle connection, so at most ~${Math.floor((machine.fdLimit - 200) / 2)} idle connections fit`,
+  );
+  out(`runs: ${options.runs} x ${options.duration}s per contender and scenario, warmup ${options.warmup}s, rotated order`);
+  const missing = Object.entries(machine.tools).filter(([, path]) => !path).map(([tool]) => tool);
+  if (missing.length) out(`missing tools: ${missing.join(', ')} (install: ${INSTALL_LINE})`);
+
+  if (options.contenders.includes('smartproxy')) ctx.smartproxySkip = await prepareSmartproxy(options);
+  const contenders = [];
+  out('contenders:');
+  for (const name of options.contenders) {
+    const why = whyUnavailable(ctx, name);
+    if (why) out(`  ${name.padEnd(10)} SKIPPED: ${why}`);
+    else {
+      contenders.push(name);
+      out(`  ${name.padEnd(10)} ${describeContender(ctx, name)}`);
+    }
+  }
+
+  const scenarios = [];
+  for (const name of options.scenarios) {
+    const needs = name === 'idle' ? [] : RATE_SCENARIOS[name].tools;
+    const absent = needs.filter((tool) => !machine.tools[tool]);
+    if (absent.length) out(`scenario ${name}: SKIPPED (${absent.join(', ')} not installed)`);
+    else scenarios.push(name);
+  }
+
+  const budgetSeconds = estimateSeconds(options, scenarios, contenders.length) * 2 + 120;
+  out(`time budget: about ${Math.ceil(estimateSeconds(options, scenarios, contenders.length) / 60)} min (hard stop after ${Math.ceil(budgetSeconds / 60)} min)`);
+  const watchdog = setTimeout(() => abort(`time budget of ${budgetSeconds} s exceeded`), budgetSeconds * 1000);
+
+  const rateSections = [];
+  const idleSections = [];
+  const raw = { machine, options, scenarios: {} };
+  for (const name of scenarios) {
+    if (name === 'idle') {
+      const sizes = options.idleSizes;
+      log(`scenario idle (${sizes.join(', ')} connections; direct has no proxy memory and is left out)`);
+      const { backend, bySize } = await runIdleScenario(ctx, contenders, { runs: options.runs, sizes, log });
+      raw.scenarios.idle = { backend, bySize: Object.fromEntries([...bySize].map(([size, results]) => [size, Object.fromEntries(results)])) };
+      for (const [size, results] of bySize) idleSections.push({ size, rows: summarizeIdle(results) });
+    } else {
+      const scenario = RATE_SCENARIOS[name];
+      log(`scenario ${name}: ${scenario.what}`);
+      const { backend, results } = await runRateScenario(ctx, scenario, contenders, { runs: options.runs, duration: options.duration, warmup: options.warmup, log });
+      log(`  backend: ${backend}`);
+      raw.scenarios[name] = { what: scenario.what, backend, results: Object.fromEntries(results) };
+      rateSections.push({ scenario, rows: summarizeRate(scenario, results) });
+    }
+  }
+  clearTimeout(watchdog);
+
+  printSummary(rateSections, idleSections, out);
+  if (options.json) {
+    raw.summary = { rates: rateSections.map(({ scenario, rows }) => ({ scenario: scenario.name, rows })), idle: idleSections };
+    writeFileSync(options.json, JSON.stringify(raw, null, 2) + '\n');
+    out(`\nraw results: ${options.json}`);
+  }
+  await stopAllChildren();
+}
+
+let aborting = false;
+async function abort(why, exitCode = 1) {
+  if (aborting) return;
+  aborting = true;
+  log(`\nbench: ${why}; stopping every child process`);
+  await stopAllChildren();
+  process.exit(exitCode);
+}
+
+process.on('SIGINT', () => abort('interrupted', 130));
+process.on('SIGTERM', () => abort('terminated', 143));
+process.on('uncaughtException', (err) => abort(`uncaught exception: ${err.stack ?? err}`));
+process.on('unhandledRejection', (err) => abort(`unhandled rejection: ${err?.stack ?? err}`));
+
+main().catch((err) => {
+  if (err instanceof UsageError) {
+    console.error(`bench: ${err.message}\n\n${USAGE}`);
+    process.exit(2);
+  }
+  abort(err?.stack ?? String(err));
+});

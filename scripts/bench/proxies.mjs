@@ -1,0 +1,168 @@
+// The contenders: how each proxy is configured and started on the proxy core. Every contender is
+// a plain TCP relay to one backend, or, in the tls scenario, a relay chosen by the ClientHello's
+// SNI (except node-pipe, which cannot read SNI and shows the floor of a Node relay).
+import { existsSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { freePort, startNginx, TLS_SERVER_NAME } from './backends.mjs';
+import { spawnChild, waitForListen } from './processes.mjs';
+
+export const CONTENDER_NAMES = ['direct', 'smartproxy', 'haproxy', 'nginx', 'node-pipe'];
+
+const REPO_ROOT = new URL('../../', import.meta.url).pathname;
+export const SMARTPROXY_ENTRY = join(REPO_ROOT, 'dist/smartproxy.js');
+const PLAIN_PROXY = join(REPO_ROOT, 'scripts/plain-proxy.mjs');
+
+/** Idle connections must outlive a whole idle run; every proxy gets the same generous timeout. */
+const IDLE_TIMEOUT = '10m';
+
+/**
+ * Why `name` cannot run here, or null when it can.
+ * @param {import('./backends.mjs').BenchContext & { smartproxySkip?: string | null }} ctx
+ * @param {string} name
+ */
+export function whyUnavailable(ctx, name) {
+  switch (name) {
+    case 'haproxy':
+      return ctx.machine.tools.haproxy ? null : 'haproxy not installed';
+    case 'nginx':
+      if (!ctx.machine.tools.nginx) return 'nginx not installed';
+      return ctx.machine.nginxStreamModule === null ? 'this nginx has no stream module (apt-get install -y libnginx-mod-stream)' : null;
+    case 'smartproxy':
+      return ctx.smartproxySkip ?? (existsSync(SMARTPROXY_ENTRY) ? null : 'dist/smartproxy.js not built');
+    default:
+      return null;
+  }
+}
+
+/** Label with version, for the header of the report. @param {import('./backends.mjs').BenchContext} ctx */
+export function describeContender(ctx, name) {
+  const { versions } = ctx.machine;
+  switch (name) {
+    case 'direct':
+      return 'no proxy: the load goes straight to the backend';
+    case 'smartproxy':
+      return `node ${versions.node} dist/smartproxy.js serve --log-level warn`;
+    case 'haproxy':
+      return `HAProxy ${versions.haproxy}, nbthread 1, mode tcp`;
+    case 'nginx':
+      return `nginx ${versions.nginx} stream, worker_processes 1`;
+    case 'node-pipe':
+      return `node ${versions.node} scripts/plain-proxy.mjs (net + pipe(), no SNI routing)`;
+    default:
+      return name;
+  }
+}
+
+/**
+ * Starts contender `name` in front of `backendPort` and waits until it listens. `direct` starts
+ * nothing and returns the backend port itself.
+ * @param {import('./backends.mjs').BenchContext} ctx
+ * @param {string} name
+ * @param {{ backendPort: number, routeBySni: boolean }} target
+ * @returns {Promise<{ name: string, port: number, child: import('./processes.mjs').Child | null }>}
+ */
+export async function startContender(ctx, name, { backendPort, routeBySni }) {
+  if (name === 'direct') return { name, port: backendPort, child: null };
+  const port = await freePort();
+  const child = spawnProxy(ctx, name, port, backendPort, routeBySni);
+  await waitForListen(port, { child, what: name });
+  return { name, port, child };
+}
+
+function spawnProxy(ctx, name, port, backendPort, routeBySni) {
+  const { machine, tmpDir } = ctx;
+  const prefix = machine.proxyPrefix;
+  switch (name) {
+    case 'smartproxy': {
+      const file = join(tmpDir, `smartproxy-${port}.toml`);
+      writeFileSync(file, smartproxyConfig(port, backendPort, routeBySni));
+      return spawnChild(name, [...prefix, process.execPath, SMARTPROXY_ENTRY, 'serve', '-c', file, '--log-level', 'warn']);
+    }
+    case 'haproxy': {
+      const file = join(tmpDir, `haproxy-${port}.cfg`);
+      writeFileSync(file, haproxyConfig(port, backendPort, routeBySni, machine.fdLimit));
+      // -db: stay in the foreground, so the pid we hold is the one doing the work.
+      return spawnChild(name, [...prefix, machine.tools.haproxy, '-db', '-f', file]);
+    }
+    case 'nginx':
+      return startNginx(ctx, `nginx-proxy-${port}`, prefix, nginxStreamConfig(port, backendPort, routeBySni));
+    case 'node-pipe':
+      return spawnChild(name, [...prefix, process.execPath, PLAIN_PROXY, '--listen', String(port), '--backend', String(backendPort)]);
+    default:
+      throw new Error(`unknown contender ${name}`);
+  }
+}
+
+function smartproxyConfig(port, backendPort, routeBySni) {
+  // A listener whose only route is the default one skips the TLS peek: a plain relay.
+  const match = routeBySni ? `sni = ["${TLS_SERVER_NAME}"]` : 'default = true';
+  return `[limits]
+max_connections = 0
+
+[timeouts]
+idle = "${IDLE_TIMEOUT}"
+
+[[listeners]]
+name = "bench"
+bind = ["127.0.0.1:${port}"]
+workers = 20000
+queue = 1000
+
+  [[listeners.routes]]
+  name = "backend"
+  ${match}
+  backends = ["127.0.0.1:${backendPort}"]
+`;
+}
+
+/** HAProxy refuses to start when maxconn needs more descriptors than it may open (two per connection). */
+function haproxyConfig(port, backendPort, routeBySni, fdLimit) {
+  const maxconn = Math.min(50000, Math.floor((fdLimit - 200) / 2));
+  const routing = routeBySni
+    ? `  tcp-request inspect-delay 5s
+  tcp-request content accept if { req_ssl_hello_type 1 }
+  use_backend backend if { req_ssl_sni -i ${TLS_SERVER_NAME} }`
+    : '  default_backend backend';
+  return `global
+  nbthread 1
+  maxconn ${maxconn}
+
+defaults
+  mode tcp
+  maxconn ${maxconn}
+  timeout connect 5s
+  timeout client ${IDLE_TIMEOUT}
+  timeout server ${IDLE_TIMEOUT}
+
+frontend bench
+  bind 127.0.0.1:${port} backlog 4096
+${routing}
+
+backend backend
+  server s1 127.0.0.1:${backendPort}
+`;
+}
+
+function nginxStreamConfig(port, backendPort, routeBySni) {
+  const server = routeBySni
+    ? `  map $ssl_preread_server_name $route {
+    ${TLS_SERVER_NAME} backend;
+    default unknown_sni;
+  }
+  upstream unknown_sni { server 127.0.0.1:1; }
+  server {
+    listen 127.0.0.1:${port} backlog=4096;
+    ssl_preread on;
+    proxy_pass $route;
+    proxy_timeout ${IDLE_TIMEOUT};
+  }`
+    : `  server {
+    listen 127.0.0.1:${port} backlog=4096;
+    proxy_pass backend;
+    proxy_timeout ${IDLE_TIMEOUT};
+  }`;
+  return `stream {
+  upstream backend { server 127.0.0.1:${backendPort}; }
+${server}
+}`;
+}

@@ -1,0 +1,93 @@
+// The admin API: plain HTTP on loopback or a unix socket (mode 0600). Read-only views of the
+// daemon; nothing here can change the proxy's state.
+import { chmodSync, unlinkSync } from 'node:fs';
+import http from 'node:http';
+import type { AdminListen } from '../config/types.ts';
+import type { Daemon } from '../daemon.ts';
+import { daemonStats } from './stats.ts';
+
+export interface AdminServer {
+  /** `host:port` or `unix:/path`. */
+  readonly address: string;
+  readonly port: number;
+  close(): Promise<void>;
+}
+
+export async function startAdminServer(listen: AdminListen, daemon: Daemon): Promise<AdminServer> {
+  const server = http.createServer((req, res) => {
+    handle(daemon, req, res).catch((err: unknown) => {
+      daemon.log.error({ err }, 'admin request failed');
+      if (!res.headersSent) res.writeHead(500, { 'content-type': 'text/plain' });
+      res.end('internal error\n');
+    });
+  });
+  server.keepAliveTimeout = 5_000;
+  server.headersTimeout = 10_000;
+  server.requestTimeout = 10_000;
+  server.on('clientError', (_err, socket) => socket.destroy());
+  if (listen.kind === 'unix') {
+    try {
+      unlinkSync(listen.path); // a stale socket from a previous run
+    } catch {
+      /* absent */
+    }
+  }
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    if (listen.kind === 'unix') server.listen(listen.path, () => resolve());
+    else server.listen({ host: listen.address.host, port: listen.address.port }, () => resolve());
+  });
+  server.on('error', (err) => daemon.log.error({ err }, 'admin server error'));
+  if (listen.kind === 'unix') chmodSync(listen.path, 0o600);
+  const bound = server.address();
+  const port = typeof bound === 'object' && bound !== null ? bound.port : 0;
+  const address = listen.kind === 'unix' ? `unix:${listen.path}` : `${listen.address.host.includes(':') ? `[${listen.address.host}]` : listen.address.host}:${port}`;
+  return {
+    address,
+    port,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections();
+      }),
+  };
+}
+
+async function handle(daemon: Daemon, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+  const url = new URL(req.url ?? '/', 'http://admin');
+  if (req.method !== 'GET' && req.method !== 'HEAD') return send(res, 405, 'text/plain', 'method not allowed\n');
+  switch (url.pathname) {
+    case '/healthz':
+      return daemon.accepting ? send(res, 200, 'text/plain', 'ok\n') : send(res, 503, 'text/plain', 'draining\n');
+    case '/metrics':
+      return send(res, 200, daemon.metrics.registry.contentType, await daemon.metrics.exposition());
+    case '/stats':
+      return sendJson(res, daemonStats(daemon));
+    case '/connections': {
+      const limit = clampLimit(url.searchParams.get('limit'));
+      const now = Date.now();
+      const list = [];
+      for (const conn of daemon.registry.values()) {
+        if (list.length >= limit) break;
+        list.push(conn.describe(now));
+      }
+      return sendJson(res, { total: daemon.registry.size, connections: list });
+    }
+    default:
+      return send(res, 404, 'text/plain', 'not found: try /healthz, /metrics, /stats, /connections?limit=N\n');
+  }
+}
+
+function clampLimit(raw: string | null): number {
+  const n = raw === null ? 100 : Number.parseInt(raw, 10);
+  return Number.isFinite(n) && n > 0 ? Math.min(n, 10_000) : 100;
+}
+
+function send(res: http.ServerResponse, code: number, type: string, body: string): void {
+  res.writeHead(code, { 'content-type': type, 'cache-control': 'no-store' });
+  res.end(body);
+}
+
+function sendJson(res: http.ServerResponse, value: unknown): void {
+  send(res, 200, 'application/json', `${JSON.stringify(value, null, 2)}\n`);
+}

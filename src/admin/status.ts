@@ -1,0 +1,105 @@
+// `smartproxy status`: fetches /stats from the admin API and prints a readable table.
+import http from 'node:http';
+import { formatIssue, loadConfig } from '../config/load.ts';
+import type { DaemonStats } from './stats.ts';
+
+export interface StatusOptions {
+  readonly config?: string;
+  readonly admin?: string;
+  readonly watch?: boolean;
+}
+
+type Target = { socketPath: string } | { host: string; port: number };
+
+/** Prints the status once (or every second with --watch); resolves with the exit code. */
+export async function status(opts: StatusOptions): Promise<number> {
+  const target = resolveTarget(opts);
+  if (typeof target === 'string') {
+    process.stderr.write(`smartproxy status: ${target}\n`);
+    return 1;
+  }
+  for (;;) {
+    let text: string;
+    try {
+      text = renderStatus(await fetchStats(target));
+    } catch (err) {
+      process.stderr.write(`smartproxy status: cannot reach the admin API: ${(err as Error).message}\n`);
+      if (!opts.watch) return 1;
+      text = '';
+    }
+    if (opts.watch) process.stdout.write('\x1b[2J\x1b[H');
+    process.stdout.write(text);
+    if (!opts.watch) return 0;
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+}
+
+function resolveTarget(opts: StatusOptions): Target | string {
+  let address = opts.admin;
+  if (address === undefined) {
+    const file = opts.config ?? '/etc/smartproxy/proxy.toml';
+    const loaded = loadConfig(file);
+    if (!loaded.ok) return `${file}: ${loaded.issues.map(formatIssue).join('; ')}`;
+    const admin = loaded.config.admin;
+    if (admin === null) return `${file} has no [admin] listen address; pass --admin`;
+    address = admin.kind === 'unix' ? `unix:${admin.path}` : admin.address.text;
+  }
+  if (address.startsWith('unix:')) return { socketPath: address.slice(5) };
+  const match = /^\[?([^\]]+?)\]?:(\d+)$/.exec(address);
+  if (match === null) return `--admin ${address}: expected host:port or unix:/path`;
+  return { host: match[1]!, port: Number(match[2]) };
+}
+
+function fetchStats(target: Target): Promise<DaemonStats> {
+  return new Promise((resolve, reject) => {
+    const req = http.get({ ...target, path: '/stats', timeout: 3000 }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (chunk: string) => (body += chunk));
+      res.on('end', () => {
+        try {
+          resolve(JSON.parse(body) as DaemonStats);
+        } catch {
+          reject(new Error(`unexpected answer (HTTP ${res.statusCode})`));
+        }
+      });
+    });
+    req.on('timeout', () => req.destroy(new Error('timed out')));
+    req.on('error', reject);
+  });
+}
+
+/** The table `status` prints; exported for tests. */
+export function renderStatus(stats: DaemonStats): string {
+  const lines: string[] = [];
+  const cap = stats.maxConnections > 0 ? `/${stats.maxConnections}` : '';
+  lines.push(`smartproxy ${stats.version}  pid ${stats.pid}  up ${stats.uptimeSeconds}s  ${stats.accepting ? 'accepting' : 'DRAINING'}  connections ${stats.active}${cap}`);
+  lines.push('');
+  const rows = [['LISTENER', 'BIND', 'WORKERS', 'QUEUE', 'ACTIVE', 'CLIENTS', 'REJECTED']];
+  for (const l of stats.listeners) {
+    const rejected = Object.values(l.rejections).reduce((a, b) => a + b, 0);
+    rows.push([
+      l.draining ? `${l.name} (draining)` : l.name,
+      l.bind.join(',') || '-',
+      `${l.busy}/${l.workers}`,
+      `${l.queued}/${l.queue}`,
+      String(l.active),
+      String(l.trackedClients),
+      String(rejected),
+    ]);
+  }
+  lines.push(...table(rows));
+  for (const l of stats.listeners) {
+    const reasons = Object.entries(l.rejections).filter(([, n]) => n > 0);
+    if (reasons.length > 0) lines.push('', `${l.name} rejections: ${reasons.map(([r, n]) => `${r} ${n}`).join(', ')}`);
+    const routes = l.routes.map((r) => `${r.name} ${r.active}`).join(', ');
+    lines.push(`${l.name} routes: ${routes}`);
+    if (l.topClients.length > 0) lines.push(`${l.name} top clients: ${l.topClients.slice(0, 10).map((c) => `${c.client} x${c.active}`).join(', ')}`);
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+function table(rows: string[][]): string[] {
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  return rows.map((r) => r.map((cell, i) => cell.padEnd(widths[i]!)).join('  ').trimEnd());
+}

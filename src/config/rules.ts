@@ -1,0 +1,157 @@
+// Rules that compare values across the file: duplicates, overlapping binds, route reachability,
+// settings that only make sense together. They read the raw TOML rather than the schema's output
+// so that they still run when some other part of the file is invalid, and one pass reports
+// everything. Values the schema rejects are skipped here: the schema has already said why.
+import { formatPath, formatValue } from './issues.ts';
+import { ipFamily, isLoopbackHost, isUnitError, normalizeHost, parseHostPort, parseSniPattern } from './units.ts';
+import type { ConfigIssue, HostPort } from './types.ts';
+
+type Table = Record<string, unknown>;
+type Path = readonly PropertyKey[];
+
+function isTable(value: unknown): value is Table {
+  return typeof value === 'object' && value !== null && !Array.isArray(value) && !(value instanceof Date);
+}
+
+function tablesIn(value: unknown): { table: Table; index: number }[] {
+  if (!Array.isArray(value)) return [];
+  return value.flatMap((table, index) => (isTable(table) ? [{ table, index }] : []));
+}
+
+/** The strings of a "one or a list" key with the path of each (`bind` or `bind[2]`). */
+function stringsIn(value: unknown, path: Path): { text: string; path: Path }[] {
+  if (typeof value === 'string') return [{ text: value, path }];
+  if (!Array.isArray(value)) return [];
+  return value.flatMap((text, index) => (typeof text === 'string' ? [{ text, path: [...path, index] }] : []));
+}
+
+function describeRoute(table: Table): string {
+  return typeof table.name === 'string' ? `route ${formatValue(table.name)}` : 'this route';
+}
+
+/** Every cross-field problem in a parsed TOML document. */
+export function checkCrossFieldRules(raw: Table): ConfigIssue[] {
+  const issues: ConfigIssue[] = [];
+  const listeners = tablesIn(raw.listeners);
+  issues.push(...duplicateNames(listeners.map(({ table, index }) => ({ table, path: ['listeners', index] })), 'listener'));
+  issues.push(...bindConflicts(listeners.map(({ table, index }) => ({ table, path: ['listeners', index] }))));
+  for (const { table: listener, index } of listeners) {
+    const routes = tablesIn(listener.routes).map(({ table, index: r }) => ({ table, path: ['listeners', index, 'routes', r] as Path }));
+    issues.push(...duplicateNames(routes, 'route'), ...routeRules(routes));
+  }
+  issues.push(...adminExposure(raw.admin));
+  return issues;
+}
+
+function duplicateNames(tables: { table: Table; path: Path }[], kind: string): ConfigIssue[] {
+  const issues: ConfigIssue[] = [];
+  const firstPath = new Map<string, Path>();
+  for (const { table, path } of tables) {
+    if (typeof table.name !== 'string') continue;
+    const first = firstPath.get(table.name);
+    if (first === undefined) firstPath.set(table.name, path);
+    else {
+      const scope = kind === 'route' ? ' in this listener' : '';
+      issues.push({
+        path: formatPath([...path, 'name']),
+        message: `duplicate ${kind} name ${formatValue(table.name)}${scope} (first used at ${formatPath(first)})`,
+      });
+    }
+  }
+  return issues;
+}
+
+interface Bind {
+  readonly address: HostPort;
+  readonly host: string;
+  readonly path: Path;
+}
+
+// "0.0.0.0:X" takes port X on every IPv4 address, and "[::]:X" (dual-stack in Node) on every
+// address at all, so either collides with any other bind on X. Host names are compared as written.
+function overlaps(a: Bind, b: Bind): boolean {
+  if (a.address.port !== b.address.port) return false;
+  if (a.host === b.host || a.host === '::' || b.host === '::') return true;
+  return (a.host === '0.0.0.0' && ipFamily(b.host) === 4) || (b.host === '0.0.0.0' && ipFamily(a.host) === 4);
+}
+
+function bindConflicts(listeners: { table: Table; path: Path }[]): ConfigIssue[] {
+  const issues: ConfigIssue[] = [];
+  const seen: Bind[] = [];
+  for (const { table, path } of listeners) {
+    for (const entry of stringsIn(table.bind, [...path, 'bind'])) {
+      const address = parseHostPort(entry.text);
+      if (isUnitError(address)) continue;
+      const bind: Bind = { address, host: normalizeHost(address.host), path: entry.path };
+      const earlier = seen.find((other) => overlaps(other, bind));
+      if (earlier !== undefined) {
+        const message = earlier.host === bind.host
+          ? `${formatValue(entry.text)} is already bound at ${formatPath(earlier.path)}`
+          : `${formatValue(entry.text)} overlaps ${formatValue(earlier.address.text)} bound at ${formatPath(earlier.path)}`;
+        issues.push({ path: formatPath(entry.path), message });
+      }
+      seen.push(bind);
+    }
+  }
+  return issues;
+}
+
+function routeRules(routes: { table: Table; path: Path }[]): ConfigIssue[] {
+  const issues: ConfigIssue[] = [];
+  let defaultRoute: Path | undefined;
+  const sniOwner = new Map<string, Path>();
+  for (const { table, path } of routes) {
+    if (table.default === true) {
+      if (defaultRoute === undefined) defaultRoute = path;
+      else {
+        issues.push({
+          path: formatPath([...path, 'default']),
+          message: `${describeRoute(table)} is a second route with default = true (${formatPath(defaultRoute)} is already the default)`,
+        });
+      }
+    }
+
+    const names = stringsIn(table.sni, [...path, 'sni']);
+    for (const { text, path: sniPath } of names) {
+      const pattern = parseSniPattern(text);
+      if (isUnitError(pattern)) continue;
+      const owner = sniOwner.get(pattern);
+      if (owner === undefined) sniOwner.set(pattern, path);
+      else {
+        const where = owner === path ? 'listed twice in this route' : `already routed by ${formatPath(owner)}`;
+        issues.push({ path: formatPath(sniPath), message: `${formatValue(text)} is ${where}` });
+      }
+    }
+
+    const sniIsAbsentOrEmpty = table.sni === undefined || (Array.isArray(table.sni) && table.sni.length === 0);
+    const defaultIsValid = table.default === undefined || typeof table.default === 'boolean';
+    if (sniIsAbsentOrEmpty && defaultIsValid && table.default !== true) {
+      issues.push({
+        path: formatPath(path),
+        message: `${describeRoute(table)} has no sni and is not default = true, so no connection can reach it`,
+      });
+    }
+
+    if (table.pass_through_tlvs !== undefined && table.send_proxy_protocol !== 'v2') {
+      const sending = table.send_proxy_protocol === undefined
+        ? 'send_proxy_protocol is not set'
+        : `got send_proxy_protocol = ${formatValue(table.send_proxy_protocol)}`;
+      issues.push({
+        path: formatPath([...path, 'pass_through_tlvs']),
+        message: `${formatValue(table.pass_through_tlvs)} needs send_proxy_protocol = "v2" (${sending})`,
+      });
+    }
+  }
+  return issues;
+}
+
+function adminExposure(admin: unknown): ConfigIssue[] {
+  if (!isTable(admin) || typeof admin.listen !== 'string' || admin.allow_public === true) return [];
+  if (admin.listen.startsWith('unix:')) return [];
+  const address = parseHostPort(admin.listen);
+  if (isUnitError(address) || isLoopbackHost(address.host)) return [];
+  return [{
+    path: 'admin.listen',
+    message: `${formatValue(admin.listen)} is not a loopback address, and the admin API has no authentication (set admin.allow_public = true to expose it anyway)`,
+  }];
+}

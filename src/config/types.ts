@@ -1,0 +1,135 @@
+// The validated configuration: what `loadConfig` returns once every check has passed.
+// Every default is filled in, every inherited value resolved (global -> listener -> route),
+// every duration is in milliseconds and every address parsed. Nothing here is mutated after load.
+
+/** A parsed `host:port` (IPv6 literals are written `[::1]:8443`). */
+export interface HostPort {
+  /** Host name or IP literal without brackets: `127.0.0.1`, `::1`, `backend.internal`. */
+  readonly host: string;
+  readonly port: number;
+  /** The string as written in the file, for logs and error messages. */
+  readonly text: string;
+}
+
+export interface Timeouts {
+  /** Backend TCP connect, including DNS. */
+  readonly connectMs: number;
+  /** Absolute deadline from accept for the bytes needed to route (and the PROXY header). */
+  readonly clientHelloMs: number;
+  /** No bytes in either direction. 0 = off. */
+  readonly idleMs: number;
+  /** After one side sent FIN, how long the other direction may go on. 0 = off. */
+  readonly halfCloseMs: number;
+  /** 0 = unlimited. */
+  readonly maxLifetimeMs: number;
+  /** Percentage (0-100) by which each connection's lifetime is randomly shortened. */
+  readonly maxLifetimeJitterPct: number;
+}
+
+/** New connections per sliding window from one client. `count = 0` means off. */
+export interface RateLimit {
+  readonly count: number;
+  readonly perMs: number;
+}
+
+/** Limits a listener applies at accept, resolved from `[limits]` and `[listeners.limits]`. 0 = unlimited. */
+export interface ListenerLimits {
+  readonly maxConnectionsPerIp: number;
+  readonly connectionRatePerIp: RateLimit;
+  /** Occupancy percentage above which fair share applies; 0 = off. */
+  readonly fairShareAbove: number;
+}
+
+export interface RouteLimits {
+  /** 0 = unlimited. */
+  readonly maxConnections: number;
+}
+
+/** Addresses and CIDRs as written (already validated); compiled into a matcher by governance/. */
+export interface FirewallRules {
+  readonly allow: readonly string[];
+  readonly block: readonly string[];
+}
+
+export type ProxyProtocolVersion = 'v1' | 'v2';
+
+export interface ProxyProtocolAccept {
+  readonly accept: ProxyProtocolVersion | 'any';
+  /** Addresses and CIDRs allowed to send a header (validated). */
+  readonly trusted: readonly string[];
+  readonly require: boolean;
+}
+
+export type OnRemoval = 'keep' | 'drain' | 'close';
+export type RejectStyle = 'reset' | 'close';
+
+export interface RouteConfig {
+  readonly name: string;
+  /** TOML path of this route, e.g. `listeners[0].routes[1]`, for messages. */
+  readonly path: string;
+  /** Lower-cased; exact names and `*.suffix` wildcards. */
+  readonly sni: readonly string[];
+  readonly isDefault: boolean;
+  readonly backends: readonly HostPort[];
+  readonly limits: RouteLimits;
+  readonly firewall: FirewallRules;
+  readonly sendProxyProtocol: ProxyProtocolVersion | null;
+  /** TLV types copied from a received v2 header into the one we send. */
+  readonly passThroughTlvs: readonly number[];
+  readonly onRemoval: OnRemoval;
+}
+
+export interface ListenerConfig {
+  readonly name: string;
+  readonly path: string;
+  readonly bind: readonly HostPort[];
+  /** Connection slots: the most connections this listener proxies at once. */
+  readonly workers: number;
+  /** Accepted connections waiting for a slot; 0 = reject when every worker is busy. */
+  readonly queue: number;
+  readonly queueTimeoutMs: number;
+  readonly reject: RejectStyle;
+  readonly timeouts: Timeouts;
+  readonly limits: ListenerLimits;
+  readonly firewall: FirewallRules;
+  readonly proxyProtocol: ProxyProtocolAccept | null;
+  readonly onRemoval: OnRemoval;
+  readonly routes: readonly RouteConfig[];
+}
+
+export type AdminListen =
+  | { readonly kind: 'tcp'; readonly address: HostPort }
+  | { readonly kind: 'unix'; readonly path: string };
+
+export interface Config {
+  /** Absolute path of the file this was loaded from. */
+  readonly file: string;
+  readonly limits: {
+    /** All listeners together; 0 = unlimited. */
+    readonly maxConnections: number;
+    /** IPv6 clients are grouped by this prefix length. */
+    readonly ipv6Prefix: number;
+    readonly maxTrackedIps: number;
+  };
+  readonly firewall: FirewallRules;
+  readonly logging: {
+    readonly level: 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal';
+    readonly rejectionSummaryIntervalMs: number;
+  };
+  readonly admin: AdminListen | null;
+  readonly shutdown: {
+    readonly drainTimeoutMs: number;
+    readonly shutdownDelayMs: number;
+  };
+  readonly listeners: readonly ListenerConfig[];
+}
+
+/** One problem found in a config file. `path` is a TOML path such as `listeners[1].routes[0].backends[2]`. */
+export interface ConfigIssue {
+  readonly path: string;
+  readonly message: string;
+}
+
+export type LoadResult =
+  | { readonly ok: true; readonly config: Config }
+  | { readonly ok: false; readonly issues: readonly ConfigIssue[] };

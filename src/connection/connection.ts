@@ -1,0 +1,564 @@
+// THE owner of one proxied connection: both sockets, every deadline, the byte counters and the
+// state. Every socket event and every deadline ends in `close(reason)`, which is idempotent and
+// the only place that releases anything.
+//
+// States (setState rejects any other move):
+//
+//   queued ──> handshake ──> connecting ──> relaying ──> closing ──> closed
+//      │           │             │             │                       ^
+//      └───────────┴─────────────┴─────────────┴───────────────────────┘  close(reason)
+//
+//   queued      accepted, paused, waiting for a free worker slot (listener queue)
+//   handshake   reading the PROXY header and/or the first bytes needed to route
+//   connecting  route chosen, dialling backends in turn; the client is paused
+//   relaying    bytes flow both ways
+//   closing     one side has sent FIN; the other direction may go on for timeouts.half_close
+//
+// Handlers are module-level functions that find their connection through a symbol on the
+// socket: no closure is allocated per connection (memory per idle connection matters).
+import { randomBytes } from 'node:crypto';
+import net from 'node:net';
+import type { HostPort, Timeouts } from '../config/types.ts';
+import type { Logger } from '../logging/logger.ts';
+import { parseClientHello, MAX_HELLO_BYTES } from '../routing/client-hello.ts';
+import type { Route, RouteTable } from '../routing/route-table.ts';
+import { parseProxyHeader, type ProxyHeader } from '../proxy-protocol/parse.ts';
+import type { ProxyVersionAccept } from '../proxy-protocol/parse.ts';
+import { buildBackendProxyHeader } from './backend-proxy-header.ts';
+import type { CloseReason, RejectReason } from './reasons.ts';
+import type { Registry } from './registry.ts';
+
+export type ConnectionState = 'queued' | 'handshake' | 'connecting' | 'relaying' | 'closing' | 'closed';
+
+const allowedMoves: Readonly<Record<ConnectionState, readonly ConnectionState[]>> = {
+  queued: ['handshake', 'closed'],
+  handshake: ['connecting', 'closed'],
+  connecting: ['relaying', 'closed'],
+  relaying: ['closing', 'closed'],
+  closing: ['closed'],
+  closed: [],
+};
+
+/** What a connection needs from the listener generation that admitted it. */
+export interface ConnectionOwner {
+  readonly name: string;
+  /** Identity of the long-lived listener behind this generation (compared, never used). */
+  readonly listener: unknown;
+  readonly timeouts: Timeouts;
+  readonly routes: RouteTable;
+  readonly rejectStyle: 'reset' | 'close';
+  readonly registry: Registry;
+  readonly log: Logger;
+  /** PROXY protocol expectation for connections from trusted sources; null when off. */
+  readonly proxyAccept: ProxyVersionAccept | null;
+  readonly proxyRequired: boolean;
+  /** After a PROXY header named the real client: firewall and per-client checks on it. */
+  admitRealClient(conn: Connection, header: ProxyHeader): RejectReason | null;
+  /** After SNI chose a route: the route's firewall and limit. */
+  admitRoute(conn: Connection, route: Route): RejectReason | null;
+  backendFailed(conn: Connection, backend: HostPort, code: string): void;
+  /** The single release point: slot, per-client count, route count, metrics, log line. */
+  connectionClosed(conn: Connection, reason: CloseReason, stateBefore: ConnectionState): void;
+}
+
+/** What the handshake phase is reading. */
+const enum Phase {
+  ProxyHeader, // from a trusted source: a PROXY header (required or optional)
+  SpoofCheck, // from an untrusted source on a PROXY listener: refuse anything that looks like a header
+  Route, // the first bytes that choose the route
+}
+
+const kConn = Symbol('smartproxy.connection');
+const EMPTY = Buffer.alloc(0);
+/** Distinguishes this process's connection ids from a previous run's. */
+const bootId = randomBytes(4).toString('hex');
+interface OwnedSocket extends net.Socket {
+  [kConn]: Connection;
+}
+
+export class Connection {
+  readonly id: number;
+  readonly owner: ConnectionOwner;
+  readonly client: net.Socket;
+  /** Milliseconds since the epoch at admission (also the start of max_lifetime). */
+  readonly acceptedAt: number;
+  state: ConnectionState = 'queued';
+  closeReason: CloseReason | null = null;
+
+  /** The real client: the socket's peer, or the source named by a trusted PROXY header. */
+  clientAddress: string;
+  clientPort: number;
+  /** The balancer's address when a PROXY header named the real client. */
+  via: string | null = null;
+  /** The address the client connected to (the original destination). */
+  readonly localAddress: string;
+  readonly localPort: number;
+  /** Per-client table key this connection holds a count on (set and released by the owner). */
+  clientKey: string | null = null;
+  /** Whatever the owner tracks per connection (its slot, route count): released in connectionClosed. */
+  holdsSlot = false;
+  countedRoute: Route | null = null;
+
+  route: Route | null = null;
+  sni: string | null = null;
+  proxyHeader: ProxyHeader | null = null;
+  backend: net.Socket | null = null;
+  backendAddress: HostPort | null = null;
+  bytesFromClient = 0;
+  bytesFromBackend = 0;
+
+  private phase: Phase;
+  /** Bytes read during the handshake, replayed to the backend unchanged. */
+  private inbound: Buffer | null = null;
+  private inboundLength = 0;
+  private firstBackend = 0;
+  private attempts = 0;
+  private clientEnded = false;
+  private backendEnded = false;
+  private clientClosed = false;
+  private backendClosed = false;
+
+  // Deadlines, absolute ms (0 = not armed), named after their config keys. One timer serves them all.
+  private queueDeadline = 0;
+  private clientHelloDeadline = 0;
+  private connectDeadline = 0;
+  private halfCloseDeadline = 0;
+  private lifetimeDeadline = 0;
+  private lastActivity = 0;
+  private timer: NodeJS.Timeout | null = null;
+  private timerAt = 0;
+
+  constructor(owner: ConnectionOwner, client: net.Socket, expectProxyHeader: boolean) {
+    this.owner = owner;
+    this.client = client;
+    this.acceptedAt = Date.now();
+    this.clientAddress = client.remoteAddress ?? '';
+    this.clientPort = client.remotePort ?? 0;
+    this.localAddress = client.localAddress ?? '';
+    this.localPort = client.localPort ?? 0;
+    this.phase = expectProxyHeader ? Phase.ProxyHeader : owner.proxyAccept !== null ? Phase.SpoofCheck : Phase.Route;
+    const owned = client as OwnedSocket;
+    owned[kConn] = this;
+    client.on('error', onClientError);
+    client.on('close', onClientClose);
+    this.id = owner.registry.add(this);
+  }
+
+  /**
+   * Waits for a worker slot. The socket reads (so a client that leaves is noticed at once), but
+   * keeps at most what routing would read anyway and then stops reading.
+   */
+  enqueue(queueTimeoutMs: number): void {
+    this.queueDeadline = this.acceptedAt + queueTimeoutMs;
+    this.armTimer();
+    this.readClient();
+  }
+
+  /** Takes a worker slot: reads what routing needs, or dials at once. */
+  start(): void {
+    this.setState('handshake');
+    this.queueDeadline = 0;
+    const now = Date.now();
+    const { clientHelloMs, maxLifetimeMs, maxLifetimeJitterPct } = this.owner.timeouts;
+    if (maxLifetimeMs > 0) {
+      // Jitter shortens each lifetime by up to N %, so connections opened together end apart.
+      const jitter = maxLifetimeJitterPct > 0 ? (Math.random() * maxLifetimeJitterPct * maxLifetimeMs) / 100 : 0;
+      this.lifetimeDeadline = now + Math.max(1, Math.round(maxLifetimeMs - jitter));
+    }
+    if (this.phase === Phase.Route && !this.owner.routes.needsPeek) {
+      this.routeTo(this.owner.routes.defaultRoute);
+      return;
+    }
+    this.clientHelloDeadline = now + clientHelloMs;
+    this.armTimer();
+    this.readClient();
+    if (this.inboundLength > 0) this.onHandshakeData(null);
+  }
+
+  private readClient(): void {
+    if (this.client.listenerCount('data') === 0) {
+      this.client.on('data', onClientData);
+      this.client.on('end', onClientEnd);
+    }
+    this.client.resume();
+  }
+
+  /**
+   * The one exit. Idempotent: clears the timer, destroys both sockets (a refusal is a reset when
+   * the listener says so), leaves the registry and hands the release work to the owner.
+   */
+  close(reason: CloseReason): void {
+    const before = this.state;
+    if (before === 'closed') return;
+    this.state = 'closed';
+    this.closeReason = reason;
+    if (this.timer !== null) {
+      clearTimeout(this.timer);
+      this.timer = null;
+    }
+    this.inbound = null;
+    const refused = before === 'queued' || before === 'handshake';
+    if (refused && this.owner.rejectStyle === 'reset' && !this.client.destroyed) this.client.resetAndDestroy();
+    else this.client.destroy();
+    this.backend?.destroy();
+    this.owner.registry.remove(this);
+    this.owner.connectionClosed(this, reason, before);
+  }
+
+  /** Globally unique id used in logs and sent as PROXY v2 UNIQUE_ID: `<process boot id>-<id>`. */
+  get uniqueId(): string {
+    return `${bootId}-${this.id}`;
+  }
+
+  /** Milliseconds since admission. */
+  age(now = Date.now()): number {
+    return now - this.acceptedAt;
+  }
+
+  private setState(next: ConnectionState): void {
+    if (!allowedMoves[this.state].includes(next)) {
+      throw new Error(`bug: connection ${this.id} cannot move from ${this.state} to ${next}`);
+    }
+    this.state = next;
+  }
+
+  // ---- handshake: PROXY header, then the bytes that choose the route ----
+
+  /** Parses what has arrived so far; `chunk` is null when re-parsing bytes read while queued. */
+  onHandshakeData(chunk: Buffer | null): void {
+    if (chunk !== null) this.appendInbound(chunk);
+    for (;;) {
+      const buf = this.inbound === null ? EMPTY : this.inbound.subarray(0, this.inboundLength);
+      if (this.phase === Phase.ProxyHeader || this.phase === Phase.SpoofCheck) {
+        const trusted = this.phase === Phase.ProxyHeader;
+        const result = parseProxyHeader(buf, trusted ? this.owner.proxyAccept! : 'any');
+        if (result.kind === 'need-more') return;
+        if (!trusted) {
+          if (result.kind !== 'not-proxy') return this.close('proxy_untrusted');
+          this.phase = Phase.Route;
+          continue;
+        }
+        if (result.kind === 'malformed') return this.close('proxy_header_invalid');
+        if (result.kind === 'not-proxy') {
+          if (this.owner.proxyRequired) return this.close('proxy_header_invalid');
+          this.phase = Phase.Route;
+          continue;
+        }
+        this.acceptProxyHeader(result.header);
+        if (this.state === 'closed') return;
+        this.consumeInbound(result.consumed);
+        this.phase = Phase.Route;
+        if (this.inboundLength === 0 && this.owner.routes.needsPeek) return;
+        continue;
+      }
+      if (!this.owner.routes.needsPeek) return this.routeTo(this.owner.routes.defaultRoute);
+      const hello = parseClientHello(buf);
+      switch (hello.kind) {
+        case 'need-more':
+          return;
+        case 'malformed':
+          return this.close('client_hello_malformed');
+        case 'not-tls':
+          return this.routeTo(this.owner.routes.defaultRoute);
+        case 'tls':
+          this.sni = hello.sni;
+          return this.routeTo(this.owner.routes.match(hello.sni));
+      }
+    }
+  }
+
+  private acceptProxyHeader(header: ProxyHeader): void {
+    this.proxyHeader = header;
+    if (header.command === 'proxy' && header.source !== null && header.family !== 'unix') {
+      this.via = this.clientAddress;
+      this.clientAddress = header.source.address;
+      this.clientPort = header.source.port;
+    }
+    const refusal = this.owner.admitRealClient(this, header);
+    if (refusal !== null) this.close(refusal);
+  }
+
+  private appendInbound(chunk: Buffer): void {
+    if (this.inbound === null) {
+      this.inbound = chunk; // the common case: the whole hello in one segment, no copy
+      this.inboundLength = chunk.length;
+      return;
+    }
+    const needed = this.inboundLength + chunk.length;
+    if (needed > this.inbound.length || this.inbound.buffer === chunk.buffer) {
+      // Grow geometrically so a hello trickled byte by byte costs O(n) copies, not O(n^2).
+      const grown = Buffer.allocUnsafe(Math.max(needed, Math.min(2 * needed, MAX_HELLO_BYTES + 4096), 1024));
+      this.inbound.copy(grown, 0, 0, this.inboundLength);
+      this.inbound = grown;
+    }
+    chunk.copy(this.inbound, this.inboundLength);
+    this.inboundLength = needed;
+  }
+
+  private consumeInbound(n: number): void {
+    if (n >= this.inboundLength) {
+      this.inbound = null;
+      this.inboundLength = 0;
+      return;
+    }
+    this.inbound = Buffer.from(this.inbound!.subarray(n, this.inboundLength));
+    this.inboundLength = this.inbound.length;
+  }
+
+  private routeTo(route: Route | null): void {
+    if (route === null) return this.close('no_route');
+    const refusal = this.owner.admitRoute(this, route);
+    if (refusal !== null) return this.close(refusal);
+    this.route = route;
+    this.client.pause();
+    this.clientHelloDeadline = 0;
+    this.setState('connecting');
+    this.firstBackend = route.nextStart();
+    this.dial();
+  }
+
+  // ---- connecting: each backend at most once, in round-robin order ----
+
+  private dial(): void {
+    const route = this.route!;
+    const count = route.backends.length;
+    if (this.attempts >= count) return this.close('backend_unavailable');
+    const target = route.backends[(this.firstBackend + this.attempts) % count]!;
+    this.attempts++;
+    const socket = net.connect({ host: target.host, port: target.port, allowHalfOpen: true, noDelay: true }) as OwnedSocket;
+    socket[kConn] = this;
+    socket.on('error', onBackendError);
+    socket.on('close', onBackendClose);
+    socket.once('connect', onBackendConnect);
+    this.backend = socket;
+    this.backendAddress = target;
+    this.connectDeadline = Date.now() + this.owner.timeouts.connectMs;
+    this.armTimer();
+  }
+
+  /** A dial failed (error or connect deadline): forget that socket and try the next backend. */
+  private dialFailed(code: string): void {
+    const failed = this.backend!;
+    this.backend = null;
+    failed.destroy();
+    this.owner.backendFailed(this, this.backendAddress!, code);
+    this.connectDeadline = 0;
+    this.dial();
+  }
+
+  onBackendConnect(): void {
+    this.connectDeadline = 0;
+    this.setState('relaying');
+    const backend = this.backend!;
+    const client = this.client;
+    const header = buildBackendProxyHeader(this);
+    if (header !== null) backend.write(header);
+    if (this.inboundLength > 0) {
+      backend.write(this.inbound!.subarray(0, this.inboundLength));
+      this.bytesFromClient += this.inboundLength;
+    }
+    this.inbound = null;
+    this.inboundLength = 0;
+    backend.on('data', onBackendData);
+    backend.on('end', onBackendEnd);
+    backend.on('drain', onBackendDrain);
+    client.on('drain', onClientDrain);
+    this.lastActivity = Date.now();
+    this.armTimer();
+    if (this.clientEnded) {
+      backend.end(); // the client finished sending before the backend answered
+      this.halfClosed();
+    }
+    this.readClient();
+  }
+
+  // ---- relaying: backpressure both ways, half-close propagated ----
+
+  onClientData(chunk: Buffer): void {
+    if (this.state === 'handshake') return this.onHandshakeData(chunk);
+    if (this.state === 'queued' || this.state === 'connecting') {
+      // Not ours to parse yet: keep it for replay, and stop reading once routing has enough.
+      this.appendInbound(chunk);
+      if (this.inboundLength >= MAX_HELLO_BYTES) this.client.pause();
+      return;
+    }
+    this.bytesFromClient += chunk.length;
+    this.lastActivity = Date.now();
+    if (!this.backend!.write(chunk)) this.client.pause();
+  }
+
+  onBackendData(chunk: Buffer): void {
+    this.bytesFromBackend += chunk.length;
+    this.lastActivity = Date.now();
+    if (!this.client.write(chunk)) this.backend!.pause();
+  }
+
+  onClientEnd(): void {
+    this.clientEnded = true;
+    if (this.state === 'queued' || this.state === 'handshake') return this.close('client_gone');
+    if (this.state === 'connecting') return; // ended once the backend is connected
+    this.backend!.end();
+    this.halfClosed();
+  }
+
+  onBackendEnd(): void {
+    this.backendEnded = true;
+    this.client.end();
+    this.halfClosed();
+  }
+
+  private halfClosed(): void {
+    if (this.state === 'relaying') this.setState('closing');
+    const { halfCloseMs } = this.owner.timeouts;
+    if (this.halfCloseDeadline === 0 && halfCloseMs > 0) {
+      this.halfCloseDeadline = Date.now() + halfCloseMs;
+      this.armTimer();
+    }
+  }
+
+  onClientClose(): void {
+    this.clientClosed = true;
+    if (this.state === 'closed') return;
+    if (this.state !== 'relaying' && this.state !== 'closing') return this.close('client_gone');
+    if (!this.clientEnded) return this.close('client_reset');
+    if (this.backendClosed) this.close('done');
+  }
+
+  onBackendClose(socket: net.Socket): void {
+    if (socket !== this.backend || this.state === 'closed') return;
+    this.backendClosed = true;
+    if (this.state === 'connecting') return this.dialFailed('ECONNRESET');
+    if (!this.backendEnded) return this.close('backend_reset');
+    if (this.clientClosed) this.close('done');
+  }
+
+  onBackendError(socket: net.Socket, err: NodeJS.ErrnoException): void {
+    if (socket !== this.backend || this.state === 'closed') return;
+    if (this.state === 'connecting') return this.dialFailed(err.code ?? 'ERROR');
+    this.close('backend_reset');
+  }
+
+  // ---- deadlines: one timer, armed for the earliest; data only moves a timestamp ----
+
+  private nextDeadline(): number {
+    let next = Infinity;
+    if (this.queueDeadline > 0) next = this.queueDeadline;
+    if (this.clientHelloDeadline > 0 && this.clientHelloDeadline < next) next = this.clientHelloDeadline;
+    if (this.connectDeadline > 0 && this.connectDeadline < next) next = this.connectDeadline;
+    if (this.halfCloseDeadline > 0 && this.halfCloseDeadline < next) next = this.halfCloseDeadline;
+    if (this.lifetimeDeadline > 0 && this.lifetimeDeadline < next) next = this.lifetimeDeadline;
+    const { idleMs } = this.owner.timeouts;
+    if (idleMs > 0 && this.lastActivity > 0) {
+      const idleAt = this.lastActivity + idleMs;
+      if (idleAt < next) next = idleAt;
+    }
+    return next;
+  }
+
+  /** Arms the timer for the earliest deadline unless it already fires sooner. */
+  private armTimer(): void {
+    const next = this.nextDeadline();
+    if (next === Infinity) return;
+    if (this.timer !== null) {
+      if (this.timerAt <= next) return; // fires early, re-checks, re-arms
+      clearTimeout(this.timer);
+    }
+    this.timerAt = next;
+    this.timer = setTimeout(onDeadline, Math.max(0, next - Date.now()), this);
+  }
+
+  onTimer(): void {
+    this.timer = null;
+    if (this.state === 'closed') return;
+    const now = Date.now();
+    if (this.queueDeadline > 0 && now >= this.queueDeadline) return this.close('queue_timeout');
+    if (this.clientHelloDeadline > 0 && now >= this.clientHelloDeadline) return this.close('client_hello_timeout');
+    if (this.lifetimeDeadline > 0 && now >= this.lifetimeDeadline) return this.close('max_lifetime');
+    if (this.halfCloseDeadline > 0 && now >= this.halfCloseDeadline) return this.close('half_close_timeout');
+    if (this.connectDeadline > 0 && now >= this.connectDeadline) {
+      this.dialFailed('ETIMEDOUT');
+      if ((this.state as ConnectionState) === 'closed') return;
+    }
+    const { idleMs } = this.owner.timeouts;
+    if (idleMs > 0 && this.lastActivity > 0 && now - this.lastActivity >= idleMs) return this.close('idle_timeout');
+    this.armTimer();
+  }
+
+  /** For the admin API and tests: the connection as plain data. */
+  describe(now = Date.now()): ConnectionInfo {
+    return {
+      id: this.id,
+      listener: this.owner.name,
+      route: this.route?.name ?? null,
+      client: `${formatAddress(this.clientAddress)}:${this.clientPort}`,
+      via: this.via,
+      sni: this.sni,
+      backend: this.backendAddress?.text ?? null,
+      state: this.state,
+      ageMs: this.age(now),
+      bytesFromClient: this.bytesFromClient,
+      bytesFromBackend: this.bytesFromBackend,
+    };
+  }
+}
+
+export interface ConnectionInfo {
+  readonly id: number;
+  readonly listener: string;
+  readonly route: string | null;
+  readonly client: string;
+  readonly via: string | null;
+  readonly sni: string | null;
+  readonly backend: string | null;
+  readonly state: ConnectionState;
+  readonly ageMs: number;
+  readonly bytesFromClient: number;
+  readonly bytesFromBackend: number;
+}
+
+function formatAddress(address: string): string {
+  return address.includes(':') ? `[${address}]` : address;
+}
+
+// Module-level handlers: `this` is the socket; the connection hangs off it.
+function onClientData(this: OwnedSocket, chunk: Buffer): void {
+  this[kConn].onClientData(chunk);
+}
+function onClientEnd(this: OwnedSocket): void {
+  this[kConn].onClientEnd();
+}
+function onClientError(this: OwnedSocket): void {
+  // Ordinary network endings (ECONNRESET, EPIPE, ETIMEDOUT): a reason, not a stack trace.
+  const conn = this[kConn];
+  conn.close(conn.state === 'relaying' || conn.state === 'closing' ? 'client_reset' : 'client_gone');
+}
+function onClientClose(this: OwnedSocket): void {
+  this[kConn].onClientClose();
+}
+function onClientDrain(this: OwnedSocket): void {
+  const conn = this[kConn];
+  if (conn.state !== 'closed') conn.backend?.resume();
+}
+function onBackendConnect(this: OwnedSocket): void {
+  const conn = this[kConn];
+  if (conn.backend === this && conn.state === 'connecting') conn.onBackendConnect();
+}
+function onBackendData(this: OwnedSocket, chunk: Buffer): void {
+  this[kConn].onBackendData(chunk);
+}
+function onBackendEnd(this: OwnedSocket): void {
+  this[kConn].onBackendEnd();
+}
+function onBackendDrain(this: OwnedSocket): void {
+  const conn = this[kConn];
+  if (conn.state !== 'closed') conn.client.resume();
+}
+function onBackendError(this: OwnedSocket, err: NodeJS.ErrnoException): void {
+  this[kConn].onBackendError(this, err);
+}
+function onBackendClose(this: OwnedSocket): void {
+  this[kConn].onBackendClose(this);
+}
+function onDeadline(conn: Connection): void {
+  conn.onTimer();
+}

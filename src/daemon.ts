@@ -1,0 +1,279 @@
+// Process lifecycle: bind the listeners of a config, swap generations on reload, drain on stop.
+// Owns what outlives a config generation: the registry, the global slot pool, the listeners
+// (with their per-client tables and queues) and the metrics.
+import type { Config } from './config/types.ts';
+import { Registry } from './connection/registry.ts';
+import { compileGeneration, type Generation } from './generation.ts';
+import { Listener } from './listener/listener.ts';
+import { SlotPool } from './listener/slot-pool.ts';
+import type { Logger } from './logging/logger.ts';
+import { Metrics } from './metrics.ts';
+
+export interface ShutdownResult {
+  /** Connections that finished by themselves during the drain. */
+  readonly drained: number;
+  /** Connections still open at the deadline, closed with reason "shutdown". */
+  readonly cut: number;
+}
+
+export interface ReloadResult {
+  readonly added: string[];
+  readonly removed: string[];
+  readonly changed: string[];
+}
+
+export class Daemon {
+  readonly registry = new Registry();
+  readonly metrics: Metrics;
+  readonly log: Logger;
+  readonly listeners = new Map<string, Listener>();
+  /** Listeners removed by a reload that still have connections draining. */
+  readonly retired = new Set<Listener>();
+  private readonly slots: SlotPool;
+  private generation: Generation;
+  private stopping: Promise<ShutdownResult> | null = null;
+  private drainTimers = new Set<NodeJS.Timeout>();
+  /** False once shutdown began: /healthz answers 503. */
+  accepting = true;
+
+  private constructor(config: Config, log: Logger, metrics: Metrics) {
+    this.log = log;
+    this.metrics = metrics;
+    this.slots = new SlotPool(config.limits.maxConnections);
+    this.generation = compileGeneration(config, this.registry, log);
+    metrics.attach({
+      listeners: () => this.allListeners(),
+      connections: () => this.registry.values(),
+    });
+  }
+
+  /** Binds every listener of `config`; on a bind failure nothing stays bound and the BindError is thrown. */
+  static async start(config: Config, log: Logger, opts: { metrics?: Metrics } = {}): Promise<Daemon> {
+    const daemon = new Daemon(config, log, opts.metrics ?? new Metrics());
+    try {
+      for (const gen of daemon.generation.listeners.values()) {
+        const listener = daemon.createListener(gen.name);
+        await listener.bind(gen.config.bind);
+        log.info({ listener: gen.name, bind: listener.boundAddresses.map((a) => `${a}`) }, 'listener started');
+      }
+    } catch (err) {
+      await daemon.releaseAll();
+      throw err;
+    }
+    daemon.metrics.reloaded(true);
+    return daemon;
+  }
+
+  get config(): Config {
+    return this.generation.config;
+  }
+
+  private createListener(name: string): Listener {
+    const gen = this.generation.listeners.get(name)!;
+    const config = this.generation.config;
+    const listener = new Listener(gen, {
+      registry: this.registry,
+      slots: this.slots,
+      log: this.log,
+      metrics: this.metrics,
+      maxTrackedIps: config.limits.maxTrackedIps,
+      rejectionSummaryIntervalMs: config.logging.rejectionSummaryIntervalMs,
+    });
+    gen.listener = listener;
+    this.listeners.set(name, listener);
+    return listener;
+  }
+
+  *allListeners(): Iterable<Listener> {
+    yield* this.listeners.values();
+    yield* this.retired;
+  }
+
+  /** Port actually bound by a listener address (tests bind port 0). */
+  portOf(listener: string, address?: string): number {
+    const l = this.listeners.get(listener);
+    if (l === undefined) return 0;
+    return l.portOf(address ?? l.boundAddresses[0] ?? '');
+  }
+
+  /**
+   * Applies a new config atomically. New addresses are bound first; if any bind fails, everything
+   * bound for this reload is released and the old config stays in force (the BindError is thrown).
+   * Established connections keep the generation that admitted them.
+   */
+  async reload(config: Config): Promise<ReloadResult> {
+    if (this.stopping !== null) throw new Error('reload during shutdown');
+    const next = compileGeneration(config, this.registry, this.log);
+    const created: Listener[] = [];
+    const bound: Array<[Listener, string]> = [];
+    try {
+      for (const gen of next.listeners.values()) {
+        const existing = this.listeners.get(gen.name);
+        if (existing === undefined) continue;
+        for (const address of gen.config.bind) {
+          if (existing.boundAddresses.includes(address.text)) continue;
+          await existing.bind([address]);
+          bound.push([existing, address.text]);
+        }
+      }
+      for (const gen of next.listeners.values()) {
+        if (this.listeners.has(gen.name)) continue;
+        const listener = new Listener(gen, this.listenerDeps(config));
+        gen.listener = listener;
+        created.push(listener);
+        // An address a removed listener still holds (a rename) is bound after that one lets go.
+        const free = gen.config.bind.filter((a) => !this.isBoundByListenerToRemove(a.text, next));
+        await listener.bind(free);
+      }
+    } catch (err) {
+      for (const [listener, text] of bound) await listener.unbind(text);
+      for (const listener of created) {
+        await listener.stopAccepting();
+        listener.dispose();
+      }
+      throw err;
+    }
+
+    // Commit: from here on nothing can fail.
+    const result: ReloadResult = { added: [], removed: [], changed: [] };
+    this.generation = next;
+    this.slots.max = config.limits.maxConnections;
+    for (const [name, listener] of this.listeners) {
+      const gen = next.listeners.get(name);
+      if (gen === undefined) {
+        this.listeners.delete(name);
+        this.retireListener(listener, config);
+        result.removed.push(name);
+        continue;
+      }
+      const old = listener.generation;
+      gen.listener = listener;
+      listener.generation = gen;
+      for (const text of listener.boundAddresses) {
+        if (!gen.config.bind.some((a) => a.text === text)) await listener.unbind(text);
+      }
+      this.applyRouteRemovals(listener, old.config.routes.map((r) => r.name), gen, config);
+      if (JSON.stringify(old.config) !== JSON.stringify(gen.config)) result.changed.push(name);
+      while (listener.promoteOne()) {
+        /* more workers or a higher global limit: start queued connections now */
+      }
+    }
+    for (const listener of created) {
+      this.listeners.set(listener.name, listener);
+      // Addresses a removed listener held are free now.
+      await listener.bind(listener.generation.config.bind);
+      result.added.push(listener.name);
+    }
+    this.metrics.reloaded(true);
+    return result;
+  }
+
+  private isBoundByListenerToRemove(text: string, next: Generation): boolean {
+    for (const [name, listener] of this.listeners) {
+      if (!next.listeners.has(name) && listener.boundAddresses.includes(text)) return true;
+    }
+    return false;
+  }
+
+  private listenerDeps(config: Config) {
+    return {
+      registry: this.registry,
+      slots: this.slots,
+      log: this.log,
+      metrics: this.metrics,
+      maxTrackedIps: config.limits.maxTrackedIps,
+      rejectionSummaryIntervalMs: config.logging.rejectionSummaryIntervalMs,
+    };
+  }
+
+  /** A listener the new config removed: stop accepting, then keep, drain or close its connections. */
+  private retireListener(listener: Listener, config: Config): void {
+    listener.draining = true;
+    void listener.stopAccepting();
+    for (const conn of [...listener.queue]) conn.close('draining');
+    const policy = listener.generation.config.onRemoval;
+    this.retired.add(listener);
+    if (policy === 'close') listener.closeAll('removed');
+    else if (policy === 'drain') this.scheduleDrain(() => listener.closeAll('removed'), config.shutdown.drainTimeoutMs);
+    this.disposeWhenIdle(listener);
+  }
+
+  private disposeWhenIdle(listener: Listener): void {
+    // Retired listeners are few; their last connection's close is seen by the metrics scrape
+    // and the next reload, which dispose them once empty.
+    if (listener.activeCount() === 0) {
+      this.retired.delete(listener);
+      listener.dispose();
+    }
+  }
+
+  /** Connections of routes the new generation no longer has: keep, drain or close them. */
+  private applyRouteRemovals(listener: Listener, oldRoutes: string[], gen: { config: { routes: readonly { name: string }[] } }, config: Config): void {
+    const kept = new Set(gen.config.routes.map((r) => r.name));
+    const removed = oldRoutes.filter((name) => !kept.has(name));
+    if (removed.length === 0) return;
+    const doomed = [...this.registry.values()].filter(
+      (c) => c.owner.listener === listener && c.route !== null && removed.includes(c.route.name),
+    );
+    for (const conn of doomed) {
+      const policy = conn.route!.config.onRemoval;
+      if (policy === 'close') conn.close('removed');
+      else if (policy === 'drain') this.scheduleDrain(() => conn.close('removed'), config.shutdown.drainTimeoutMs);
+    }
+  }
+
+  private scheduleDrain(action: () => void, ms: number): void {
+    const timer = setTimeout(() => {
+      this.drainTimers.delete(timer);
+      action();
+    }, ms);
+    timer.unref();
+    this.drainTimers.add(timer);
+  }
+
+  /**
+   * Graceful stop: refuse new connections, let established ones finish for `drainTimeoutMs`, then
+   * close what remains. Idempotent; a second call with `immediate` closes everything at once.
+   */
+  shutdown(opts: { drainTimeoutMs?: number; immediate?: boolean } = {}): Promise<ShutdownResult> {
+    if (this.stopping !== null) {
+      if (opts.immediate) for (const conn of [...this.registry.values()]) conn.close('shutdown');
+      return this.stopping;
+    }
+    this.accepting = false;
+    this.stopping = this.drain(opts.immediate ? 0 : (opts.drainTimeoutMs ?? this.config.shutdown.drainTimeoutMs));
+    return this.stopping;
+  }
+
+  private async drain(drainTimeoutMs: number): Promise<ShutdownResult> {
+    const listeners = [...this.allListeners()];
+    for (const listener of listeners) listener.draining = true;
+    await Promise.all(listeners.map((l) => l.stopAccepting()));
+    for (const listener of listeners) for (const conn of [...listener.queue]) conn.close('draining');
+    const open = this.registry.size;
+    let cut = 0;
+    if (open > 0) {
+      let timer: NodeJS.Timeout | undefined;
+      const deadline = new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, drainTimeoutMs);
+      });
+      await Promise.race([this.registry.whenEmpty(), deadline]);
+      clearTimeout(timer);
+      for (const conn of [...this.registry.values()]) {
+        conn.close('shutdown');
+        cut++;
+      }
+    }
+    await this.releaseAll();
+    return { drained: open - cut, cut };
+  }
+
+  private async releaseAll(): Promise<void> {
+    for (const timer of this.drainTimers) clearTimeout(timer);
+    this.drainTimers.clear();
+    for (const listener of this.allListeners()) {
+      await listener.stopAccepting();
+      listener.dispose();
+    }
+  }
+}

@@ -1,0 +1,68 @@
+// A listener's routes compiled once per config generation: SNI lookups are map hits, never scans.
+import type { HostPort, ListenerConfig, RouteConfig } from '../config/types.ts';
+import { compileFirewall, type Firewall } from '../governance/firewall.ts';
+
+/** One route as the hot path sees it. Its round-robin cursor lives here, so a reload starts it afresh. */
+export class Route {
+  readonly name: string;
+  readonly config: RouteConfig;
+  readonly backends: readonly HostPort[];
+  readonly firewall: Firewall;
+  private cursor = 0;
+
+  constructor(config: RouteConfig) {
+    this.name = config.name;
+    this.config = config;
+    this.backends = config.backends;
+    this.firewall = compileFirewall(config.firewall);
+  }
+
+  /** The index of the backend to try first for a new connection (round-robin). */
+  nextStart(): number {
+    const start = this.cursor;
+    this.cursor = (start + 1) % this.backends.length;
+    return start;
+  }
+}
+
+export class RouteTable {
+  readonly routes: readonly Route[];
+  readonly defaultRoute: Route | null;
+  /** True when routing needs the client's first bytes; a lone default route connects at once. */
+  readonly needsPeek: boolean;
+  private readonly exact = new Map<string, Route>();
+  /** Keyed by the suffix after "*." (`example.org` for `*.example.org`). */
+  private readonly wildcard = new Map<string, Route>();
+
+  constructor(listener: ListenerConfig) {
+    this.routes = listener.routes.map((r) => new Route(r));
+    let fallback: Route | null = null;
+    for (const route of this.routes) {
+      if (route.config.isDefault) fallback = route;
+      for (const name of route.config.sni) {
+        if (name.startsWith('*.')) this.wildcard.set(name.slice(2), route);
+        else this.exact.set(name, route);
+      }
+    }
+    this.defaultRoute = fallback;
+    this.needsPeek = this.exact.size > 0 || this.wildcard.size > 0;
+  }
+
+  /**
+   * The route for a ClientHello's server name (already lower-cased), or for no name at all.
+   * Exact beats wildcard; the longest wildcard suffix wins. `*.example.org` matches names at any
+   * depth below example.org (as nginx's server_name does) but not `example.org` itself.
+   */
+  match(sni: string | null): Route | null {
+    if (sni === null) return this.defaultRoute;
+    const exact = this.exact.get(sni);
+    if (exact !== undefined) return exact;
+    if (this.wildcard.size > 0) {
+      for (let dot = sni.indexOf('.'); dot !== -1; dot = sni.indexOf('.', dot + 1)) {
+        const route = this.wildcard.get(sni.slice(dot + 1));
+        if (route !== undefined) return route;
+      }
+    }
+    return this.defaultRoute;
+  }
+}
