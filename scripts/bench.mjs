@@ -67,7 +67,8 @@ function parseOptions() {
     runs: positive(values.runs, '--runs'),
     duration: positive(values.duration, '--duration'),
     warmup: positive(values.warmup, '--warmup', { allowZero: true }),
-    scenarios: values.only ? list(values.only, SCENARIO_NAMES, 'scenario') : SCENARIO_NAMES,
+    // Always in the canonical order, whatever order --only lists them in.
+    scenarios: values.only ? SCENARIO_NAMES.filter((name) => list(values.only, SCENARIO_NAMES, 'scenario').includes(name)) : SCENARIO_NAMES,
     contenders: values.proxies ? list(values.proxies, CONTENDER_NAMES, 'contender') : CONTENDER_NAMES,
     idleSizes: values['idle-conns'].split(',').map((n) => positive(n, '--idle-conns')),
     json: values.json ?? null,

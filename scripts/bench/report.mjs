@@ -91,7 +91,7 @@ function printTable(header, rows, write) {
   const widths = header.map((title, i) => Math.max(title.length, ...rows.map((row) => (row[i] ?? '').length)));
   const line = (cells) => cells.map((cell, i) => (i < 2 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join('  ').trimEnd();
   write(line(header));
-  write(widths.map((w) => '-'.repeat(w)).join('  '));
+  write(widths.map((w) => '-'.repeat(w)).join('  ').trimEnd());
   for (const row of rows) write(line(row));
 }
 

@@ -34,7 +34,7 @@ export function checkCrossFieldRules(raw: Table): ConfigIssue[] {
   const issues: ConfigIssue[] = [];
   const listeners = tablesIn(raw.listeners);
   issues.push(...duplicateNames(listeners.map(({ table, index }) => ({ table, path: ['listeners', index] })), 'listener'));
-  issues.push(...bindConflicts(listeners.map(({ table, index }) => ({ table, path: ['listeners', index] }))));
+  issues.push(...bindConflicts(listeners.map(({ table, index }) => ({ table, path: ['listeners', index] })), raw.admin));
   for (const { table: listener, index } of listeners) {
     const routes = tablesIn(listener.routes).map(({ table, index: r }) => ({ table, path: ['listeners', index, 'routes', r] as Path }));
     issues.push(...duplicateNames(routes, 'route'), ...routeRules(routes));
@@ -70,28 +70,30 @@ interface Bind {
 // "0.0.0.0:X" takes port X on every IPv4 address, and "[::]:X" (dual-stack in Node) on every
 // address at all, so either collides with any other bind on X. Host names are compared as written.
 function overlaps(a: Bind, b: Bind): boolean {
-  if (a.address.port !== b.address.port) return false;
+  // Port 0 means "any free port": two of them never collide.
+  if (a.address.port !== b.address.port || a.address.port === 0) return false;
   if (a.host === b.host || a.host === '::' || b.host === '::') return true;
   return (a.host === '0.0.0.0' && ipFamily(b.host) === 4) || (b.host === '0.0.0.0' && ipFamily(a.host) === 4);
 }
 
-function bindConflicts(listeners: { table: Table; path: Path }[]): ConfigIssue[] {
+/** Binds that collide with an earlier one; the admin API's TCP address takes part too. */
+function bindConflicts(listeners: { table: Table; path: Path }[], admin: unknown): ConfigIssue[] {
   const issues: ConfigIssue[] = [];
   const seen: Bind[] = [];
-  for (const { table, path } of listeners) {
-    for (const entry of stringsIn(table.bind, [...path, 'bind'])) {
-      const address = parseHostPort(entry.text);
-      if (isUnitError(address)) continue;
-      const bind: Bind = { address, host: normalizeHost(address.host), path: entry.path };
-      const earlier = seen.find((other) => overlaps(other, bind));
-      if (earlier !== undefined) {
-        const message = earlier.host === bind.host
-          ? `${formatValue(entry.text)} is already bound at ${formatPath(earlier.path)}`
-          : `${formatValue(entry.text)} overlaps ${formatValue(earlier.address.text)} bound at ${formatPath(earlier.path)}`;
-        issues.push({ path: formatPath(entry.path), message });
-      }
-      seen.push(bind);
+  const entries = listeners.flatMap(({ table, path }) => stringsIn(table.bind, [...path, 'bind']));
+  if (isTable(admin)) entries.push(...stringsIn(admin.listen, ['admin', 'listen']));
+  for (const entry of entries) {
+    const address = parseHostPort(entry.text, { allowPortZero: true });
+    if (isUnitError(address)) continue;
+    const bind: Bind = { address, host: normalizeHost(address.host), path: entry.path };
+    const earlier = seen.find((other) => overlaps(other, bind));
+    if (earlier !== undefined) {
+      const message = earlier.host === bind.host
+        ? `${formatValue(entry.text)} is already bound at ${formatPath(earlier.path)}`
+        : `${formatValue(entry.text)} overlaps ${formatValue(earlier.address.text)} bound at ${formatPath(earlier.path)}`;
+      issues.push({ path: formatPath(entry.path), message });
     }
+    seen.push(bind);
   }
   return issues;
 }

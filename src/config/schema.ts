@@ -35,9 +35,9 @@ function duration(options: { positive: boolean }) {
   });
 }
 
-function hostPort() {
+function hostPort(opts: { allowPortZero?: boolean } = {}) {
   return z.string(expecting('host:port such as "127.0.0.1:8443"')).transform((text, ctx): HostPort => {
-    const parsed = parseHostPort(text);
+    const parsed = parseHostPort(text, opts);
     if (isUnitError(parsed)) return reject(ctx, `${formatValue(text)} is not host:port (${parsed.error})`, text);
     return parsed;
   });
@@ -200,7 +200,7 @@ const NO_ROUTES = 'a listener needs at least one [[listeners.routes]] table';
 const listener = z.strictObject(
   {
     name: name(),
-    bind: oneOrMany(hostPort(), 'host:port or a list of them', { nonEmpty: true }),
+    bind: oneOrMany(hostPort({ allowPortZero: true }), 'host:port or a list of them', { nonEmpty: true }),
     workers: z.int(expecting('a whole number')).min(1).default(1024),
     queue: count().default(256),
     queue_timeout: duration({ positive: true }).default(5_000),

@@ -55,7 +55,8 @@ export function parseDuration(text: string): number | UnitError {
 
 const PORT_RULE = 'port must be 1-65535';
 
-function parsePort(text: string): number | UnitError {
+function parsePort(text: string, allowZero = false): number | UnitError {
+  if (allowZero && text === '0') return 0;
   if (text.length === 0) return { error: 'missing port' };
   if (!/^\d+$/.test(text)) return { error: `${PORT_RULE}, written in decimal` };
   if (text.length > 1 && text.startsWith('0')) return { error: `${PORT_RULE} without leading zeros` };
@@ -94,8 +95,11 @@ export function checkDnsName(text: string): UnitError | null {
   return null;
 }
 
-/** `127.0.0.1:8443`, `[::1]:8443`, `backend.internal:443` -> HostPort. IPv6 must be bracketed. */
-export function parseHostPort(text: string): HostPort | UnitError {
+/**
+ * `127.0.0.1:8443`, `[::1]:8443`, `backend.internal:443` -> HostPort. IPv6 must be bracketed.
+ * `allowPortZero` is for bind addresses: port 0 asks the kernel for a free port (tests).
+ */
+export function parseHostPort(text: string, opts: { allowPortZero?: boolean } = {}): HostPort | UnitError {
   if (text.length === 0) return { error: 'empty' };
   if (/\s/.test(text)) return { error: 'contains whitespace' };
   let host: string;
@@ -125,7 +129,7 @@ export function parseHostPort(text: string): HostPort | UnitError {
       if (bad !== null) return bad;
     }
   }
-  const port = parsePort(portText);
+  const port = parsePort(portText, opts.allowPortZero);
   if (typeof port !== 'number') return port;
   return { host, port, text };
 }
