@@ -160,9 +160,13 @@ export class Daemon {
     }
     for (const listener of created) {
       this.listeners.set(listener.name, listener);
-      // Addresses a removed listener held are free now.
-      await listener.bind(listener.generation.config.bind);
       result.added.push(listener.name);
+      try {
+        // Addresses a removed listener held (a rename) are free now.
+        await listener.bind(listener.generation.config.bind);
+      } catch (err) {
+        this.log.error({ listener: listener.name, err: (err as Error).message }, 'listener could not take over an address released by this reload');
+      }
     }
     this.metrics.reloaded(true);
     return result;
@@ -199,12 +203,12 @@ export class Daemon {
   }
 
   private disposeWhenIdle(listener: Listener): void {
-    // Retired listeners are few; their last connection's close is seen by the metrics scrape
-    // and the next reload, which dispose them once empty.
-    if (listener.activeCount() === 0) {
+    const dispose = (): void => {
       this.retired.delete(listener);
       listener.dispose();
-    }
+    };
+    if (listener.activeCount() === 0) dispose();
+    else listener.onIdle = dispose;
   }
 
   /** Connections of routes the new generation no longer has: keep, drain or close them. */

@@ -25,6 +25,15 @@ export async function serve(opts: ServeOptions): Promise<number> {
   const config = loaded.config;
   const log = createLogger({ level: opts.logLevel ?? config.logging.level, format: opts.logFormat });
   installCrashHandlers(log);
+  // Until the real handlers are installed below, a SIGHUP (default action: terminate; systemd
+  // does not restart after it) or a SIGTERM during start-up would kill the process: hold them
+  // and replay them once running.
+  const held: NodeJS.Signals[] = [];
+  const hold = (signal: NodeJS.Signals): void => void held.push(signal);
+  const stopHolding = (): void => {
+    for (const signal of STOP_AND_RELOAD) process.off(signal, hold);
+  };
+  for (const signal of STOP_AND_RELOAD) process.on(signal, hold);
 
   let daemon: Daemon;
   try {
@@ -33,6 +42,7 @@ export async function serve(opts: ServeOptions): Promise<number> {
     if (err instanceof BindError) {
       log.error({ listener: err.listener, address: err.address, code: err.code }, err.message);
       process.stderr.write(`smartproxy: ${err.message}\n`);
+      stopHolding();
       return 1;
     }
     throw err;
@@ -50,6 +60,7 @@ export async function serve(opts: ServeOptions): Promise<number> {
       log.error({ code }, `admin API cannot listen: ${code}`);
       process.stderr.write(`smartproxy: admin API cannot listen on ${describeAdmin(config)}: ${code}\n`);
       await daemon.shutdown({ immediate: true });
+      stopHolding();
       return 1;
     }
   }
@@ -74,10 +85,14 @@ export async function serve(opts: ServeOptions): Promise<number> {
     };
     process.on('SIGTERM', onStop);
     process.on('SIGINT', onStop);
+    stopHolding();
+    for (const signal of held) process.emit(signal, signal);
   });
   process.off('SIGHUP', onHangup);
   return exitCode;
 }
+
+const STOP_AND_RELOAD = ['SIGHUP', 'SIGTERM', 'SIGINT'] as const;
 
 async function stop(daemon: Daemon, admin: AdminServer | null, log: Logger, signal: string): Promise<void> {
   const { shutdownDelayMs, drainTimeoutMs } = daemon.config.shutdown;

@@ -87,11 +87,15 @@ export async function runToCompletion(name, argv, timeoutMs, options = {}) {
       stdout += line + '\n';
     },
   });
-  const timer = setTimeout(() => stopChild(child), timeoutMs);
+  let overran = false;
+  const timer = setTimeout(() => {
+    overran = true;
+    stopChild(child);
+  }, timeoutMs);
   const { code, signal } = await child.exited;
   clearTimeout(timer);
   if (code !== 0) {
-    const why = signal ? `killed by ${signal} (deadline ${timeoutMs} ms)` : `exit code ${code}`;
+    const why = overran ? `stopped after its deadline of ${timeoutMs} ms` : signal ? `killed by ${signal}` : `exit code ${code}`;
     throw new Error(`${name} failed (${why}): ${failureOutput(child)}`);
   }
   return stdout;

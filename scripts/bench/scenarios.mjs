@@ -138,7 +138,9 @@ export async function runRateScenario(ctx, scenario, contenderNames, { runs, dur
   function fail(name, err) {
     const entry = results.get(name);
     if (entry && !entry.error) entry.error = String(err?.message ?? err);
-    live.get(name)?.child && stopChild(live.get(name).child);
+    const child = live.get(name)?.child;
+    // Stopped in the background: the other contenders go on measuring meanwhile.
+    if (child) void stopChild(child);
     live.delete(name);
     log(`  [${scenario.name}] ${name}: FAILED: ${entry?.error}`);
   }
@@ -199,6 +201,8 @@ async function idleRun(ctx, hold, name, size) {
     await sleep(IDLE_SETTLE_MS);
     const pids = processTree(contender.child.pid);
     const before = sampleUsage(pids);
+    // Normally 0; counted in case the previous run's connections have not all closed yet.
+    const heldBefore = hold.held();
 
     let report = null;
     client = spawnChild('idle client', [...ctx.machine.loadPrefix, process.execPath, join(SCRIPTS_DIR, 'idle-client.mjs'), '--port', String(contender.port), '--count', String(size)], {
@@ -207,9 +211,9 @@ async function idleRun(ctx, hold, name, size) {
         if (line.startsWith('{"opened"')) report = JSON.parse(line);
       },
     });
-    const allHeld = await hold.waitUntil((held) => held >= size, IDLE_OPEN_TIMEOUT_MS);
+    const allHeld = await hold.waitUntil((held) => held - heldBefore >= size, IDLE_OPEN_TIMEOUT_MS);
     if (!allHeld) {
-      throw new Error(`backend holds ${hold.held()} of ${size} connections after ${IDLE_OPEN_TIMEOUT_MS} ms (client: ${JSON.stringify(report)})`);
+      throw new Error(`backend holds ${hold.held() - heldBefore} of ${size} connections after ${IDLE_OPEN_TIMEOUT_MS} ms (client: ${JSON.stringify(report)})`);
     }
     await sleep(IDLE_SETTLE_MS);
     const after = sampleUsage(pids);
@@ -219,7 +223,7 @@ async function idleRun(ctx, hold, name, size) {
       rssBeforeKb: before.rssKb,
       rssAfterKb: after.rssKb,
       cpuSeconds: after.cpuSeconds - before.cpuSeconds,
-      held: hold.held(),
+      held: hold.held() - heldBefore,
       clientReport: report,
     };
   } finally {

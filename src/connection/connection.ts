@@ -24,6 +24,7 @@ import { parseClientHello, MAX_HELLO_BYTES } from '../routing/client-hello.ts';
 import type { Route, RouteTable } from '../routing/route-table.ts';
 import { parseProxyHeader, type ProxyHeader } from '../proxy-protocol/parse.ts';
 import type { ProxyVersionAccept } from '../proxy-protocol/parse.ts';
+import { V1_PREFIX, V2_SIGNATURE } from '../proxy-protocol/types.ts';
 import { buildBackendProxyHeader } from './backend-proxy-header.ts';
 import type { CloseReason, RejectReason } from './reasons.ts';
 import type { Registry } from './registry.ts';
@@ -232,7 +233,11 @@ export class Connection {
       if (this.phase === Phase.ProxyHeader || this.phase === Phase.SpoofCheck) {
         const trusted = this.phase === Phase.ProxyHeader;
         const result = parseProxyHeader(buf, trusted ? this.owner.proxyAccept! : 'any');
-        if (result.kind === 'need-more') return;
+        if (result.kind === 'need-more') {
+          // From an untrusted source a whole signature is already a spoof: refused now, not at client_hello.
+          if (!trusted && startsWithProxySignature(buf)) this.close('proxy_untrusted');
+          return;
+        }
         if (!trusted) {
           if (result.kind !== 'not-proxy') return this.close('proxy_untrusted');
           this.phase = Phase.Route;
@@ -514,6 +519,13 @@ export interface ConnectionInfo {
   readonly ageMs: number;
   readonly bytesFromClient: number;
   readonly bytesFromBackend: number;
+}
+
+/** True when `buf` begins with a complete v1 ("PROXY ") or v2 signature. */
+function startsWithProxySignature(buf: Buffer): boolean {
+  const starts = (signature: Buffer): boolean =>
+    buf.length >= signature.length && buf.compare(signature, 0, signature.length, 0, signature.length) === 0;
+  return starts(V1_PREFIX) || starts(V2_SIGNATURE);
 }
 
 function formatAddress(address: string): string {

@@ -56,6 +56,10 @@ export class Listener implements SlotWaiter {
   readonly routeActive = new Map<string, number>();
   readonly rejections: RejectionLog;
   draining = false;
+  /** Open connections (queued included): +1 right after `new Connection`, -1 in connectionClosed. */
+  private open = 0;
+  /** Called once a draining listener has no connection left (the daemon disposes it). */
+  onIdle: (() => void) | null = null;
   private readonly servers = new Map<string, net.Server>();
   private readonly deps: ListenerDeps;
   private lastAcceptWarning = 0;
@@ -181,6 +185,7 @@ export class Listener implements SlotWaiter {
     if (!slotFree && this.queue.size >= gen.config.queue) return this.refuse(socket, address, 'queue_full');
 
     const conn = new Connection(gen, socket, trustedBalancer);
+    this.open++;
     if (key !== null) this.holdClient(conn, key);
     this.deps.metrics.accepted(this.name);
     if (slotFree) {
@@ -294,6 +299,12 @@ export class Listener implements SlotWaiter {
       this.deps.slots.busy--;
       if (!this.promoteOne()) this.deps.slots.offer(this);
     }
+    this.open--;
+    if (this.open === 0 && this.draining && this.onIdle !== null) {
+      const onIdle = this.onIdle;
+      this.onIdle = null;
+      onIdle();
+    }
   }
 
   /** Closes every connection of this listener now (shutdown past its drain deadline, on_removal = "close"). */
@@ -310,9 +321,7 @@ export class Listener implements SlotWaiter {
 
   /** Connections of this listener still open (queued ones included). */
   activeCount(): number {
-    let n = 0;
-    for (const conn of this.deps.registry.values()) if (conn.owner.listener === this) n++;
-    return n;
+    return this.open;
   }
 
   /** Final teardown once nothing is left: timers of the tables stop. */

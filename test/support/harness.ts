@@ -42,8 +42,8 @@ export interface ProxyUnderTest {
 }
 
 /**
- * Starts a daemon on `toml` (bind to port 0 so tests never collide). After the test it drains
- * at once, and asserts the registry is empty: no test may leak a connection.
+ * Starts a daemon on `toml` (bind to port 0 so tests never collide) and shuts it down at once
+ * after the test. Tests assert `daemon.registry.size === 0` themselves before they end.
  */
 export async function startProxy(t: TestContext, toml: string, opts: { logLevel?: 'debug' | 'info' | 'warn' } = {}): Promise<ProxyUnderTest> {
   const { log, lines } = memoryLogger(opts.logLevel ?? 'warn');
