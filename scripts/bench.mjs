@@ -7,7 +7,7 @@
 // Whatever is missing is skipped with a visible line. Run as a user that may raise its own
 // file-descriptor limit (prlimit) for the idle scenario, e.g. root.
 import { mkdtempSync, existsSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { describeMachine, INSTALL_LINE, pinSelf } from './bench/machine.mjs';
@@ -20,6 +20,8 @@ const REPO_ROOT = new URL('../', import.meta.url).pathname;
 const BUILD_TIMEOUT_MS = 120000;
 /** Rough cost of one idle run (start proxy, open, settle, close); only for the time budget. */
 const IDLE_RUN_ESTIMATE_S = 15;
+/** Above this 1-minute load average something else is using the cores the figures depend on. */
+const BUSY_LOAD_AVERAGE = 0.5;
 
 const USAGE = `usage: npm run bench -- [options]
 
@@ -130,6 +132,12 @@ async function main() {
           `a proxy holds 2 per idle connection, so at most ~${Math.floor((machine.fdLimit - 200) / 2)} idle connections fit`,
   );
   out(`runs: ${options.runs} x ${options.duration}s per contender and scenario, warmup ${options.warmup}s, rotated order`);
+  const [loadBefore] = loadavg();
+  out(
+    loadBefore > BUSY_LOAD_AVERAGE
+      ? `WARNING: load average ${loadBefore.toFixed(2)} before start: other processes use the cores, expect noisy figures`
+      : `load average before start: ${loadBefore.toFixed(2)}`,
+  );
   const missing = Object.entries(machine.tools).filter(([, path]) => !path).map(([tool]) => tool);
   if (missing.length) out(`missing tools: ${missing.join(', ')} (install: ${INSTALL_LINE})`);
 
@@ -177,6 +185,7 @@ async function main() {
     }
   }
   clearTimeout(watchdog);
+  raw.loadAverage = { before: loadBefore, after: loadavg()[0] };
 
   printSummary(rateSections, idleSections, out);
   if (options.json) {

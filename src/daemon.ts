@@ -32,6 +32,8 @@ export class Daemon {
   private readonly slots: SlotPool;
   private generation: Generation;
   private stopping: Promise<ShutdownResult> | null = null;
+  /** Connections a second, immediate shutdown closed while draining: reported as cut. */
+  private cutByImmediate: number | null = null;
   private drainTimers = new Set<NodeJS.Timeout>();
   /** False once shutdown began: /healthz answers 503. */
   accepting = true;
@@ -241,7 +243,12 @@ export class Daemon {
    */
   shutdown(opts: { drainTimeoutMs?: number; immediate?: boolean } = {}): Promise<ShutdownResult> {
     if (this.stopping !== null) {
-      if (opts.immediate) for (const conn of [...this.registry.values()]) conn.close('shutdown');
+      if (opts.immediate) {
+        for (const conn of [...this.registry.values()]) {
+          conn.close('shutdown');
+          if (this.cutByImmediate !== null) this.cutByImmediate++; // counted once the drain took its census
+        }
+      }
       return this.stopping;
     }
     this.accepting = false;
@@ -255,6 +262,7 @@ export class Daemon {
     await Promise.all(listeners.map((l) => l.stopAccepting()));
     for (const listener of listeners) for (const conn of [...listener.queue]) conn.close('draining');
     const open = this.registry.size;
+    this.cutByImmediate = 0;
     let cut = 0;
     if (open > 0) {
       let timer: NodeJS.Timeout | undefined;
@@ -269,6 +277,7 @@ export class Daemon {
       }
     }
     await this.releaseAll();
+    cut += this.cutByImmediate;
     return { drained: open - cut, cut };
   }
 

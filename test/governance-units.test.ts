@@ -527,9 +527,16 @@ describe('fair share', () => {
   });
 
   test('above the threshold a client holding its share is refused and one under it is not', () => {
-    assert.equal(fairShareRefuses({ ...base, occupancy: 81, clientActive: 25 }), true);
+    // 4 clients plus one share kept for a newcomer: 100 / 5 = 20 each.
+    assert.equal(fairShareRefuses({ ...base, occupancy: 81, clientActive: 20 }), true);
     assert.equal(fairShareRefuses({ ...base, occupancy: 81, clientActive: 60 }), true);
-    assert.equal(fairShareRefuses({ ...base, occupancy: 81, clientActive: 24 }), false);
+    assert.equal(fairShareRefuses({ ...base, occupancy: 81, clientActive: 19 }), false);
+  });
+
+  test('a lone hog stops at the threshold, leaving room for a newcomer', () => {
+    const lone = { capacity: 10, fairShareAbove: 50, distinctClients: 1 };
+    assert.equal(fairShareRefuses({ ...lone, occupancy: 5, clientActive: 5 }), false);
+    assert.equal(fairShareRefuses({ ...lone, occupancy: 6, clientActive: 6 }), true);
   });
 
   test('a newcomer is admitted even when the listener is full of other clients', () => {

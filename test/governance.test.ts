@@ -101,7 +101,7 @@ function probe(port: number, opts: { host?: string; localAddress?: string; write
     const giveUp = setTimeout(() => {
       socket.destroy();
       resolve({ connected, reset: false, code, data: Buffer.concat(chunks), stillOpen: true });
-    }, opts.ms ?? 3000);
+    }, opts.ms ?? 5000);
     socket.on('connect', () => {
       connected = true;
       if (opts.write !== undefined) socket.write(opts.write);
@@ -133,7 +133,7 @@ async function knock(proxy: ProxyUnderTest, name: string, backend: Backend, opts
   socket.on('error', (e: NodeJS.ErrnoException) => (code = e.code ?? 'ERROR'));
   socket.on('end', () => socket.end()); // a refusal by FIN: finish our half so the socket closes
   const ended = new Promise<void>((resolve) => socket.once('close', () => resolve()));
-  await until(() => backend.accepted > acceptedBefore || rejectedTotal(listener) > rejectedBefore, 3000, 'the proxy to decide');
+  await until(() => backend.accepted > acceptedBefore || rejectedTotal(listener) > rejectedBefore, 5000, 'the proxy to decide');
   if (backend.accepted > acceptedBefore) return { admitted: true, socket };
   const after = listener.rejections.totals();
   const reason = (Object.keys(after) as RejectReason[]).find((r) => after[r] > before[r])!;
@@ -248,7 +248,7 @@ ${tcpListener(backend, 'workers = 10\nqueue = 0', 'b')}`);
 
   // N+1: the global pool is full although listener a has 8 workers free: it queues.
   const a3 = await connect(proxy.port('a'));
-  await until(() => a.queue.size === 1, 3000, 'a3 to queue');
+  await until(() => a.queue.size === 1, 5000, 'a3 to queue');
   assert.equal(backend.accepted, 3);
   assert.equal(a3.readyState, 'open');
   // Listener b has no queue: refused. Listener a's queue (1) is full: refused.
@@ -258,7 +258,7 @@ ${tcpListener(backend, 'workers = 10\nqueue = 0', 'b')}`);
 
   // b1 leaves: b has nobody queued, so the slot is offered to a, whose oldest queued starts.
   await hangUp(b1);
-  await until(() => backend.accepted === 4, 3000, 'a3 to reach the backend');
+  await until(() => backend.accepted === 4, 5000, 'a3 to reach the backend');
   assert.equal(a.queue.size, 0);
   assert.deepEqual([a.busy, b.busy, slots.busy], [3, 0, 3]);
 
@@ -280,7 +280,7 @@ test('the queue admits in FIFO order once the worker frees, and refuses when ful
 
   const holder = await connect(proxy.port('tcp'), { localAddress: '127.0.0.2' });
   holder.write('H');
-  await until(() => order.length === 1, 3000, 'the holder to reach the backend');
+  await until(() => order.length === 1, 5000, 'the holder to reach the backend');
   // Each queued client says its name at once (kept by the proxy while queued) and leaves after its echo.
   const queued: Array<Promise<{ data: Buffer; error: NodeJS.ErrnoException | null }>> = [];
   for (const [i, name] of ['A', 'B', 'C'].entries()) {
@@ -288,7 +288,7 @@ test('the queue admits in FIFO order once the worker frees, and refuses when ful
     queued.push(readAll(client));
     client.once('data', () => client.end());
     client.write(name);
-    await until(() => l.queue.size === i + 1, 3000, `${name} to queue`);
+    await until(() => l.queue.size === i + 1, 5000, `${name} to queue`);
   }
   // Full: the fourth waiter is refused and never reaches a backend.
   const fourth = await probe(proxy.port('tcp'), { localAddress: '127.0.0.6' });
@@ -372,7 +372,7 @@ bind = ["127.0.0.1:0"]
   assert.equal(elsewhere.line, 'other\n');
 
   await tlsHangUp(first.socket);
-  await until(() => l.routeActive.get('api') === 1, 3000, 'the api count to drop');
+  await until(() => l.routeActive.get('api') === 1, 5000, 'the api count to drop');
   const third = await tlsGreeting(port, 'api.example.com', { localAddress: '127.0.0.3' });
   assert.equal(third.line, 'api\n');
   assert.deepEqual([api.accepted, other.accepted], [3, 1]);
@@ -410,19 +410,19 @@ test('queued connections count toward max_connections_per_ip', { timeout: 10_000
   const l = listenerOf(proxy, 'tcp');
   const running = await admitted(proxy, 'tcp', backend, { localAddress: '127.0.0.2' });
   const waiting = await connect(proxy.port('tcp'), { localAddress: '127.0.0.2' });
-  await until(() => l.queue.size === 1, 3000, 'the second to queue');
+  await until(() => l.queue.size === 1, 5000, 'the second to queue');
   // The queue has room, but 127.0.0.2 already holds two (one of them waiting).
   const third = await probe(proxy.port('tcp'), { localAddress: '127.0.0.2' });
   assert.equal(third.reset, true);
   assert.deepEqual(rejections(l), { ip_limit: 1 });
   const other = await connect(proxy.port('tcp'), { localAddress: '127.0.0.3' });
-  await until(() => l.queue.size === 2, 3000, 'another client to queue');
+  await until(() => l.queue.size === 2, 5000, 'another client to queue');
   assert.equal(backend.accepted, 1);
 
   await hangUp(running);
-  await until(() => backend.accepted === 2, 3000, 'the queued one to start');
+  await until(() => backend.accepted === 2, 5000, 'the queued one to start');
   await hangUp(waiting);
-  await until(() => backend.accepted === 3, 3000, 'the next queued one to start');
+  await until(() => backend.accepted === 3, 5000, 'the next queued one to start');
   await hangUp(other);
   await assertQuiescent(proxy);
 });
@@ -463,7 +463,7 @@ test('connection_rate_per_ip admits count per sliding window; a rejection never 
   await assertQuiescent(proxy, PER);
 });
 
-test('a flood of 2,000 connections from one address with max_connections_per_ip = 50 leaves another client served without a single failure', { timeout: 30_000 }, async (t) => {
+test('a flood of 2,000 connections from one address with max_connections_per_ip = 50 leaves another client served without a single failure', { timeout: 60_000 }, async (t) => {
   const backend = await startBackend(t);
   const proxy = await startProxy(t, tcpListener(backend, 'workers = 200\nqueue = 0\n[listeners.limits]\nmax_connections_per_ip = 50'));
   const l = listenerOf(proxy, 'tcp');
@@ -474,7 +474,7 @@ test('a flood of 2,000 connections from one address with max_connections_per_ip 
   let floodDone = false;
 
   // Each flood connection sends one byte: an admitted one gets it echoed and stays open.
-  const flood = pool(2000, 100, () =>
+  const flood = pool(2000, 64, () =>
     new Promise<void>((resolve) => {
       const socket = net.connect({ port, host: '127.0.0.1', localAddress: '127.0.0.2' });
       socket.on('connect', () => socket.write('x'));
@@ -610,19 +610,25 @@ async function captureClientHello(t: TestContext, servername: string): Promise<B
 test('max_lifetime_jitter ends connections opened together at different times, each within its lifetime', { timeout: 10_000 }, async (t) => {
   const backend = await startBackend(t, hold);
   const proxy = await startProxy(t, tcpListener(backend, '[listeners.timeouts]\nmax_lifetime = "500ms"\nmax_lifetime_jitter = 50'));
+  const { registry } = proxy.daemon;
+  const sockets = await Promise.all(Array.from({ length: 10 }, (_, i) => connect(proxy.port('tcp'), { localAddress: `127.0.0.${2 + i}` })));
+  await until(() => registry.size === 10, 5000, 'ten connections admitted');
+  // Each lifetime from the proxy's own admission time to the FIN the client sees.
+  const acceptedAt = new Map([...registry.values()].map((conn) => [conn.clientPort, conn.acceptedAt]));
   const lifetimes = await Promise.all(
-    Array.from({ length: 10 }, async (_, i) => {
-      const started = performance.now();
-      const socket = await connect(proxy.port('tcp'), { localAddress: `127.0.0.${2 + i}` });
+    sockets.map(async (socket) => {
+      const admitted = acceptedAt.get(socket.localPort!)!;
       socket.on('end', () => socket.end()); // the proxy's FIN: finish our half too
       const { reset } = await closed(socket);
       assert.equal(reset, false, 'an admitted connection ends with a FIN');
-      return performance.now() - started;
+      return Date.now() - admitted;
     }),
   );
-  for (const ms of lifetimes) assert.ok(ms >= 245 && ms < 1500, `lifetime ${ms.toFixed(0)} ms`);
+  // Jitter 50 % of 500 ms: each lifetime in [250, 500] ms. Without jitter none could be under 500.
+  for (const ms of lifetimes) assert.ok(ms >= 249 && ms < 1500, `lifetime ${ms} ms`);
+  assert.ok(Math.min(...lifetimes) < 450, `shortest lifetime ${Math.min(...lifetimes)} ms`);
   const spread = Math.max(...lifetimes) - Math.min(...lifetimes);
-  assert.ok(spread >= 20, `lifetimes spread over ${spread.toFixed(0)} ms`);
+  assert.ok(spread >= 50, `lifetimes spread over ${spread} ms`);
   assert.match(await proxy.daemon.metrics.exposition(), /^smartproxy_connections_closed_total\{listener="tcp",reason="max_lifetime"\} 10$/m);
   assert.deepEqual(rejections(listenerOf(proxy, 'tcp')), {});
   await assertQuiescent(proxy);
@@ -646,7 +652,7 @@ test('an IPv4-mapped client shares its per-IP quota and firewall rules with the 
 
   const viaV4 = await admitted(proxy, 'tcp', backend, { localAddress: '127.0.0.2' });
   const viaMapped = await connect(mappedPort, { localAddress: '127.0.0.2' });
-  await until(() => backend.accepted === 2, 3000, 'the mapped client to reach the backend');
+  await until(() => backend.accepted === 2, 5000, 'the mapped client to reach the backend');
   assert.deepEqual(seen, ['::ffff:127.0.0.2']);
   assert.deepEqual(l.clients.top(5), [{ key: '127.0.0.2', active: 2 }]);
 
@@ -658,7 +664,7 @@ test('an IPv4-mapped client shares its per-IP quota and firewall rules with the 
   // Closing the IPv4 one frees the quota for the mapped one.
   await hangUp(viaV4);
   const again = await connect(mappedPort, { localAddress: '127.0.0.2' });
-  await until(() => backend.accepted === 3, 3000, 'the mapped client to be admitted');
+  await until(() => backend.accepted === 3, 5000, 'the mapped client to be admitted');
   // An IPv4 firewall rule matches the mapped form.
   assert.equal((await probe(mappedPort, { localAddress: '127.0.0.9' })).reset, true);
   assert.deepEqual(rejections(l), { ip_limit: 2, firewall: 1 });
@@ -798,19 +804,21 @@ test('the per-client table empties by itself once traffic stops and the rate win
   await assertQuiescent(proxy);
 });
 
-test('10,000 rejections from one address produce a handful of log lines whose counts add up exactly', { timeout: 30_000 }, async (t) => {
+test('10,000 rejections from one address produce a handful of log lines whose counts add up exactly', { timeout: 60_000 }, async (t) => {
   const backend = await startBackend(t, hold);
   const proxy = await startProxy(t, `
 [logging]
 rejection_summary_interval = "300ms"
-${tcpListener(backend, '[listeners.firewall]\nblock = ["127.0.0.2"]')}`, { logLevel: 'info' });
+${tcpListener(backend, '[listeners.firewall]\nblock = ["127.0.0.1"]')}`, { logLevel: 'info' });
   const l = listenerOf(proxy, 'tcp');
   const port = proxy.port('tcp');
   const N = 10_000;
   let resets = 0;
   const started = performance.now();
-  await pool(N, 100, async () => {
-    const ending = await probe(port, { localAddress: '127.0.0.2' });
+  await pool(N, 64, async () => {
+    // From 127.0.0.1 without binding first: the kernel's connect-time port choice is much
+    // cheaper than bind(port 0) per connection when other suites hold many sockets.
+    const ending = await probe(port);
     if (ending.reset) resets++;
   });
   const elapsed = performance.now() - started;
@@ -831,21 +839,21 @@ ${tcpListener(backend, '[listeners.firewall]\nblock = ["127.0.0.2"]')}`, { logLe
         pendingFirst = 0;
       } else {
         assert.equal(line.msg, 'rejected connection: firewall');
-        assert.equal(line.client, '127.0.0.2');
+        assert.equal(line.client, '127.0.0.1');
         total += pendingFirst; // the previous interval had only its first sighting
         pendingFirst = 1;
       }
     }
     return total + pendingFirst;
   };
-  await until(() => accounted() === N, 3000, 'the log to account for every rejection');
+  await until(() => accounted() === N, 5000, 'the log to account for every rejection');
   const lines = rejectionLines();
   const intervals = Math.ceil((performance.now() - started) / 300) + 1;
   assert.ok(lines.length <= 2 * intervals, `${lines.length} lines for ${intervals} intervals (flood took ${elapsed.toFixed(0)} ms)`);
-  assert.ok(lines.length < 100, `${lines.length} lines`);
+  assert.ok(lines.length * 20 < N, `${lines.length} lines`);
   for (const summary of lines.filter((line) => typeof line.rejected === 'number')) {
     assert.deepEqual(summary.reasons, { firewall: summary.rejected });
-    assert.deepEqual(summary.top, { firewall: [{ client: '127.0.0.2', count: summary.rejected }] });
+    assert.deepEqual(summary.top, { firewall: [{ client: '127.0.0.1', count: summary.rejected }] });
   }
   assert.equal(await rejectionMetric(proxy.daemon, 'tcp', 'firewall'), N);
   await assertQuiescent(proxy);

@@ -6,6 +6,7 @@ import net from 'node:net';
 import { test } from 'node:test';
 import { BindError } from '../src/listener/listener.ts';
 import { adminGet, listeningPorts, startCli } from './support/cli.ts';
+import { connectOutcome, echoRoundTrip, expectData, refusal } from './support/clients.ts';
 import { closed, closedPort, configFrom, connect, echo, readAll, sha256, startBackend, startProxy, until } from './support/harness.ts';
 import { metricValue, parseExposition, valueOf } from './support/metrics.ts';
 
@@ -15,80 +16,6 @@ function greeter(name: string) {
     socket.write(`${name}\n`);
     echo(socket);
   };
-}
-
-/** Reads exactly `expected` from the socket (then pauses it so nothing is lost). */
-function expectData(socket: net.Socket, expected: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    let got = '';
-    const onData = (chunk: Buffer): void => {
-      got += chunk.toString('latin1');
-      if (got.length < expected.length) return;
-      cleanup();
-      socket.pause();
-      if (got === expected) resolve();
-      else reject(new assert.AssertionError({ message: 'unexpected data', actual: got, expected }));
-    };
-    const onEnd = (): void => {
-      cleanup();
-      reject(new assert.AssertionError({ message: 'socket ended early', actual: got, expected }));
-    };
-    const cleanup = (): void => {
-      socket.off('data', onData);
-      socket.off('close', onEnd);
-      socket.off('error', onEnd);
-    };
-    socket.on('data', onData);
-    socket.on('close', onEnd);
-    socket.on('error', onEnd);
-    socket.resume();
-  });
-}
-
-/** One echo round trip on a new connection; resolves with what went wrong, or null. */
-async function echoRoundTrip(port: number, message: string): Promise<string | null> {
-  let socket: net.Socket;
-  try {
-    socket = await connect(port);
-  } catch (err) {
-    return `connect: ${(err as NodeJS.ErrnoException).code}`;
-  }
-  const result = readAll(socket);
-  socket.end(message);
-  const { data, error } = await result;
-  if (error !== null) return `relay: ${error.code}`;
-  if (data.toString() !== message) return `relay: got ${JSON.stringify(data.toString())}`;
-  return null;
-}
-
-/** Resolves with the error code a connect attempt fails with (or "connected"). */
-async function connectOutcome(port: number): Promise<string> {
-  try {
-    const socket = await connect(port);
-    socket.destroy();
-    return 'connected';
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code ?? 'error';
-  }
-}
-
-/**
- * What happens to a new connection that sends a byte and ends: "reset" when the proxy refuses it
- * (an RST, possibly before connect completes), "relayed" when the byte comes back from the echo.
- */
-async function refusal(port: number): Promise<'reset' | 'relayed' | 'closed'> {
-  let socket: net.Socket;
-  try {
-    socket = await connect(port);
-  } catch (err) {
-    assert.equal((err as NodeJS.ErrnoException).code, 'ECONNRESET');
-    return 'reset';
-  }
-  const result = readAll(socket);
-  socket.end('x');
-  const { data, error } = await result;
-  if (error?.code === 'ECONNRESET') return 'reset';
-  return data.toString() === 'x' ? 'relayed' : 'closed';
 }
 
 test('a 32 MB transfer each way completes intact across 20 reloads', { timeout: 30_000 }, async (t) => {

@@ -14,7 +14,10 @@ export interface HostPort {
 export interface Timeouts {
   /** Backend TCP connect, including DNS. */
   readonly connectMs: number;
-  /** Absolute deadline from accept for the bytes needed to route (and the PROXY header). */
+  /**
+   * Absolute deadline for the bytes needed to route (and the PROXY header), from the moment a
+   * worker takes the connection: time waiting in the queue is bounded by queue_timeout instead.
+   */
   readonly clientHelloMs: number;
   /** No bytes in either direction. 0 = off. */
   readonly idleMs: number;

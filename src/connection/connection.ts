@@ -81,7 +81,8 @@ export class Connection {
   readonly id: number;
   readonly owner: ConnectionOwner;
   readonly client: net.Socket;
-  /** Milliseconds since the epoch at admission (also the start of max_lifetime). */
+  /** Milliseconds since the epoch at admission (the start of queue_timeout; client_hello and
+   * max_lifetime count from start(), when a worker takes the connection). */
   readonly acceptedAt: number;
   state: ConnectionState = 'queued';
   closeReason: CloseReason | null = null;

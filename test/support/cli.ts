@@ -43,7 +43,11 @@ export function tempDir(t: TestContext): string {
  * replaced by the temp directory) and resolves once every listener in `ready` has logged
  * "listener started" (and the admin API, when `admin` is true, is listening).
  */
-export async function startCli(t: TestContext, toml: string, opts: { ready: string[]; admin?: boolean; dir?: string }): Promise<CliProxy> {
+export async function startCli(
+  t: TestContext,
+  toml: string,
+  opts: { ready: string[]; admin?: boolean; dir?: string; /** Open-file limit for the process (`ulimit -n`: hard too, or node raises its soft limit to the hard one). */ nofile?: number },
+): Promise<CliProxy> {
   const dir = opts.dir ?? tempDir(t);
   const configFile = path.join(dir, 'proxy.toml');
   const write = (text: string): void => {
@@ -52,7 +56,10 @@ export async function startCli(t: TestContext, toml: string, opts: { ready: stri
     renameSync(tmp, configFile);
   };
   write(toml);
-  const child = spawn(process.execPath, ['--import', 'tsx', CLI, 'serve', '-c', configFile, '--log-format', 'json'], {
+  const args = ['--import', 'tsx', CLI, 'serve', '-c', configFile, '--log-format', 'json'];
+  // With a limit, a shell lowers it and then becomes node (exec): the PID stays the daemon's.
+  const [command, argv] = opts.nofile === undefined ? [process.execPath, args] : ['/bin/sh', ['-c', `ulimit -n ${opts.nofile} && exec "$0" "$@"`, process.execPath, ...args]];
+  const child = spawn(command, argv, {
     cwd: ROOT,
     stdio: ['ignore', 'pipe', 'pipe'],
   });

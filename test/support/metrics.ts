@@ -116,10 +116,11 @@ function familyOf(name: string, families: Map<string, { type: string | null }>):
   return null;
 }
 
+/** A float as Go's strconv.ParseFloat reads it (what Prometheus uses): NaN and Inf in any case. */
 function parseValue(text: string): number | null {
-  if (text === '+Inf') return Infinity;
-  if (text === '-Inf') return -Infinity;
-  if (text === 'NaN') return NaN;
+  if (/^[+]?inf(inity)?$/i.test(text)) return Infinity;
+  if (/^-inf(inity)?$/i.test(text)) return -Infinity;
+  if (/^nan$/i.test(text)) return NaN;
   if (!/^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/.test(text)) return null;
   return Number(text);
 }
