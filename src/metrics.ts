@@ -39,7 +39,7 @@ export class Metrics {
 
   constructor(opts: { defaultMetrics?: boolean } = {}) {
     const registers = [this.registry];
-    if (opts.defaultMetrics !== false) client.collectDefaultMetrics({ register: this.registry, prefix: 'smartproxy_process_' });
+    if (opts.defaultMetrics !== false) client.collectDefaultMetrics({ register: this.registry, prefix: 'smartproxy_' });
     const self = this;
     new client.Gauge({
       name: 'smartproxy_build_info',

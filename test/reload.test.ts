@@ -6,7 +6,7 @@ import net from 'node:net';
 import { test } from 'node:test';
 import { BindError } from '../src/listener/listener.ts';
 import { adminGet, listeningPorts, startCli } from './support/cli.ts';
-import { connectOutcome, echoRoundTrip, expectData, refusal } from './support/clients.ts';
+import { admission, connectOutcome, echoRoundTrip, expectData } from './support/clients.ts';
 import { closed, closedPort, configFrom, connect, echo, readAll, sha256, startBackend, startProxy, until } from './support/harness.ts';
 import { metricValue, parseExposition, valueOf } from './support/metrics.ts';
 
@@ -287,10 +287,10 @@ workers = ${workers}
     await expectData(socket, word);
     held.push(socket);
   }
-  assert.equal(await refusal(port), 'reset');
+  assert.equal(await admission(port), 'reset');
 
   await proxy.daemon.reload(configFrom(toml(11)));
-  assert.equal(await refusal(port), 'reset');
+  assert.equal(await admission(port), 'reset');
   assert.equal(await metricValue(proxy.daemon, 'smartproxy_rejections_total', { listener: 'tcp', reason: 'ip_limit' }), 2);
 
   // Its count is still exact: one leaves, one more gets in.

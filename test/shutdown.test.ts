@@ -6,7 +6,7 @@ import { once } from 'node:events';
 import type net from 'node:net';
 import { test } from 'node:test';
 import { adminGet, startCli, type CliProxy } from './support/cli.ts';
-import { connectOutcome, echoRoundTrip, expectData } from './support/clients.ts';
+import { admission, connectOutcome, echoRoundTrip, expectData } from './support/clients.ts';
 import { closed, closedPort, connect, readAll, sha256, startBackend } from './support/harness.ts';
 
 function config(port: number, backendPort: number, shutdown: string, admin = false): string {
@@ -54,7 +54,9 @@ test('SIGTERM lets an established connection finish within drain_timeout, intact
   while (echoed === 0) await once(client, 'data');
 
   await terminate(proxy);
-  assert.equal(await connectOutcome(port), 'ECONNREFUSED', 'no new connection once draining');
+  // The listener closes in the tick after "stopping" is logged: a connect racing it may still
+  // complete in the kernel's backlog and is then reset; none is ever relayed.
+  assert.match(await admission(port), /^(refused|reset)$/, 'no new connection is served once draining');
   assert.ok(echoed < payload.length);
   client.end(payload.subarray(half));
   const { data, error } = await received;

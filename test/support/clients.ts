@@ -60,15 +60,18 @@ export async function connectOutcome(port: number): Promise<string> {
 }
 
 /**
- * What happens to a new connection that sends a byte and ends: "reset" when the proxy refuses it
- * (an RST, possibly before connect completes), "relayed" when the byte comes back from the echo.
+ * How a new connection that sends one byte and ends is treated: "refused" when nothing listens,
+ * "reset" when the proxy turns it away (an RST, possibly before connect completes), "relayed" when
+ * the byte comes back from the echo backend, "closed" for anything else.
  */
-export async function refusal(port: number, opts: { localAddress?: string } = {}): Promise<'reset' | 'relayed' | 'closed'> {
+export async function admission(port: number, opts: { localAddress?: string } = {}): Promise<'refused' | 'reset' | 'relayed' | 'closed'> {
   let socket: net.Socket;
   try {
     socket = await connect(port, opts);
   } catch (err) {
-    assert.equal((err as NodeJS.ErrnoException).code, 'ECONNRESET');
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ECONNREFUSED') return 'refused';
+    assert.equal(code, 'ECONNRESET');
     return 'reset';
   }
   const result = readAll(socket);
