@@ -4,7 +4,7 @@
 import type { Config } from './config/types.ts';
 import { Registry } from './connection/registry.ts';
 import { compileGeneration, type Generation } from './generation.ts';
-import { Listener } from './listener/listener.ts';
+import { Listener, type ListenerDeps } from './listener/listener.ts';
 import { SlotPool } from './listener/slot-pool.ts';
 import type { Logger } from './logging/logger.ts';
 import { Metrics } from './metrics.ts';
@@ -72,15 +72,7 @@ export class Daemon {
 
   private createListener(name: string): Listener {
     const gen = this.generation.listeners.get(name)!;
-    const config = this.generation.config;
-    const listener = new Listener(gen, {
-      registry: this.registry,
-      slots: this.slots,
-      log: this.log,
-      metrics: this.metrics,
-      maxTrackedIps: config.limits.maxTrackedIps,
-      rejectionSummaryIntervalMs: config.logging.rejectionSummaryIntervalMs,
-    });
+    const listener = new Listener(gen, this.listenerDeps(this.generation.config));
     gen.listener = listener;
     this.listeners.set(name, listener);
     return listener;
@@ -181,7 +173,7 @@ export class Daemon {
     return false;
   }
 
-  private listenerDeps(config: Config) {
+  private listenerDeps(config: Config): ListenerDeps {
     return {
       registry: this.registry,
       slots: this.slots,

@@ -2,12 +2,23 @@
 // connection); gauges are read at scrape time from the owners of the numbers (registry size,
 // listener queues), never kept as parallel counters that could drift.
 // Label cardinality is bounded by the config: listener, route, backend, reason. Never a client IP.
+import { readFileSync } from 'node:fs';
 import client from 'prom-client';
 import type { Connection } from './connection/connection.ts';
 import { isRejection, type CloseReason, type RejectReason } from './connection/reasons.ts';
 
 declare const SMARTPROXY_VERSION: string | undefined;
-export const VERSION: string = typeof SMARTPROXY_VERSION === 'string' ? SMARTPROXY_VERSION : '0.0.0-dev';
+/** Set by esbuild in the bundle; read from package.json when running from source. */
+export const VERSION: string = typeof SMARTPROXY_VERSION === 'string' ? SMARTPROXY_VERSION : packageVersion();
+
+function packageVersion(): string {
+  try {
+    const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version?: string };
+    return pkg.version ?? '0.0.0-dev';
+  } catch {
+    return '0.0.0-dev';
+  }
+}
 
 /** What the metrics read at scrape time. */
 export interface MetricsSource {

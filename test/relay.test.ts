@@ -639,3 +639,31 @@ test('a client that reads nothing stalls the backend instead of growing the prox
   assert.equal(hash.digest('hex'), sha256(payload));
   await proxy.daemon.registry.whenEmpty();
 });
+
+test('a client that sends its request and FIN while queued is served once a worker frees up', { timeout: 10_000 }, async (t) => {
+  const backend = await startBackend(t);
+  const proxy = await startProxy(t, `
+[[listeners]]
+name = "tcp"
+bind = ["127.0.0.1:0"]
+workers = 1
+queue = 1
+  [[listeners.routes]]
+  name = "echo"
+  default = true
+  backends = ["127.0.0.1:${backend.port}"]
+`);
+  const listener = proxy.daemon.listeners.get('tcp')!;
+  const holder = await connect(proxy.port('tcp'));
+  await until(() => listener.busy === 1, 2000, 'the first client to take the worker');
+  const queued = await connect(proxy.port('tcp'), { localAddress: '127.0.0.2' });
+  const reply = readAll(queued);
+  queued.end('request while queued');
+  await until(() => listener.queue.size === 1 && [...listener.queue][0]!.describe().bytesFromClient === 0, 2000, 'the second client to queue');
+  holder.end();
+  const { data, error } = await reply;
+  assert.equal(error, null);
+  assert.equal(data.toString(), 'request while queued');
+  holder.destroy();
+  await proxy.daemon.registry.whenEmpty();
+});

@@ -175,6 +175,7 @@ export class Connection {
     this.armTimer();
     this.readClient();
     if (this.inboundLength > 0) this.onHandshakeData(null);
+    if (this.state === 'handshake' && this.clientEnded) this.close('client_gone');
   }
 
   private readClient(): void {
@@ -401,7 +402,10 @@ export class Connection {
 
   onClientEnd(): void {
     this.clientEnded = true;
-    if (this.state === 'queued' || this.state === 'handshake') return this.close('client_gone');
+    // A client may send its whole request and FIN while queued: serve it once a worker is free.
+    if (this.state === 'queued') return this.inboundLength > 0 ? undefined : this.close('client_gone');
+    // Still short of what routing needs, and nothing more can come.
+    if (this.state === 'handshake') return this.close('client_gone');
     if (this.state === 'connecting') return; // ended once the backend is connected
     this.backend!.end();
     this.halfClosed();
