@@ -44,9 +44,9 @@ export class Metrics {
   private readonly duration: client.Histogram<'listener'>;
   private readonly reloadsTotal: client.Counter<'result'>;
   private readonly lastReload: client.Gauge;
-  /** Bytes of connections already closed, per listener/route/direction; live ones are added at scrape. */
-  private readonly closedBytes = new Map<string, number>();
-  private readonly children = new Map<string, client.Counter.Internal>();
+  private readonly families: Families;
+  /** Per listener name; kept across reloads so counters never restart. */
+  private readonly listenerViews = new Map<string, ListenerMetrics>();
 
   constructor(opts: { defaultMetrics?: boolean } = {}) {
     const registers = [this.registry];
@@ -109,6 +109,14 @@ export class Metrics {
       help: 'When the configuration was last loaded successfully (start or reload).',
       registers,
     });
+    this.families = {
+      accepted: this.acceptedTotal,
+      routed: this.routedTotal,
+      rejections: this.rejectionsTotal,
+      closed: this.closedTotal,
+      backendFailures: this.backendFailuresTotal,
+      duration: this.duration,
+    };
     new client.Gauge({
       name: 'smartproxy_connections_active',
       help: 'Open connections (queued included), per listener and route ("" before routing).',
@@ -128,9 +136,11 @@ export class Metrics {
       registers,
       collect() {
         this.reset();
-        for (const [key, value] of self.closedBytes) {
-          const [listener, route, direction] = key.split('\0') as [string, string, string];
-          this.inc({ listener, route, direction }, value);
+        for (const view of self.listenerViews.values()) {
+          for (const [route, bytes] of view.closedBytes) {
+            if (bytes.fromClient > 0) this.inc({ listener: view.name, route, direction: 'from_client' }, bytes.fromClient);
+            if (bytes.fromBackend > 0) this.inc({ listener: view.name, route, direction: 'from_backend' }, bytes.fromBackend);
+          }
         }
         for (const conn of self.source?.connections() ?? []) {
           if (conn.route === null) continue;
@@ -176,44 +186,14 @@ export class Metrics {
     this.source = source;
   }
 
-  private child(counter: client.Counter<string>, key: string, labels: Record<string, string>): client.Counter.Internal {
-    let child = this.children.get(key);
-    if (child === undefined) {
-      child = counter.labels(labels);
-      this.children.set(key, child);
+  /** The hot-path view for one listener: label children resolved once, not per connection. */
+  forListener(listener: string): ListenerMetrics {
+    let view = this.listenerViews.get(listener);
+    if (view === undefined) {
+      view = new ListenerMetrics(listener, this.families);
+      this.listenerViews.set(listener, view);
     }
-    return child;
-  }
-
-  accepted(listener: string): void {
-    this.child(this.acceptedTotal, `a\0${listener}`, { listener }).inc();
-  }
-
-  routed(listener: string, route: string): void {
-    this.child(this.routedTotal, `r\0${listener}\0${route}`, { listener, route }).inc();
-  }
-
-  rejected(listener: string, reason: RejectReason): void {
-    this.child(this.rejectionsTotal, `j\0${listener}\0${reason}`, { listener, reason }).inc();
-  }
-
-  backendFailed(listener: string, route: string, backend: string, code: string): void {
-    this.backendFailuresTotal.inc({ listener, route, backend, code });
-  }
-
-  /** Once per admitted connection, from the single release point. */
-  closed(conn: Connection, reason: CloseReason): void {
-    const listener = conn.owner.name;
-    this.child(this.closedTotal, `c\0${listener}\0${reason}`, { listener, reason }).inc();
-    if (conn.route === null) return;
-    const base = `${listener}\0${conn.route.name}\0`;
-    if (conn.bytesFromClient > 0) this.addBytes(`${base}from_client`, conn.bytesFromClient);
-    if (conn.bytesFromBackend > 0) this.addBytes(`${base}from_backend`, conn.bytesFromBackend);
-    if (!isRejection(reason)) this.duration.observe({ listener }, (Date.now() - conn.acceptedAt) / 1000);
-  }
-
-  private addBytes(key: string, n: number): void {
-    this.closedBytes.set(key, (this.closedBytes.get(key) ?? 0) + n);
+    return view;
   }
 
   reloaded(ok: boolean): void {
@@ -224,5 +204,78 @@ export class Metrics {
   /** The text exposition for GET /metrics. */
   exposition(): Promise<string> {
     return this.registry.metrics();
+  }
+}
+
+interface Families {
+  readonly accepted: client.Counter<'listener'>;
+  readonly routed: client.Counter<'listener' | 'route'>;
+  readonly rejections: client.Counter<'listener' | 'reason'>;
+  readonly closed: client.Counter<'listener' | 'reason'>;
+  readonly backendFailures: client.Counter<'listener' | 'route' | 'backend' | 'code'>;
+  readonly duration: client.Histogram<'listener'>;
+}
+
+/** One listener's counters, with label children cached so an accept or close hashes no labels. */
+export class ListenerMetrics {
+  /** Bytes of connections already closed, per route; live ones are added at scrape time. */
+  readonly closedBytes = new Map<string, { fromClient: number; fromBackend: number }>();
+  private readonly acceptedChild: client.Counter.Internal;
+  private readonly durationChild: client.Histogram.Internal<'listener'>;
+  private readonly rejectedChildren = new Map<string, client.Counter.Internal>();
+  private readonly closedChildren = new Map<string, client.Counter.Internal>();
+  private readonly routedChildren = new Map<string, client.Counter.Internal>();
+
+  constructor(
+    readonly name: string,
+    private readonly families: Families,
+  ) {
+    this.acceptedChild = families.accepted.labels({ listener: name });
+    this.durationChild = families.duration.labels({ listener: name });
+  }
+
+  accepted(): void {
+    this.acceptedChild.inc();
+  }
+
+  routed(route: string): void {
+    let child = this.routedChildren.get(route);
+    if (child === undefined) {
+      child = this.families.routed.labels({ listener: this.name, route });
+      this.routedChildren.set(route, child);
+    }
+    child.inc();
+  }
+
+  rejected(reason: RejectReason): void {
+    let child = this.rejectedChildren.get(reason);
+    if (child === undefined) {
+      child = this.families.rejections.labels({ listener: this.name, reason });
+      this.rejectedChildren.set(reason, child);
+    }
+    child.inc();
+  }
+
+  backendFailed(route: string, backend: string, code: string): void {
+    this.families.backendFailures.inc({ listener: this.name, route, backend, code });
+  }
+
+  /** Once per admitted connection, from the single release point. */
+  closed(conn: Connection, reason: CloseReason): void {
+    let child = this.closedChildren.get(reason);
+    if (child === undefined) {
+      child = this.families.closed.labels({ listener: this.name, reason });
+      this.closedChildren.set(reason, child);
+    }
+    child.inc();
+    if (conn.route === null) return;
+    let bytes = this.closedBytes.get(conn.route.name);
+    if (bytes === undefined) {
+      bytes = { fromClient: 0, fromBackend: 0 };
+      this.closedBytes.set(conn.route.name, bytes);
+    }
+    bytes.fromClient += conn.bytesFromClient;
+    bytes.fromBackend += conn.bytesFromBackend;
+    if (!isRejection(reason)) this.durationChild.observe((Date.now() - conn.acceptedAt) / 1000);
   }
 }

@@ -1,6 +1,7 @@
 // Load generators (wrk, iperf3, the TLS handshake client) and the proxy-side meter: CPU seconds
 // and RSS of the proxy's process tree, read from /proc before and after each run.
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { failureOutput, processTree, runToCompletion, sampleUsage } from './processes.mjs';
 import { TLS_SERVER_NAME } from './backends.mjs';
 
@@ -9,6 +10,16 @@ const SCRIPTS_DIR = new URL('.', import.meta.url).pathname;
 const OVERRUN_MS = 30000;
 const WRK_CONNECTIONS = 50;
 const TLS_CONCURRENCY = 16;
+const IPERF_BUSY_ATTEMPTS = 5;
+const IPERF_BUSY_RETRY_MS = 1000;
+
+function safeJson(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return null;
+  }
+}
 
 /**
  * Runs `load` while metering the contender's processes. For `direct` there is no proxy to meter.
@@ -58,8 +69,20 @@ export async function runWrk(ctx, port, seconds, { close }) {
  */
 export async function runIperf(ctx, port, seconds) {
   const argv = [...ctx.machine.loadPrefix, ctx.machine.tools.iperf3, '-c', '127.0.0.1', '-p', String(port), '-t', String(seconds), '-J'];
-  const out = await runToCompletion('iperf3', argv, seconds * 1000 + OVERRUN_MS);
-  const report = JSON.parse(out);
+  let report;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      report = JSON.parse(await runToCompletion('iperf3', argv, seconds * 1000 + OVERRUN_MS));
+    } catch (err) {
+      // iperf3 exits non-zero on failure but still prints its JSON report; keep the error it names.
+      const json = /\{[\s\S]*\}/.exec(String(err.message))?.[0];
+      report = json ? safeJson(json) ?? { error: err.message } : { error: err.message };
+    }
+    // The server serves one test at a time and finishes the previous one a moment after its
+    // client has gone; a test that starts within that moment is refused as "busy".
+    if (!/server is busy/.test(report.error ?? '') || attempt === IPERF_BUSY_ATTEMPTS) break;
+    await sleep(IPERF_BUSY_RETRY_MS);
+  }
   if (report.error) throw new Error(`iperf3: ${report.error}`);
   const received = report.end?.sum_received;
   if (!received) throw new Error('iperf3 reported no sum_received');

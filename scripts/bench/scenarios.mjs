@@ -113,6 +113,7 @@ export async function runRateScenario(ctx, scenario, contenderNames, { runs, dur
         } catch (err) {
           fail(name, err);
         }
+        await sleep(PAUSE_BETWEEN_RUNS_MS);
       }
     }
     for (let rep = 0; rep < runs; rep++) {

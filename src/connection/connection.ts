@@ -92,9 +92,6 @@ export class Connection {
   clientPort: number;
   /** The balancer's address when a PROXY header named the real client. */
   via: string | null = null;
-  /** The address the client connected to (the original destination). */
-  readonly localAddress: string;
-  readonly localPort: number;
   /** Per-client table key this connection holds a count on (set and released by the owner). */
   clientKey: string | null = null;
   /** Whatever the owner tracks per connection (its slot, route count): released in connectionClosed. */
@@ -136,8 +133,6 @@ export class Connection {
     this.acceptedAt = Date.now();
     this.clientAddress = client.remoteAddress ?? '';
     this.clientPort = client.remotePort ?? 0;
-    this.localAddress = client.localAddress ?? '';
-    this.localPort = client.localPort ?? 0;
     this.phase = expectProxyHeader ? Phase.ProxyHeader : owner.proxyAccept !== null ? Phase.SpoofCheck : Phase.Route;
     const owned = client as OwnedSocket;
     owned[kConn] = this;
@@ -211,6 +206,15 @@ export class Connection {
   /** Globally unique id used in logs and sent as PROXY v2 UNIQUE_ID: `<process boot id>-<id>`. */
   get uniqueId(): string {
     return `${bootId}-${this.id}`;
+  }
+
+  /** The address the client connected to (the original destination); read on demand, it is rarely needed. */
+  get localAddress(): string {
+    return this.client.localAddress ?? '';
+  }
+
+  get localPort(): number {
+    return this.client.localPort ?? 0;
   }
 
   /** Milliseconds since admission. */

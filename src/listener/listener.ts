@@ -19,7 +19,7 @@ import { clientKey } from '../governance/client-key.ts';
 import { fairShareRefuses } from '../governance/fair-share.ts';
 import { RejectionLog } from '../governance/rejection-log.ts';
 import type { Logger } from '../logging/logger.ts';
-import type { Metrics } from '../metrics.ts';
+import type { ListenerMetrics, Metrics } from '../metrics.ts';
 import type { ListenerGeneration } from './listener-generation.ts';
 import type { SlotPool, SlotWaiter } from './slot-pool.ts';
 
@@ -62,6 +62,7 @@ export class Listener implements SlotWaiter {
   onIdle: (() => void) | null = null;
   private readonly servers = new Map<string, net.Server>();
   private readonly deps: ListenerDeps;
+  private readonly metrics: ListenerMetrics;
   private lastAcceptWarning = 0;
   private suppressedAcceptErrors = 0;
   /** Per backend: when we last warned and how many failures went unlogged since. */
@@ -71,6 +72,7 @@ export class Listener implements SlotWaiter {
     this.name = generation.name;
     this.generation = generation;
     this.deps = deps;
+    this.metrics = deps.metrics.forListener(this.name);
     this.clients = new ClientTable({ maxTrackedIps: deps.maxTrackedIps });
     this.rejections = new RejectionLog({
       listener: this.name,
@@ -187,7 +189,7 @@ export class Listener implements SlotWaiter {
     const conn = new Connection(gen, socket, trustedBalancer);
     this.open++;
     if (key !== null) this.holdClient(conn, key);
-    this.deps.metrics.accepted(this.name);
+    this.metrics.accepted();
     if (slotFree) {
       this.takeSlot(conn);
       conn.start();
@@ -238,7 +240,7 @@ export class Listener implements SlotWaiter {
 
   recordRejection(reason: RejectReason, address: string): void {
     this.rejections.record(reason, address);
-    this.deps.metrics.rejected(this.name, reason);
+    this.metrics.rejected(reason);
   }
 
   /** SlotWaiter: starts the oldest queued connection if a slot is free. */
@@ -256,7 +258,7 @@ export class Listener implements SlotWaiter {
   /** A backend dial failed: counted always, warned at most once per 10 s per backend. */
   backendFailed(conn: Connection, backend: HostPort, code: string): void {
     const route = conn.route?.name ?? '';
-    this.deps.metrics.backendFailed(this.name, route, backend.text, code);
+    this.metrics.backendFailed(route, backend.text, code);
     const now = Date.now();
     const seen = this.backendWarnings.get(backend.text);
     if (seen !== undefined && now - seen.last < 10_000) {
@@ -271,7 +273,7 @@ export class Listener implements SlotWaiter {
   }
 
   routed(route: string): void {
-    this.deps.metrics.routed(this.name, route);
+    this.metrics.routed(route);
   }
 
   // ---- the single release point, called from Connection.close() only ----
@@ -290,7 +292,7 @@ export class Listener implements SlotWaiter {
       conn.countedRoute = null;
     }
     if (isRejection(reason)) this.recordRejection(reason, conn.clientAddress);
-    this.deps.metrics.closed(conn, reason);
+    this.metrics.closed(conn, reason);
     const log = this.deps.log;
     if (log.isLevelEnabled('debug')) log.debug({ conn: conn.uniqueId, reason, ...conn.describe() }, 'connection closed');
     if (conn.holdsSlot) {
