@@ -6,8 +6,9 @@
 // Needs (Debian/Ubuntu): apt-get install -y haproxy nginx libnginx-mod-stream wrk iperf3 openssl
 // Whatever is missing is skipped with a visible line. Run as a user that may raise its own
 // file-descriptor limit (prlimit) for the idle scenario, e.g. root.
-import { mkdtempSync, existsSync, writeFileSync } from 'node:fs';
-import { loadavg, tmpdir } from 'node:os';
+import { mkdtempSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { describeMachine, INSTALL_LINE, pinSelf } from './bench/machine.mjs';
@@ -20,8 +21,8 @@ const REPO_ROOT = new URL('../', import.meta.url).pathname;
 const BUILD_TIMEOUT_MS = 120000;
 /** Rough cost of one idle run (start proxy, open, settle, close); only for the time budget. */
 const IDLE_RUN_ESTIMATE_S = 15;
-/** Above this 1-minute load average something else is using the cores the figures depend on. */
-const BUSY_LOAD_AVERAGE = 0.5;
+/** Above this share of CPU time in use before we start, something else competes for the cores. */
+const BUSY_MACHINE_FRACTION = 0.1;
 
 const USAGE = `usage: npm run bench -- [options]
 
@@ -106,6 +107,20 @@ function estimateSeconds(options, scenarios, contenderCount) {
   return seconds;
 }
 
+/** Share of all cores' time spent not idle over one second, from /proc/stat. */
+async function machineBusyFraction() {
+  const read = () => {
+    const fields = readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+    const idle = fields[3] + (fields[4] ?? 0); // idle + iowait
+    return { idle, total: fields.reduce((sum, n) => sum + n, 0) };
+  };
+  const before = read();
+  await sleep(1000);
+  const after = read();
+  const total = after.total - before.total;
+  return total > 0 ? 1 - (after.idle - before.idle) / total : 0;
+}
+
 async function main() {
   const options = parseOptions();
   const machine = describeMachine();
@@ -132,11 +147,11 @@ async function main() {
           `a proxy holds 2 per idle connection, so at most ~${Math.floor((machine.fdLimit - 200) / 2)} idle connections fit`,
   );
   out(`runs: ${options.runs} x ${options.duration}s per contender and scenario, warmup ${options.warmup}s, rotated order`);
-  const [loadBefore] = loadavg();
+  const busyBefore = await machineBusyFraction();
   out(
-    loadBefore > BUSY_LOAD_AVERAGE
-      ? `WARNING: load average ${loadBefore.toFixed(2)} before start: other processes use the cores, expect noisy figures`
-      : `load average before start: ${loadBefore.toFixed(2)}`,
+    busyBefore > BUSY_MACHINE_FRACTION
+      ? `WARNING: the cores were ${Math.round(busyBefore * 100)}% busy before start: other processes compete, expect noisy figures`
+      : `cores busy before start: ${Math.round(busyBefore * 100)}%`,
   );
   const missing = Object.entries(machine.tools).filter(([, path]) => !path).map(([tool]) => tool);
   if (missing.length) out(`missing tools: ${missing.join(', ')} (install: ${INSTALL_LINE})`);
@@ -185,7 +200,7 @@ async function main() {
     }
   }
   clearTimeout(watchdog);
-  raw.loadAverage = { before: loadBefore, after: loadavg()[0] };
+  raw.machineBusyBefore = busyBefore;
 
   printSummary(rateSections, idleSections, out);
   if (options.json) {
