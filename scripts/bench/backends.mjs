@@ -92,16 +92,22 @@ export async function startIperfBackend(ctx) {
 }
 
 /**
- * The accept-and-hold server for the idle scenario, with a view of how many connections it holds.
+ * The accept-and-hold server of the idle scenario (and, with `echo`, the echo backend of the flood
+ * scenario), with a view of how many connections it holds now and has accepted in total.
  * @param {BenchContext} ctx
+ * @param {{ echo?: boolean }} [options]
  */
-export async function startHoldBackend(ctx) {
+export async function startHoldBackend(ctx, { echo = false } = {}) {
   const port = await freePort();
   let held = 0;
-  const child = spawnChild('backend-hold', [...ctx.machine.loadPrefix, process.execPath, join(SCRIPTS_DIR, 'hold-server.mjs'), '--port', String(port)], {
+  let accepted = 0;
+  const argv = [...ctx.machine.loadPrefix, process.execPath, join(SCRIPTS_DIR, 'hold-server.mjs'), '--port', String(port), ...(echo ? ['--echo'] : [])];
+  const child = spawnChild('backend-hold', argv, {
     onLine: (line) => {
-      const match = /^held (\d+)$/.exec(line);
-      if (match) held = Number(match[1]);
+      const match = /^held (\d+) accepted (\d+)$/.exec(line);
+      if (!match) return;
+      held = Number(match[1]);
+      accepted = Number(match[2]);
     },
   });
   await waitForListen(port, { child, what: 'hold server' });
@@ -115,7 +121,8 @@ export async function startHoldBackend(ctx) {
     }
     return predicate(held);
   };
-  return { port, kind: 'node accept-and-hold server', child, held: () => held, waitUntil };
+  const kind = echo ? 'node accept-and-echo server' : 'node accept-and-hold server';
+  return { port, kind, child, held: () => held, accepted: () => accepted, waitUntil };
 }
 
 /**

@@ -1,22 +1,26 @@
-// Backend of the idle scenario: accepts connections and holds them, silent, until they close.
-// Prints `held N` on stdout whenever the count changed (at most every 100 ms) so the benchmark
-// knows when every idle connection has made it through the proxy.
-// Usage: node hold-server.mjs --port PORT
+// Backend of the idle and flood scenarios: accepts connections and holds them until they close.
+// Prints `held N accepted M` on stdout whenever a count changed (at most every 100 ms), so the
+// benchmark knows how many connections made it through the proxy, now and in total.
+// With --echo it writes every byte back (the flood scenario's legitimate client reads its echo);
+// without, data is unexpected and dropped so a talkative client cannot fill buffers.
+// Usage: node hold-server.mjs --port PORT [--echo]
 import net from 'node:net';
 import { parseArgs } from 'node:util';
 
-const { values } = parseArgs({ options: { port: { type: 'string' } } });
+const { values } = parseArgs({ options: { port: { type: 'string' }, echo: { type: 'boolean', default: false } } });
 const REPORT_INTERVAL_MS = 100;
 
 let held = 0;
-let reported = -1;
+let accepted = 0;
+let reported = '';
 
 const server = net.createServer((socket) => {
   held++;
+  accepted++;
   socket.on('error', () => {});
   socket.on('close', () => held--);
-  // Data is unexpected; read and drop it so a talkative client cannot fill buffers.
-  socket.resume();
+  if (values.echo) socket.pipe(socket);
+  else socket.resume();
 });
 server.on('error', (err) => {
   console.error(`hold server: ${err.message}`);
@@ -25,7 +29,8 @@ server.on('error', (err) => {
 server.listen({ host: '127.0.0.1', port: Number(values.port), backlog: 4096 });
 
 setInterval(() => {
-  if (held === reported) return;
-  reported = held;
-  process.stdout.write(`held ${held}\n`);
+  const line = `held ${held} accepted ${accepted}`;
+  if (line === reported) return;
+  reported = line;
+  process.stdout.write(line + '\n');
 }, REPORT_INTERVAL_MS);

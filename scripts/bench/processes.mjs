@@ -6,7 +6,10 @@ import { spawn, execFileSync } from 'node:child_process';
 import { readFileSync, readdirSync, rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-/** @typedef {{ name: string, pid: number, exited: Promise<{code: number|null, signal: string|null}>, isRunning: () => boolean, output: () => string }} Child */
+/**
+ * `linesWritten`: stdout and stderr lines so far (the flood scenario counts a proxy's log lines).
+ * @typedef {{ name: string, pid: number, exited: Promise<{code: number|null, signal: string|null}>, isRunning: () => boolean, output: () => string, linesWritten: () => number }} Child
+ */
 
 /** @type {Set<Child>} */
 const running = new Set();
@@ -32,8 +35,10 @@ export function spawnChild(name, argv, options = {}) {
   let tail = '';
   let partialLine = '';
   let isRunning = true;
+  let lines = 0;
   const keepTail = (chunk) => {
     tail = (tail + chunk).slice(-OUTPUT_TAIL_CHARS);
+    for (let i = chunk.indexOf('\n'); i !== -1; i = chunk.indexOf('\n', i + 1)) lines++;
   };
   proc.stdout.setEncoding('utf8');
   proc.stderr.setEncoding('utf8');
@@ -65,6 +70,7 @@ export function spawnChild(name, argv, options = {}) {
     stdin: proc.stdin,
     isRunning: () => isRunning,
     output: () => tail.trim(),
+    linesWritten: () => lines,
   };
   if (proc.pid === undefined) isRunning = false;
   else running.add(child);

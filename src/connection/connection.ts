@@ -474,11 +474,12 @@ export class Connection {
     const next = this.nextDeadline();
     if (next === Infinity) return;
     if (this.timer !== null) {
-      if (this.timerAt <= next) return; // fires early, re-checks, re-arms
+      if (this.timerAt <= next) return; // fires early or on time, re-checks, re-arms
       clearTimeout(this.timer);
     }
-    this.timerAt = next;
-    this.timer = setTimeout(onDeadline, Math.max(0, next - Date.now()), this);
+    const delay = quantize(Math.max(0, next - Date.now()));
+    this.timerAt = Date.now() + delay;
+    this.timer = setTimeout(onDeadline, delay, this);
   }
 
   onTimer(): void {
@@ -535,6 +536,16 @@ function startsWithProxySignature(buf: Buffer): boolean {
   const starts = (signature: Buffer): boolean =>
     buf.length >= signature.length && buf.compare(signature, 0, signature.length, 0, signature.length) === 0;
   return starts(V1_PREFIX) || starts(V2_SIGNATURE);
+}
+
+/**
+ * Node keeps one timer list per distinct duration; arbitrary millisecond delays would give each
+ * connection a list of its own. Long delays are rounded up to whole seconds (the timer re-checks
+ * and re-arms when it fires, so a deadline is never missed, at most a second late); short ones,
+ * where precision matters, are kept as they are.
+ */
+function quantize(delay: number): number {
+  return delay <= 2000 ? delay : Math.ceil(delay / 1000) * 1000;
 }
 
 function formatAddress(address: string): string {
