@@ -13,9 +13,10 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { describeMachine, INSTALL_LINE, pinSelf } from './bench/machine.mjs';
 import { removeOnExit, runToCompletion, stopAllChildren } from './bench/processes.mjs';
-import { CONTENDER_NAMES, describeContender, whyUnavailable } from './bench/proxies.mjs';
-import { printSummary, summarizeIdle, summarizeRate } from './bench/report.mjs';
-import { RATE_SCENARIOS, SCENARIO_NAMES, runIdleScenario, runRateScenario } from './bench/scenarios.mjs';
+import { describeFlood, floodRunEstimateSeconds, runFloodScenario } from './bench/flood-scenario.mjs';
+import { CONTENDER_NAMES, GOVERNED_CONTENDER_NAMES, describeContender, whyUnavailable } from './bench/proxies.mjs';
+import { printFloodSummary, printSummary, summarizeFlood, summarizeIdle, summarizeRate } from './bench/report.mjs';
+import { DEFAULT_SCENARIO_NAMES, RATE_SCENARIOS, SCENARIO_NAMES, runIdleScenario, runRateScenario } from './bench/scenarios.mjs';
 
 const REPO_ROOT = new URL('../', import.meta.url).pathname;
 const BUILD_TIMEOUT_MS = 120000;
@@ -29,7 +30,9 @@ const USAGE = `usage: npm run bench -- [options]
   --runs N              repetitions of every run (default 3)
   --duration S          seconds per run (default 5)
   --warmup S            seconds of unmeasured load per contender before a scenario (default 2; 0 = off)
-  --only LIST           scenarios, comma-separated: ${SCENARIO_NAMES.join(',')} (default all)
+  --only LIST           scenarios, comma-separated: ${SCENARIO_NAMES.join(',')}
+                        (default all but flood; \`--only flood\` runs the flood scenario, ~3 min:
+                        smartproxy and haproxy under a connection flood, phases of max(duration, 12) s)
   --proxies LIST        contenders: ${CONTENDER_NAMES.join(',')} (default all)
   --idle-conns LIST     idle connection counts (default 5000,9000)
   --json FILE           also write every raw run to FILE
@@ -71,7 +74,7 @@ function parseOptions() {
     duration: positive(values.duration, '--duration'),
     warmup: positive(values.warmup, '--warmup', { allowZero: true }),
     // Always in the canonical order, whatever order --only lists them in.
-    scenarios: values.only ? SCENARIO_NAMES.filter((name) => list(values.only, SCENARIO_NAMES, 'scenario').includes(name)) : SCENARIO_NAMES,
+    scenarios: values.only ? SCENARIO_NAMES.filter((name) => list(values.only, SCENARIO_NAMES, 'scenario').includes(name)) : DEFAULT_SCENARIO_NAMES,
     contenders: values.proxies ? list(values.proxies, CONTENDER_NAMES, 'contender') : CONTENDER_NAMES,
     idleSizes: values['idle-conns'].split(',').map((n) => positive(n, '--idle-conns')),
     json: values.json ?? null,
@@ -98,13 +101,20 @@ async function prepareSmartproxy(options) {
 }
 
 /** Seconds the whole plan should take; the watchdog allows twice that plus slack. */
-function estimateSeconds(options, scenarios, contenderCount) {
+function estimateSeconds(options, scenarios, contenders) {
+  const contenderCount = contenders.length;
   let seconds = 0;
   for (const name of scenarios) {
     if (name === 'idle') seconds += options.idleSizes.length * options.runs * contenderCount * IDLE_RUN_ESTIMATE_S;
+    else if (name === 'flood') seconds += floodContenders(contenders).length * options.runs * floodRunEstimateSeconds(options.duration, options.warmup);
     else seconds += contenderCount * (options.warmup + options.runs * (options.duration + 1.5)) + 5;
   }
   return seconds;
+}
+
+/** The contenders the flood scenario runs: those that limit per client. */
+function floodContenders(contenders) {
+  return contenders.filter((name) => GOVERNED_CONTENDER_NAMES.includes(name));
 }
 
 /** Share of all cores' time spent not idle over one second, from /proc/stat. */
@@ -170,21 +180,33 @@ async function main() {
 
   const scenarios = [];
   for (const name of options.scenarios) {
-    const needs = name === 'idle' ? [] : RATE_SCENARIOS[name].tools;
+    const needs = name === 'idle' || name === 'flood' ? [] : RATE_SCENARIOS[name].tools;
     const absent = needs.filter((tool) => !machine.tools[tool]);
     if (absent.length) out(`scenario ${name}: SKIPPED (${absent.join(', ')} not installed)`);
     else scenarios.push(name);
   }
 
-  const budgetSeconds = estimateSeconds(options, scenarios, contenders.length) * 2 + 120;
-  out(`time budget: about ${Math.ceil(estimateSeconds(options, scenarios, contenders.length) / 60)} min (hard stop after ${Math.ceil(budgetSeconds / 60)} min)`);
+  const budgetSeconds = estimateSeconds(options, scenarios, contenders) * 2 + 120;
+  out(`time budget: about ${Math.ceil(estimateSeconds(options, scenarios, contenders) / 60)} min (hard stop after ${Math.ceil(budgetSeconds / 60)} min)`);
   const watchdog = setTimeout(() => abort(`time budget of ${budgetSeconds} s exceeded`), budgetSeconds * 1000);
 
   const rateSections = [];
   const idleSections = [];
+  let floodSection = null;
   const raw = { machine, options, scenarios: {} };
   for (const name of scenarios) {
-    if (name === 'idle') {
+    if (name === 'flood') {
+      const governed = floodContenders(contenders);
+      const what = describeFlood(options.duration);
+      if (!governed.length) {
+        out(`scenario flood: SKIPPED (it runs ${GOVERNED_CONTENDER_NAMES.join(' and ')}, the contenders with per-client limits; none is available)`);
+        continue;
+      }
+      log(`scenario flood: ${what}`);
+      const { backend, results } = await runFloodScenario(ctx, governed, { runs: options.runs, duration: options.duration, warmup: options.warmup, log });
+      raw.scenarios.flood = { what, backend, results: Object.fromEntries(results) };
+      floodSection = { what, backend, rows: summarizeFlood(results) };
+    } else if (name === 'idle') {
       const sizes = options.idleSizes;
       log(`scenario idle (${sizes.join(', ')} connections; direct has no proxy memory and is left out)`);
       const { backend, bySize } = await runIdleScenario(ctx, contenders, { runs: options.runs, sizes, log });
@@ -203,8 +225,9 @@ async function main() {
   raw.machineBusyBefore = busyBefore;
 
   printSummary(rateSections, idleSections, out);
+  if (floodSection) printFloodSummary(floodSection, out);
   if (options.json) {
-    raw.summary = { rates: rateSections.map(({ scenario, rows }) => ({ scenario: scenario.name, rows })), idle: idleSections };
+    raw.summary = { rates: rateSections.map(({ scenario, rows }) => ({ scenario: scenario.name, rows })), idle: idleSections, flood: floodSection?.rows ?? null };
     writeFileSync(options.json, JSON.stringify(raw, null, 2) + '\n');
     out(`\nraw results: ${options.json}`);
   }

@@ -3,7 +3,8 @@
 // them back from the echo backend, close. Requests start on a fixed schedule whether or not the
 // previous ones have finished (an open loop), so a stalled proxy shows up as latency and failures
 // rather than as fewer requests. Latency runs from the connect call to the last echoed byte.
-// Prints one JSON line at the end: attempts, ok, failures by kind, p50/p99/max in ms.
+// Prints one JSON line at the end: attempts, ok, failures by kind, p50/p99/max in ms, and how many
+// took a second or more (a dropped SYN is retried after 1 s: the mark of a full accept queue).
 // Failure kinds: refused (reset or closed before the echo), timeout (no echo within
 // REQUEST_DEADLINE_MS), connect_<code> (the connect itself failed), mismatch (wrong bytes back).
 // Usage: node flood-legit.mjs --port PORT [--rate 100] [--duration S] [--source 127.0.0.3]
@@ -23,6 +24,7 @@ const intervalMs = 1000 / Number(values.rate);
 const total = Math.round(Number(values.duration) * Number(values.rate));
 /** A request still unanswered after this fails as a timeout, so the run always ends. */
 const REQUEST_DEADLINE_MS = 5000;
+const SYN_RETRY_MS = 1000;
 
 const latenciesMs = [];
 /** @type {Record<string, number>} */
@@ -97,6 +99,7 @@ function report() {
       p50Ms: round(percentile(sorted, 50)),
       p99Ms: round(percentile(sorted, 99)),
       maxMs: round(sorted.at(-1) ?? null),
+      slow: sorted.filter((ms) => ms >= SYN_RETRY_MS).length,
       seconds: (performance.now() - startedAt) / 1000,
     }) + '\n',
   );

@@ -1,12 +1,22 @@
 // The contenders: how each proxy is configured and started on the proxy core. Every contender is
 // a plain TCP relay to one backend, or, in the tls scenario, a relay chosen by the ClientHello's
-// SNI (except node-pipe, which cannot read SNI and shows the floor of a Node relay).
+// SNI (except node-pipe, which cannot read SNI and shows the floor of a Node relay). In the flood
+// scenario the contenders that can limit per client (smartproxy, haproxy) get the same limits.
 import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { freePort, startNginx, TLS_SERVER_NAME } from './backends.mjs';
 import { spawnChild, waitForListen } from './processes.mjs';
 
 export const CONTENDER_NAMES = ['direct', 'smartproxy', 'haproxy', 'nginx', 'node-pipe'];
+/** Contenders with per-client connection and rate limits, the ones the flood scenario runs. */
+export const GOVERNED_CONTENDER_NAMES = ['smartproxy', 'haproxy'];
+
+/**
+ * Admission limits for the flood scenario, in smartproxy's terms; haproxy gets the equivalent.
+ * @typedef {{ workers: number, queue: number, queueTimeout: string, maxConnectionsPerIp: number,
+ *   ratePerIp: { count: number, per: string, perSeconds: number }, fairShareAbove: number,
+ *   rejectionSummaryInterval: string }} FloodLimits
+ */
 
 const REPO_ROOT = new URL('../../', import.meta.url).pathname;
 export const SMARTPROXY_ENTRY = join(REPO_ROOT, 'dist/smartproxy.js');
@@ -55,32 +65,36 @@ export function describeContender(ctx, name) {
 
 /**
  * Starts contender `name` in front of `backendPort` and waits until it listens. `direct` starts
- * nothing and returns the backend port itself.
+ * nothing and returns the backend port itself. With `limits` (smartproxy and haproxy only) the
+ * contender limits per client and logs what an operator would see: smartproxy at info level with
+ * its admin API on `adminPort` (to read its own rejection counts), haproxy to stdout.
  * @param {import('./backends.mjs').BenchContext} ctx
  * @param {string} name
- * @param {{ backendPort: number, routeBySni: boolean }} target
- * @returns {Promise<{ name: string, port: number, child: import('./processes.mjs').Child | null }>}
+ * @param {{ backendPort: number, routeBySni: boolean, limits?: FloodLimits }} target
+ * @returns {Promise<{ name: string, port: number, child: import('./processes.mjs').Child | null, adminPort: number | null }>}
  */
-export async function startContender(ctx, name, { backendPort, routeBySni }) {
-  if (name === 'direct') return { name, port: backendPort, child: null };
+export async function startContender(ctx, name, { backendPort, routeBySni, limits }) {
+  if (name === 'direct') return { name, port: backendPort, child: null, adminPort: null };
+  if (limits && !GOVERNED_CONTENDER_NAMES.includes(name)) throw new Error(`${name} has no per-client limits in this bench`);
   const port = await freePort();
-  const child = spawnProxy(ctx, name, port, backendPort, routeBySni);
+  const adminPort = limits && name === 'smartproxy' ? await freePort() : null;
+  const child = spawnProxy(ctx, name, port, backendPort, routeBySni, limits, adminPort);
   await waitForListen(port, { child, what: name });
-  return { name, port, child };
+  return { name, port, child, adminPort };
 }
 
-function spawnProxy(ctx, name, port, backendPort, routeBySni) {
+function spawnProxy(ctx, name, port, backendPort, routeBySni, limits, adminPort) {
   const { machine, tmpDir } = ctx;
   const prefix = machine.proxyPrefix;
   switch (name) {
     case 'smartproxy': {
       const file = join(tmpDir, `smartproxy-${port}.toml`);
-      writeFileSync(file, smartproxyConfig(port, backendPort, routeBySni));
-      return spawnChild(name, [...prefix, process.execPath, SMARTPROXY_ENTRY, 'serve', '-c', file, '--log-level', 'warn']);
+      writeFileSync(file, limits ? smartproxyFloodConfig(port, backendPort, limits, adminPort) : smartproxyConfig(port, backendPort, routeBySni));
+      return spawnChild(name, [...prefix, process.execPath, SMARTPROXY_ENTRY, 'serve', '-c', file, '--log-level', limits ? 'info' : 'warn']);
     }
     case 'haproxy': {
       const file = join(tmpDir, `haproxy-${port}.cfg`);
-      writeFileSync(file, haproxyConfig(port, backendPort, routeBySni, machine.fdLimit));
+      writeFileSync(file, limits ? haproxyFloodConfig(port, backendPort, limits, machine.fdLimit) : haproxyConfig(port, backendPort, routeBySni, machine.fdLimit));
       // -db: stay in the foreground, so the pid we hold is the one doing the work.
       return spawnChild(name, [...prefix, machine.tools.haproxy, '-db', '-f', file]);
     }
@@ -115,9 +129,51 @@ queue = 1000
 `;
 }
 
+/**
+ * The flood scenario's listener: the limits of `limits`, refusals reset, the rejection summary
+ * at its interval, and the admin API for the proxy's own rejection counts.
+ * @param {FloodLimits} limits
+ */
+function smartproxyFloodConfig(port, backendPort, limits, adminPort) {
+  return `[limits]
+max_connections = 0
+
+[timeouts]
+idle = "${IDLE_TIMEOUT}"
+
+[logging]
+rejection_summary_interval = "${limits.rejectionSummaryInterval}"
+
+[admin]
+listen = "127.0.0.1:${adminPort}"
+
+[[listeners]]
+name = "flood"
+bind = ["127.0.0.1:${port}"]
+workers = ${limits.workers}
+queue = ${limits.queue}
+queue_timeout = "${limits.queueTimeout}"
+reject = "reset"
+
+  [listeners.limits]
+  max_connections_per_ip = ${limits.maxConnectionsPerIp}
+  connection_rate_per_ip = { count = ${limits.ratePerIp.count}, per = "${limits.ratePerIp.per}" }
+  fair_share_above = ${limits.fairShareAbove}
+
+  [[listeners.routes]]
+  name = "backend"
+  default = true
+  backends = ["127.0.0.1:${backendPort}"]
+`;
+}
+
 /** HAProxy refuses to start when maxconn needs more descriptors than it may open (two per connection). */
+function haproxyMaxconn(fdLimit) {
+  return Math.min(50000, Math.floor((fdLimit - 200) / 2));
+}
+
 function haproxyConfig(port, backendPort, routeBySni, fdLimit) {
-  const maxconn = Math.min(50000, Math.floor((fdLimit - 200) / 2));
+  const maxconn = haproxyMaxconn(fdLimit);
   const routing = routeBySni
     ? `  tcp-request inspect-delay 5s
   tcp-request content accept if { req_ssl_hello_type 1 }
@@ -137,6 +193,47 @@ defaults
 frontend bench
   bind 127.0.0.1:${port} backlog 4096
 ${routing}
+
+backend backend
+  server s1 127.0.0.1:${backendPort}
+`;
+}
+
+/**
+ * The flood scenario's equivalent in HAProxy: a stick table per source address with its current
+ * connections and its connection rate, refused at `tcp-request connection` (before a session
+ * exists: not logged, closed at once). Differences from smartproxy, all in HAProxy's favour or
+ * neutral here: conn_rate also counts refused attempts (the attacker is refused by conn_cur
+ * anyway); the frontend maxconn (workers + queue) leaves excess connections in the kernel
+ * backlog instead of a timed queue; there is no fair share. The backlog is smartproxy's (511,
+ * Node's default) so that both face the same kernel queue. Logs go to stdout with tcplog and
+ * dontlog-normal: only abnormal sessions are logged, as smartproxy logs nothing per connection at
+ * info.
+ * @param {FloodLimits} limits
+ */
+function haproxyFloodConfig(port, backendPort, limits, fdLimit) {
+  const maxconn = haproxyMaxconn(fdLimit);
+  return `global
+  nbthread 1
+  maxconn ${maxconn}
+
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client ${IDLE_TIMEOUT}
+  timeout server ${IDLE_TIMEOUT}
+
+frontend flood
+  bind 127.0.0.1:${port} backlog 511
+  maxconn ${limits.workers + limits.queue}
+  log stdout format raw local0 info
+  option tcplog
+  option dontlog-normal
+  stick-table type ip size 1m expire 30s store conn_cur,conn_rate(${limits.ratePerIp.perSeconds}s)
+  tcp-request connection track-sc0 src
+  tcp-request connection reject if { sc0_conn_cur gt ${limits.maxConnectionsPerIp} }
+  tcp-request connection reject if { sc0_conn_rate gt ${limits.ratePerIp.count} }
+  default_backend backend
 
 backend backend
   server s1 127.0.0.1:${backendPort}

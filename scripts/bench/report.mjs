@@ -9,6 +9,11 @@ export function formatNumber(value) {
   return value.toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits });
 }
 
+/** A count: whole, thousands separated. */
+export function formatCount(value) {
+  return Number.isFinite(value) ? Math.round(value).toLocaleString('en-US') : '—';
+}
+
 export function median(values) {
   const sorted = [...values].sort((a, b) => a - b);
   const mid = Math.floor(sorted.length / 2);
@@ -79,6 +84,147 @@ export function summarizeIdle(results) {
     });
   }
   return rows;
+}
+
+/**
+ * One summary row per contender of the flood scenario: legitimate success over all runs (every
+ * request counts), medians of the rest.
+ * @param {Map<string, { runs: any[], error: string | null }>} results
+ */
+export function summarizeFlood(results) {
+  const rows = [];
+  for (const [name, { runs, error }] of results) {
+    if (!runs.length) {
+      rows.push({ contender: name, error: error ?? 'no runs' });
+      continue;
+    }
+    const sum = (pick) => runs.reduce((total, run) => total + pick(run), 0);
+    const failures = {};
+    for (const run of runs) {
+      for (const [kind, n] of Object.entries({ ...run.baseline.failures, ...prefixed(run.attack.failures, 'attack ') })) failures[kind] = (failures[kind] ?? 0) + n;
+    }
+    const p99Ratios = runs.map((run) => run.attack.p99Ms / run.baseline.p99Ms);
+    const cpuPerRefused = runs.map((run) => run.cpuPerRefusedUs).filter((us) => us !== null);
+    rows.push({
+      contender: name,
+      baselineOk: sum((run) => run.baseline.ok),
+      baselineAttempts: sum((run) => run.baseline.attempts),
+      attackOk: sum((run) => run.attack.ok),
+      attackAttempts: sum((run) => run.attack.attempts),
+      failures,
+      baselineP50Ms: median(runs.map((run) => run.baseline.p50Ms)),
+      attackP50Ms: median(runs.map((run) => run.attack.p50Ms)),
+      baselineP99Ms: median(runs.map((run) => run.baseline.p99Ms)),
+      attackP99Ms: median(runs.map((run) => run.attack.p99Ms)),
+      attackP99Spread: spread(runs.map((run) => run.attack.p99Ms)),
+      attackMaxMs: Math.max(...runs.map((run) => run.attack.maxMs)),
+      attackSlow: sum((run) => run.attack.slow),
+      p99Ratio: median(p99Ratios),
+      attemptsPerSecond: median(runs.map((run) => run.attacker.attempts / run.attacker.seconds)),
+      refused: median(runs.map((run) => run.attacker.refused)),
+      attackerErrors: sum((run) => Object.values(run.attacker.errors).reduce((a, b) => a + b, 0)),
+      held: median(runs.map((run) => run.backendHeld)),
+      backendAccepted: median(runs.map((run) => run.backendAccepted)),
+      listenDrops: median(runs.map((run) => run.listenDrops)),
+      baselineCoreBusyPct: median(runs.map((run) => run.baselineCoreBusyPct)),
+      attackCoreBusyPct: median(runs.map((run) => run.attackCoreBusyPct)),
+      cpuPerRefusedUs: cpuPerRefused.length ? median(cpuPerRefused) : null,
+      cpuPerRefusedSpread: spread(cpuPerRefused),
+      rssBeforeMb: median(runs.map((run) => run.rssBeforeKb / 1024)),
+      rssPeakMb: median(runs.map((run) => run.rssPeakKb / 1024)),
+      rssAfterMb: median(runs.map((run) => run.rssAfterKb / 1024)),
+      logLines: median(runs.map((run) => run.logLines)),
+      logLinesMax: Math.max(...runs.map((run) => run.logLines)),
+      attackSeconds: median(runs.map((run) => run.attackSeconds)),
+      lastRunLog: runs.at(-1).loggedText.map(logMessage),
+      runs: runs.length,
+      error,
+    });
+  }
+  return rows;
+}
+
+/** The `msg` of a JSON log line (smartproxy's pino lines), else the line itself, cut short. */
+function logMessage(line) {
+  let text = line;
+  try {
+    text = JSON.parse(line).msg ?? line;
+  } catch {
+    // not JSON: haproxy's lines are plain text
+  }
+  return text.length > 120 ? text.slice(0, 120) + '…' : text;
+}
+
+function prefixed(counts, prefix) {
+  return Object.fromEntries(Object.entries(counts).map(([key, n]) => [prefix + key, n]));
+}
+
+/**
+ * @param {{ what: string, backend: string, rows: any[] }} section
+ * @param {(line: string) => void} write
+ */
+export function printFloodSummary({ what, backend, rows }, write) {
+  const percent = (ok, attempts) => (attempts ? `${((ok / attempts) * 100).toFixed(ok === attempts ? 0 : 2)}%` : '—');
+  const ms = (value) => `${formatNumber(value)} ms`;
+  write('');
+  write(`Flood: ${what}.`);
+  write(`Backend: ${backend}. Legitimate success counts every request of every run; the rest are medians of the runs.`);
+  write('p99 x = attack p99 / baseline p99 (target <= 2); >= 1 s = legitimate round trips under attack that took a second or');
+  write('more, over all runs (a SYN the kernel dropped is retried after 1 s). Failures are listed below the tables.');
+  write('');
+  const notes = [];
+  const note = (text) => `[${notes.push(text)}]`;
+  const legitBody = [];
+  const attackBody = [];
+  for (const row of rows) {
+    if (row.baselineOk === undefined) {
+      legitBody.push([row.contender, 'FAILED', '', '', '', '', '', '', '', '', note(`flood ${row.contender}: ${firstLine(row.error)}`)]);
+      continue;
+    }
+    const stoppedEarly = row.error ? `${row.runs} runs ${note(`flood ${row.contender} stopped early: ${firstLine(row.error)}`)}` : '';
+    legitBody.push([
+      row.contender,
+      percent(row.baselineOk, row.baselineAttempts),
+      `${percent(row.attackOk, row.attackAttempts)} (${formatCount(row.attackOk)}/${formatCount(row.attackAttempts)})`,
+      ms(row.baselineP50Ms),
+      ms(row.attackP50Ms),
+      ms(row.baselineP99Ms),
+      `${ms(row.attackP99Ms)} ${row.attackP99Spread}`.trim(),
+      row.p99Ratio.toFixed(1),
+      ms(row.attackMaxMs),
+      formatCount(row.attackSlow),
+      stoppedEarly,
+    ]);
+    attackBody.push([
+      row.contender,
+      `${formatNumber(row.attemptsPerSecond)}/s`,
+      formatCount(row.refused),
+      formatCount(row.held),
+      formatCount(row.backendAccepted),
+      formatCount(row.listenDrops),
+      `${Math.round(row.baselineCoreBusyPct)}% -> ${Math.round(row.attackCoreBusyPct)}%`,
+      row.cpuPerRefusedUs === null ? '—' : `${formatNumber(row.cpuPerRefusedUs)} µs ${row.cpuPerRefusedSpread}`.trim(),
+      `${formatNumber(row.rssBeforeMb)} / ${formatNumber(row.rssPeakMb)} / ${formatNumber(row.rssAfterMb)} MB`,
+      row.logLines === row.logLinesMax ? String(row.logLines) : `${row.logLines} (max ${row.logLinesMax})`,
+    ]);
+    const failureText = Object.entries(row.failures).map(([kind, n]) => `${kind} ${n}`).join(', ');
+    if (failureText) notes.push(`flood ${row.contender} legitimate failures over all runs: ${failureText}`);
+    if (row.lastRunLog.length) notes.push(`flood ${row.contender} log lines of the last attack: ${row.lastRunLog.map((msg) => `"${msg}"`).join('; ')}`);
+    if (row.attackerErrors) notes.push(`flood ${row.contender}: ${row.attackerErrors} attacker connects failed outright (see --json)`);
+  }
+  printTable(['contender', 'legit ok base', 'legit ok attack', 'p50 base', 'p50 attack', 'p99 base', 'p99 attack', 'p99 x', 'max attack', '>= 1 s', ''], legitBody, write);
+  if (attackBody.length) {
+    write('');
+    write('attempts = attacker connects per second; refused = reset or closed before a byte; held = attacker connections the');
+    write('backend holds at the end; accepted = connections the backend accepted during the attack (legitimate ones included);');
+    write('listen drops = attempts the kernel dropped because the proxy\'s accept queue (backlog 511) was full: a dropped');
+    write('legitimate SYN is retried after 1 s, the usual cause of a p99 near 1,000 ms;');
+    write('core% = proxy core busy, baseline -> attack; CPU/refused = extra proxy CPU of the attack per refused attempt;');
+    write(`RSS before the attack / peak / end; log = proxy stdout+stderr lines in the attack window (~${formatNumber(rows.find((row) => row.attackSeconds)?.attackSeconds ?? NaN)} s).`);
+    write('');
+    printTable(['contender', 'attempts', 'refused', 'held', 'accepted', 'listen drops', 'core%', 'CPU/refused', 'RSS', 'log'], attackBody, write);
+  }
+  notes.forEach((text, i) => write(`[${i + 1}] ${text}`));
 }
 
 /** First line of an error, cut to fit a note. */
