@@ -205,8 +205,8 @@ backend backend
  * exists: not logged, closed at once). Differences from smartproxy, all in HAProxy's favour or
  * neutral here: conn_rate also counts refused attempts (the attacker is refused by conn_cur
  * anyway); the frontend maxconn (workers + queue) leaves excess connections in the kernel
- * backlog instead of a timed queue; there is no fair share. The backlog is smartproxy's (511,
- * Node's default) so that both face the same kernel queue. Logs go to stdout with tcplog and
+ * backlog instead of a timed queue; there is no fair share. The backlog is smartproxy's (4096,
+ * its minimum) so that both face the same kernel queue. Logs go to stdout with tcplog and
  * dontlog-normal: only abnormal sessions are logged, as smartproxy logs nothing per connection at
  * info.
  * @param {FloodLimits} limits
@@ -224,7 +224,7 @@ defaults
   timeout server ${IDLE_TIMEOUT}
 
 frontend flood
-  bind 127.0.0.1:${port} backlog 511
+  bind 127.0.0.1:${port} backlog 4096
   maxconn ${limits.workers + limits.queue}
   log stdout format raw local0 info
   option tcplog

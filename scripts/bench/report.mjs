@@ -217,7 +217,7 @@ export function printFloodSummary({ what, backend, rows }, write) {
     write('');
     write('attempts = attacker connects per second; refused = reset or closed before a byte; held = attacker connections the');
     write('backend holds at the end; accepted = connections the backend accepted during the attack (legitimate ones included);');
-    write('listen drops = attempts the kernel dropped because the proxy\'s accept queue (backlog 511) was full: a dropped');
+    write('listen drops = attempts the kernel dropped because the proxy\'s accept queue (backlog 4096) was full: a dropped');
     write('legitimate SYN is retried after 1 s, the usual cause of a p99 near 1,000 ms;');
     write('core% = proxy core busy, baseline -> attack; CPU/refused = extra proxy CPU of the attack per refused attempt;');
     write(`RSS before the attack / peak / end; log = proxy stdout+stderr lines in the attack window (~${formatNumber(rows.find((row) => row.attackSeconds)?.attackSeconds ?? NaN)} s).`);

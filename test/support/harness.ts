@@ -64,27 +64,11 @@ export interface Backend {
 
 /** A TCP server; `onSocket` decides what it does (default: echo, ending when the client ends). */
 export async function startBackend(t: TestContext, onSocket: (s: net.Socket) => void = echo, host = '127.0.0.1'): Promise<Backend> {
-  const sockets = new Set<net.Socket>();
   const server = net.createServer({ allowHalfOpen: true }, (socket) => {
-    backend.accepted++;
-    sockets.add(socket);
     socket.on('error', () => {});
-    socket.on('close', () => sockets.delete(socket));
     onSocket(socket);
   });
-  await new Promise<void>((resolve) => server.listen(0, host, resolve));
-  const backend: Backend = {
-    port: (server.address() as net.AddressInfo).port,
-    accepted: 0,
-    sockets,
-    close: () =>
-      new Promise<void>((resolve) => {
-        for (const s of sockets) s.destroy();
-        server.close(() => resolve());
-      }),
-  };
-  t.after(() => backend.close());
-  return backend;
+  return listenTracked(t, server, host);
 }
 
 /** Echo: every byte back, FIN answered with FIN. */
@@ -94,19 +78,26 @@ export function echo(socket: net.Socket): void {
 
 /** A TLS server that answers each connection with its name, then echoes. */
 export async function startTlsBackend(t: TestContext, name: string): Promise<Backend> {
-  const sockets = new Set<net.Socket>();
   const server = tls.createServer({ cert: CERT, key: KEY }, (socket) => {
     socket.on('error', () => {});
     socket.write(`${name}\n`);
     socket.pipe(socket);
   });
-  server.on('connection', (s: net.Socket) => {
-    backend.accepted++;
-    sockets.add(s);
-    s.on('close', () => sockets.delete(s));
-  });
   server.on('tlsClientError', () => {});
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return listenTracked(t, server, '127.0.0.1');
+}
+
+/** Listens on port 0, counts accepted TCP connections, and closes everything after the test. */
+async function listenTracked(t: TestContext, server: net.Server, host: string): Promise<Backend> {
+  const sockets = new Set<net.Socket>();
+  // Prepended: the count is up to date by the time the server's own handler runs.
+  server.prependListener('connection', (socket: net.Socket) => {
+    backend.accepted++;
+    sockets.add(socket);
+    socket.on('error', () => {});
+    socket.on('close', () => sockets.delete(socket));
+  });
+  await new Promise<void>((resolve) => server.listen(0, host, resolve));
   const backend: Backend = {
     port: (server.address() as net.AddressInfo).port,
     accepted: 0,
