@@ -5,6 +5,7 @@ import type { Config } from './config/types.ts';
 import { Registry } from './connection/registry.ts';
 import { compileGeneration, type Generation } from './generation.ts';
 import { Listener, type ListenerDeps } from './listener/listener.ts';
+import type { ListenerGeneration } from './listener/listener-generation.ts';
 import { SlotPool } from './listener/slot-pool.ts';
 import type { Logger } from './logging/logger.ts';
 import { Metrics } from './metrics.ts';
@@ -128,7 +129,7 @@ export class Daemon {
       throw err;
     }
 
-    // Commit: from here on nothing can fail.
+    // Commit: from here on nothing can fail (but taking over a renamed listener's address, logged).
     const result: ReloadResult = { added: [], removed: [], changed: [] };
     this.generation = next;
     this.slots.max = config.limits.maxConnections;
@@ -206,7 +207,7 @@ export class Daemon {
   }
 
   /** Connections of routes the new generation no longer has: keep, drain or close them. */
-  private applyRouteRemovals(listener: Listener, oldRoutes: string[], gen: { config: { routes: readonly { name: string }[] } }, config: Config): void {
+  private applyRouteRemovals(listener: Listener, oldRoutes: string[], gen: ListenerGeneration, config: Config): void {
     const kept = new Set(gen.config.routes.map((r) => r.name));
     const removed = oldRoutes.filter((name) => !kept.has(name));
     if (removed.length === 0) return;
