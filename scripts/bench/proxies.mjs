@@ -51,7 +51,7 @@ export function describeContender(ctx, name) {
     case 'direct':
       return 'no proxy: the load goes straight to the backend';
     case 'smartproxy':
-      return `node ${versions.node} dist/smartproxy.js serve --log-level warn`;
+      return `node ${versions.node} --max-semi-space-size=2 dist/smartproxy.js serve --log-level warn`;
     case 'haproxy':
       return `HAProxy ${versions.haproxy}, nbthread 1, mode tcp`;
     case 'nginx':
@@ -90,7 +90,8 @@ function spawnProxy(ctx, name, port, backendPort, routeBySni, limits, adminPort)
     case 'smartproxy': {
       const file = join(tmpDir, `smartproxy-${port}.toml`);
       writeFileSync(file, limits ? smartproxyFloodConfig(port, backendPort, limits, adminPort) : smartproxyConfig(port, backendPort, routeBySni));
-      return spawnChild(name, [...prefix, process.execPath, SMARTPROXY_ENTRY, 'serve', '-c', file, '--log-level', limits ? 'info' : 'warn']);
+      // Started as the systemd unit and `npm start` start it (V8 flag included).
+      return spawnChild(name, [...prefix, process.execPath, '--max-semi-space-size=2', SMARTPROXY_ENTRY, 'serve', '-c', file, '--log-level', limits ? 'info' : 'warn']);
     }
     case 'haproxy': {
       const file = join(tmpDir, `haproxy-${port}.cfg`);
