@@ -112,9 +112,6 @@ export class Connection {
   private inboundLength = 0;
   private firstBackend = 0;
   private attempts = 0;
-  /** Set while a write burst is corked until the end of the tick. */
-  backendCorked = false;
-  clientCorked = false;
   private clientEnded = false;
   private backendEnded = false;
   private clientClosed = false;
@@ -398,27 +395,15 @@ export class Connection {
     }
     this.bytesFromClient += chunk.length;
     this.lastActivity = Date.now();
-    const backend = this.backend!;
-    if (!this.backendCorked) {
-      // libuv reads a socket several times per wakeup; cork until the tick ends so those reads
-      // leave as one writev, not one TCP segment each (sockets are TCP_NODELAY).
-      this.backendCorked = true;
-      backend.cork();
-      process.nextTick(uncorkBackend, this);
-    }
-    if (!backend.write(chunk)) this.client.pause();
+    // Written at once, not corked until the tick ends: batching reads into one writev measured
+    // slower per byte (README, "Performance").
+    if (!this.backend!.write(chunk)) this.client.pause();
   }
 
   onBackendData(chunk: Buffer): void {
     this.bytesFromBackend += chunk.length;
     this.lastActivity = Date.now();
-    const client = this.client;
-    if (!this.clientCorked) {
-      this.clientCorked = true;
-      client.cork();
-      process.nextTick(uncorkClient, this);
-    }
-    if (!client.write(chunk)) this.backend!.pause();
+    if (!this.client.write(chunk)) this.backend!.pause();
   }
 
   onClientEnd(): void {
@@ -607,14 +592,6 @@ function onBackendError(this: OwnedSocket, err: NodeJS.ErrnoException): void {
 }
 function onBackendClose(this: OwnedSocket): void {
   this[kConn].onBackendClose(this);
-}
-function uncorkBackend(conn: Connection): void {
-  conn.backendCorked = false;
-  conn.backend?.uncork();
-}
-function uncorkClient(conn: Connection): void {
-  conn.clientCorked = false;
-  conn.client.uncork();
 }
 function onDeadline(conn: Connection): void {
   conn.onTimer();
