@@ -16,7 +16,7 @@ await build({
   packages: 'external',
   define: { SMARTPROXY_VERSION: JSON.stringify(pkg.version) },
   // V8's young generation: see README "Memory"; the same flag is in package.json and the systemd unit.
-  banner: { js: '#!/usr/bin/env -S node --max-semi-space-size=2' },
+  banner: { js: '#!/usr/bin/env -S node --max-semi-space-size=2 --initial-old-space-size=64' },
   logLevel: 'warning',
 });
 import { chmodSync } from 'node:fs';

@@ -36,6 +36,7 @@ const USAGE = `usage: npm run bench -- [options]
   --proxies LIST        contenders: ${CONTENDER_NAMES.join(',')} (default all)
   --idle-conns LIST     idle connection counts (default 5000,9000)
   --json FILE           also write every raw run to FILE
+  --node-flags="FLAGS"  V8/Node flags for smartproxy instead of the bundle's shebang ones (A/B runs)
   --no-build            do not run \`npm run build\` before starting smartproxy
 
 Tools: ${INSTALL_LINE}`;
@@ -51,6 +52,7 @@ function parseOptions() {
       'idle-conns': { type: 'string', default: '5000,9000' },
       json: { type: 'string' },
       'no-build': { type: 'boolean', default: false },
+      'node-flags': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -79,6 +81,7 @@ function parseOptions() {
     idleSizes: values['idle-conns'].split(',').map((n) => positive(n, '--idle-conns')),
     json: values.json ?? null,
     build: !values['no-build'],
+    nodeFlags: values['node-flags'] === undefined ? null : values['node-flags'].split(/\s+/).filter(Boolean),
   };
 }
 
@@ -137,7 +140,7 @@ async function main() {
   pinSelf(machine);
   const tmpDir = mkdtempSync(join(tmpdir(), 'smartproxy-bench-'));
   removeOnExit(tmpDir);
-  const ctx = { machine, tmpDir, smartproxySkip: null };
+  const ctx = { machine, tmpDir, smartproxySkip: null, smartproxyNodeFlags: options.nodeFlags };
 
   out('smartproxy benchmark');
   out(`machine: ${machine.cores} cores, ${machine.cpuModel}, kernel ${machine.kernel}`);

@@ -2,7 +2,7 @@
 // a plain TCP relay to one backend, or, in the tls scenario, a relay chosen by the ClientHello's
 // SNI (except node-pipe, which cannot read SNI and shows the floor of a Node relay). In the flood
 // scenario the contenders that can limit per client (smartproxy, haproxy) get the same limits.
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { freePort, startNginx, TLS_SERVER_NAME } from './backends.mjs';
 import { spawnChild, waitForListen } from './processes.mjs';
@@ -21,6 +21,17 @@ export const GOVERNED_CONTENDER_NAMES = ['smartproxy', 'haproxy'];
 const REPO_ROOT = new URL('../../', import.meta.url).pathname;
 export const SMARTPROXY_ENTRY = join(REPO_ROOT, 'dist/smartproxy.js');
 const PLAIN_PROXY = join(REPO_ROOT, 'scripts/plain-proxy.mjs');
+
+/**
+ * The V8 flags smartproxy runs with: those of the bundle's `#!/usr/bin/env -S node ...` line, which
+ * `npm start` and the systemd unit repeat, unless `--node-flags` overrides them for an A/B run.
+ * @param {{ smartproxyNodeFlags?: string[] | null }} ctx
+ */
+export function smartproxyNodeFlags(ctx) {
+  if (ctx.smartproxyNodeFlags) return ctx.smartproxyNodeFlags;
+  const shebang = readFileSync(SMARTPROXY_ENTRY, 'utf8').split('\n', 1)[0];
+  return shebang.replace(/^#!\S*env -S node\s*|^#!.*/, '').split(/\s+/).filter(Boolean);
+}
 
 /** Idle connections must outlive a whole idle run; every proxy gets the same generous timeout. */
 const IDLE_TIMEOUT = '10m';
@@ -51,7 +62,7 @@ export function describeContender(ctx, name) {
     case 'direct':
       return 'no proxy: the load goes straight to the backend';
     case 'smartproxy':
-      return `node ${versions.node} --max-semi-space-size=2 dist/smartproxy.js serve --log-level warn`;
+      return `node ${versions.node} ${smartproxyNodeFlags(ctx).join(' ')} dist/smartproxy.js serve --log-level warn`;
     case 'haproxy':
       return `HAProxy ${versions.haproxy}, nbthread 1, mode tcp`;
     case 'nginx':
@@ -90,8 +101,8 @@ function spawnProxy(ctx, name, port, backendPort, routeBySni, limits, adminPort)
     case 'smartproxy': {
       const file = join(tmpDir, `smartproxy-${port}.toml`);
       writeFileSync(file, limits ? smartproxyFloodConfig(port, backendPort, limits, adminPort) : smartproxyConfig(port, backendPort, routeBySni));
-      // Started as the systemd unit and `npm start` start it (V8 flag included).
-      return spawnChild(name, [...prefix, process.execPath, '--max-semi-space-size=2', SMARTPROXY_ENTRY, 'serve', '-c', file, '--log-level', limits ? 'info' : 'warn']);
+      // Started as the systemd unit and `npm start` start it (V8 flags included).
+      return spawnChild(name, [...prefix, process.execPath, ...smartproxyNodeFlags(ctx), SMARTPROXY_ENTRY, 'serve', '-c', file, '--log-level', limits ? 'info' : 'warn']);
     }
     case 'haproxy': {
       const file = join(tmpDir, `haproxy-${port}.cfg`);
