@@ -35,6 +35,8 @@ const USAGE = `usage: npm run bench -- [options]
                         smartproxy and haproxy under a connection flood, phases of max(duration, 12) s)
   --proxies LIST        contenders: ${CONTENDER_NAMES.join(',')} (default all)
   --idle-conns LIST     idle connection counts (default 5000,9000)
+  --idle-settle S       seconds between opening the idle connections and sampling RSS (default 1;
+                        25 lets V8's memory reducer collect the garbage of opening them)
   --json FILE           also write every raw run to FILE
   --node-flags="FLAGS"  V8/Node flags for smartproxy instead of the bundle's shebang ones (A/B runs)
   --no-build            do not run \`npm run build\` before starting smartproxy
@@ -50,6 +52,7 @@ function parseOptions() {
       only: { type: 'string' },
       proxies: { type: 'string' },
       'idle-conns': { type: 'string', default: '5000,9000' },
+      'idle-settle': { type: 'string', default: '1' },
       json: { type: 'string' },
       'no-build': { type: 'boolean', default: false },
       'node-flags': { type: 'string' },
@@ -79,6 +82,7 @@ function parseOptions() {
     scenarios: values.only ? SCENARIO_NAMES.filter((name) => list(values.only, SCENARIO_NAMES, 'scenario').includes(name)) : DEFAULT_SCENARIO_NAMES,
     contenders: values.proxies ? list(values.proxies, CONTENDER_NAMES, 'contender') : CONTENDER_NAMES,
     idleSizes: values['idle-conns'].split(',').map((n) => positive(n, '--idle-conns')),
+    idleSettleSeconds: positive(values['idle-settle'], '--idle-settle', { allowZero: true }),
     json: values.json ?? null,
     build: !values['no-build'],
     nodeFlags: values['node-flags'] === undefined ? null : values['node-flags'].split(/\s+/).filter(Boolean),
@@ -108,7 +112,7 @@ function estimateSeconds(options, scenarios, contenders) {
   const contenderCount = contenders.length;
   let seconds = 0;
   for (const name of scenarios) {
-    if (name === 'idle') seconds += options.idleSizes.length * options.runs * contenderCount * IDLE_RUN_ESTIMATE_S;
+    if (name === 'idle') seconds += options.idleSizes.length * options.runs * contenderCount * (IDLE_RUN_ESTIMATE_S + options.idleSettleSeconds);
     else if (name === 'flood') seconds += floodContenders(contenders).length * options.runs * floodRunEstimateSeconds(options.duration, options.warmup);
     else seconds += contenderCount * (options.warmup + options.runs * (options.duration + 1.5)) + 5;
   }
@@ -212,7 +216,7 @@ async function main() {
     } else if (name === 'idle') {
       const sizes = options.idleSizes;
       log(`scenario idle (${sizes.join(', ')} connections; direct has no proxy memory and is left out)`);
-      const { backend, bySize } = await runIdleScenario(ctx, contenders, { runs: options.runs, sizes, log });
+      const { backend, bySize } = await runIdleScenario(ctx, contenders, { runs: options.runs, sizes, settleMs: options.idleSettleSeconds * 1000, log });
       raw.scenarios.idle = { backend, bySize: Object.fromEntries([...bySize].map(([size, results]) => [size, Object.fromEntries(results)])) };
       for (const [size, results] of bySize) idleSections.push({ size, rows: summarizeIdle(results) });
     } else {

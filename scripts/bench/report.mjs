@@ -282,30 +282,37 @@ export function printSummary(rateSections, idleSections, write) {
   }
   if (idleSections.length) {
     write('');
-    write('Idle connections: growth of the proxy RSS (VmRSS, whole process tree) per connection held.');
+    write('Idle connections: growth of the proxy RSS (VmRSS, whole process tree) per connection held;');
+    write('marginal = RSS added per connection between this size and the one before (start-up costs cancel out).');
     write('');
     const body = [];
     const notes = [];
     const note = (text) => `[${notes.push(text)}]`;
-    for (const { size, rows } of idleSections) {
+    /** contender -> { size, growthKb } of the previous (smaller) idle size */
+    const previous = new Map();
+    for (const { size, rows } of [...idleSections].sort((a, b) => a.size - b.size)) {
       rows.forEach((row, i) => {
         const label = i === 0 ? `idle ${size}` : '';
         if (row.kbPerConnection === undefined) {
-          body.push([label, row.contender, 'FAILED', '', '', '', note(`idle ${size} ${row.contender}: ${firstLine(row.error)}`)]);
+          body.push([label, row.contender, 'FAILED', '', '', '', '', note(`idle ${size} ${row.contender}: ${firstLine(row.error)}`)]);
           return;
         }
+        const before = previous.get(row.contender);
+        const growthKb = row.kbPerConnection * size;
+        previous.set(row.contender, { size, growthKb });
         body.push([
           label,
           row.contender,
           `${formatNumber(row.kbPerConnection)} KB`,
           row.kbPerConnectionSpread,
+          before ? `${formatNumber((growthKb - before.growthKb) / (size - before.size))} KB` : '—',
           `${formatNumber(row.rssBeforeMb)} MB`,
           `${formatNumber(row.rssAfterMb)} MB`,
           row.error ? `${row.runs} runs ${note(`idle ${size} ${row.contender} stopped early: ${firstLine(row.error)}`)}` : '',
         ]);
       });
     }
-    printTable(['scenario', 'contender', 'RSS/conn', '±', 'RSS before', 'RSS after', ''], body, write);
+    printTable(['scenario', 'contender', 'RSS/conn', '±', 'marginal', 'RSS before', 'RSS after', ''], body, write);
     notes.forEach((text, i) => write(`[${i + 1}] ${text}`));
   }
 }

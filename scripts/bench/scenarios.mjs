@@ -12,6 +12,7 @@ import { formatNumber } from './report.mjs';
 
 const SCRIPTS_DIR = new URL('.', import.meta.url).pathname;
 const PAUSE_BETWEEN_RUNS_MS = 500;
+/** Pause after start-up, and the default pause between opening the connections and sampling RSS. */
 const IDLE_SETTLE_MS = 1000;
 const IDLE_OPEN_TIMEOUT_MS = 90000;
 const IDLE_DRAIN_TIMEOUT_MS = 30000;
@@ -162,9 +163,9 @@ function describeRun(scenario, run) {
  * left out), each holding `size` idle connections. Memory is the growth of the proxy's RSS.
  * @param {any} ctx
  * @param {string[]} contenderNames
- * @param {{ runs: number, sizes: number[], log: (line: string) => void }} options
+ * @param {{ runs: number, sizes: number[], settleMs?: number, log: (line: string) => void }} options
  */
-export async function runIdleScenario(ctx, contenderNames, { runs, sizes, log }) {
+export async function runIdleScenario(ctx, contenderNames, { runs, sizes, settleMs = IDLE_SETTLE_MS, log }) {
   const names = contenderNames.filter((name) => name !== 'direct');
   const hold = await startHoldBackend(ctx);
   /** @type {Map<number, Map<string, { runs: any[], error: string | null }>>} */
@@ -178,7 +179,7 @@ export async function runIdleScenario(ctx, contenderNames, { runs, sizes, log })
           const entry = results.get(name);
           if (!entry || entry.error) continue;
           try {
-            const run = await idleRun(ctx, hold, name, size);
+            const run = await idleRun(ctx, hold, name, size, settleMs);
             entry.runs.push(run);
             log(
               `  [idle ${size} ${rep + 1}/${runs}] ${name.padEnd(10)} ${formatNumber(run.kbPerConnection)} KB/conn ` +
@@ -197,7 +198,7 @@ export async function runIdleScenario(ctx, contenderNames, { runs, sizes, log })
   return { backend: hold.kind, bySize };
 }
 
-async function idleRun(ctx, hold, name, size) {
+async function idleRun(ctx, hold, name, size, settleMs) {
   const contender = await startContender(ctx, name, { backendPort: hold.port, routeBySni: false });
   let client = null;
   try {
@@ -218,7 +219,7 @@ async function idleRun(ctx, hold, name, size) {
     if (!allHeld) {
       throw new Error(`backend holds ${hold.held() - heldBefore} of ${size} connections after ${IDLE_OPEN_TIMEOUT_MS} ms (client: ${JSON.stringify(report)})`);
     }
-    await sleep(IDLE_SETTLE_MS);
+    await sleep(settleMs);
     const after = sampleUsage(pids);
     if (!contender.child.isRunning()) throw new Error(`${name} exited: ${failureOutput(contender.child)}`);
     return {
