@@ -479,8 +479,9 @@ export class Connection {
       if (this.timerAt <= next) return; // fires early or on time, re-checks, re-arms
       clearTimeout(this.timer);
     }
-    const delay = quantize(Math.max(0, next - Date.now()));
-    this.timerAt = Date.now() + delay;
+    const now = Date.now();
+    const delay = quantize(Math.max(0, next - now));
+    this.timerAt = now + delay;
     this.timer = setTimeout(onDeadline, delay, this);
   }
 

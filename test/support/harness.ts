@@ -64,10 +64,8 @@ export interface Backend {
 
 /** A TCP server; `onSocket` decides what it does (default: echo, ending when the client ends). */
 export async function startBackend(t: TestContext, onSocket: (s: net.Socket) => void = echo, host = '127.0.0.1'): Promise<Backend> {
-  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
-    socket.on('error', () => {});
-    onSocket(socket);
-  });
+  // listenTracked gives each socket its error handler.
+  const server = net.createServer({ allowHalfOpen: true }, onSocket);
   return listenTracked(t, server, host);
 }
 
