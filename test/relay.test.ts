@@ -192,6 +192,69 @@ test('1 MB each way of distinct data arrives intact in both directions at once',
   await proxy.daemon.registry.whenEmpty();
 });
 
+test('concurrent downloads of distinct data arrive intact while some clients lag behind', { timeout: 30_000 }, async (t) => {
+  // Backend reads share one buffer, and bursts get buffers of their own (Connection.onBackendRead).
+  // A lagging client leaves the proxy's writes to it pending while the other backends go on
+  // reading: no byte of one download may end up in another.
+  // Odd ids trickle (small reads, into the shared buffer), even ids send in one go (whole reads);
+  // ids 2, 3, 6, 7 lag: every kind of backend read meets every kind of client.
+  const count = 8;
+  const payloads = Array.from({ length: count }, () => randomBytes(8 << 20));
+  const backend = await startBackend(t, (socket) => {
+    socket.once('data', (idByte: Buffer) => {
+      const id = idByte[0]!;
+      const payload = payloads[id]!;
+      if (id % 2 === 0) return void socket.end(payload);
+      let offset = 0;
+      const trickle = (): void => {
+        if (offset >= payload.length) return void socket.end();
+        const piece = payload.subarray(offset, offset + 4096);
+        offset += piece.length;
+        if (socket.write(piece)) setImmediate(trickle);
+        else socket.once('drain', trickle);
+      };
+      trickle();
+    });
+  });
+  const proxy = await startProxy(t, tcpToml([backend.port]));
+  const downloads = payloads.map(async (payload, id) => {
+    const client = await connect(proxy.port('tcp'));
+    const lagging = (id >> 1) % 2 === 1;
+    const hash = createHash('sha256');
+    let length = 0;
+    const done = closed(client);
+    client.on('data', (chunk: Buffer) => {
+      hash.update(chunk);
+      length += chunk.length;
+      if (lagging) {
+        // Stops and starts: one event-loop turn between reads.
+        client.pause();
+        setImmediate(() => client.resume());
+      }
+    });
+    client.on('end', () => client.end());
+    if (lagging) client.pause();
+    client.write(Buffer.from([id]));
+    if (lagging) {
+      // Read nothing until the proxy holds bytes it could not write to this client.
+      const port = client.localPort;
+      await until(
+        () => [...proxy.daemon.registry.values()].some((c) => c.clientPort === port && c.client.writableLength > 0),
+        10_000,
+        `pending writes to client ${id}`,
+      );
+      client.resume();
+    }
+    await done;
+    return { id, length, digest: hash.digest('hex') };
+  });
+  for (const { id, length, digest } of await Promise.all(downloads)) {
+    assert.equal(length, payloads[id]!.length, `download ${id}`);
+    assert.equal(digest, sha256(payloads[id]!), `download ${id}`);
+  }
+  await proxy.daemon.registry.whenEmpty();
+});
+
 test('after the client ends its writing half it still receives the reply the backend sends only after that FIN', { timeout: 10_000 }, async (t) => {
   const hashing = async (): Promise<number> =>
     (

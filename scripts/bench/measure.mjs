@@ -67,8 +67,9 @@ export async function runWrk(ctx, port, seconds, { close }) {
  * received, so CPU per operation is seconds per GB.
  * @param {import('./backends.mjs').BenchContext} ctx
  */
-export async function runIperf(ctx, port, seconds) {
+export async function runIperf(ctx, port, seconds, { reverse = false } = {}) {
   const argv = [...ctx.machine.loadPrefix, ctx.machine.tools.iperf3, '-c', '127.0.0.1', '-p', String(port), '-t', String(seconds), '-J'];
+  if (reverse) argv.push('-R'); // the server sends: through a proxy, the backend -> client direction
   let report;
   for (let attempt = 1; ; attempt++) {
     try {

@@ -41,7 +41,18 @@ export const RATE_SCENARIOS = {
     tools: ['iperf3'],
     routeBySni: false,
     startBackend: startIperfBackend,
-    load: runIperf,
+    load: (ctx, port, seconds) => runIperf(ctx, port, seconds),
+  },
+  download: {
+    name: 'download',
+    what: 'iperf3 -R, 1 stream, server -> client',
+    rateUnit: 'Gbit/s',
+    cpuUnit: 's/GB',
+    cpuScale: 1,
+    tools: ['iperf3'],
+    routeBySni: false,
+    startBackend: startIperfBackend,
+    load: (ctx, port, seconds) => runIperf(ctx, port, seconds, { reverse: true }),
   },
   connect: {
     name: 'connect',
@@ -78,7 +89,7 @@ export const RATE_SCENARIOS = {
   },
 };
 
-export const SCENARIO_NAMES = ['throughput', 'connect', 'keepalive', 'idle', 'tls', 'flood'];
+export const SCENARIO_NAMES = ['throughput', 'download', 'connect', 'keepalive', 'idle', 'tls', 'flood'];
 /** What runs without --only: flood takes about 3 minutes on its own, so it runs when asked for. */
 export const DEFAULT_SCENARIO_NAMES = SCENARIO_NAMES.filter((name) => name !== 'flood');
 

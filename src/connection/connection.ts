@@ -15,7 +15,8 @@
 //   closing     one side has sent FIN; the other direction may go on for timeouts.half_close
 //
 // Handlers are module-level functions that find their connection through a symbol on the
-// socket: no closure is allocated per connection (memory per idle connection matters).
+// socket, so no closure is allocated per connection (memory per idle connection matters). The
+// one exception is the backend's `onread` pair, two small functions made once per dial.
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import type { HostPort, Timeouts } from '../config/types.ts';
@@ -71,6 +72,14 @@ const enum Phase {
 
 const kConn = Symbol('smartproxy.connection');
 const EMPTY = Buffer.alloc(0);
+/** Node's own read size. */
+const READ_BUFFER_BYTES = 64 * 1024;
+/**
+ * Backend reads land here (net.connect `onread`), skipping the stream machinery and the 64 KB
+ * allocation Node makes per read. One buffer for every backend, so an idle connection holds none;
+ * what is read into it is copied before it is written on (see onBackendRead).
+ */
+const sharedReadBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
 /** Distinguishes this process's connection ids from a previous run's. */
 const bootId = randomBytes(4).toString('hex');
 interface OwnedSocket extends net.Socket {
@@ -124,6 +133,8 @@ export class Connection {
   private halfCloseDeadline = 0;
   private lifetimeDeadline = 0;
   private lastActivity = 0;
+  /** This connection's own backend read buffer while a burst fills whole reads; null = the shared one. */
+  private backendReadBuffer: Buffer | null = null;
   private timer: NodeJS.Timeout | null = null;
   private timerAt = 0;
 
@@ -336,7 +347,13 @@ export class Connection {
     if (this.attempts >= count) return this.close('backend_unavailable');
     const target = route.backends[(this.firstBackend + this.attempts) % count]!;
     this.attempts++;
-    const socket = net.connect({ host: target.host, port: target.port, allowHalfOpen: true, noDelay: true }) as OwnedSocket;
+    const socket = net.connect({
+      host: target.host,
+      port: target.port,
+      allowHalfOpen: true,
+      noDelay: true,
+      onread: { buffer: () => this.backendReadBuffer ?? sharedReadBuffer, callback: (n, buf) => this.onBackendRead(n, buf as Buffer) },
+    }) as OwnedSocket;
     socket[kConn] = this;
     socket.on('error', onBackendError);
     socket.on('close', onBackendClose);
@@ -370,7 +387,6 @@ export class Connection {
     }
     this.inbound = null;
     this.inboundLength = 0;
-    backend.on('data', onBackendData);
     backend.on('end', onBackendEnd);
     backend.on('drain', onBackendDrain);
     client.on('drain', onClientDrain);
@@ -400,10 +416,22 @@ export class Connection {
     if (!this.backend!.write(chunk)) this.client.pause();
   }
 
-  onBackendData(chunk: Buffer): void {
-    this.bytesFromBackend += chunk.length;
+  /**
+   * `n` bytes from the backend are in `buf`. Small reads (the receive queue drained) go through
+   * the shared buffer and are copied; a read that fills its buffer means a burst, which gets a
+   * buffer of its own, reused while each write flushes at once. A buffer a pending write still
+   * holds is never read into again.
+   */
+  onBackendRead(n: number, buf: Buffer): boolean {
+    if (this.state === 'closed') return false;
+    this.bytesFromBackend += n;
     this.lastActivity = Date.now();
-    if (!this.client.write(chunk)) this.backend!.pause();
+    const shared = buf === sharedReadBuffer;
+    const written = this.client.write(shared ? Buffer.from(buf.subarray(0, n)) : buf.subarray(0, n));
+    if (n < buf.length) this.backendReadBuffer = null;
+    else if (shared || this.client.writableLength > 0) this.backendReadBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
+    if (!written) this.backend!.pause();
+    return true;
   }
 
   onClientEnd(): void {
@@ -577,9 +605,6 @@ function onClientDrain(this: OwnedSocket): void {
 function onBackendConnect(this: OwnedSocket): void {
   const conn = this[kConn];
   if (conn.backend === this && conn.state === 'connecting') conn.onBackendConnect();
-}
-function onBackendData(this: OwnedSocket, chunk: Buffer): void {
-  this[kConn].onBackendData(chunk);
 }
 function onBackendEnd(this: OwnedSocket): void {
   this[kConn].onBackendEnd();
