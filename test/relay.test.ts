@@ -255,6 +255,53 @@ test('concurrent downloads of distinct data arrive intact while some clients lag
   await proxy.daemon.registry.whenEmpty();
 });
 
+test('when both sides have sent FIN, bytes still queued for either one are delivered before the close', { timeout: 20_000 }, async (t) => {
+  // Connection closes at once when both peers have ended and nothing is queued; here something
+  // is: the receiver reads nothing until the proxy holds bytes for it and has seen both FINs.
+  for (const sender of ['backend', 'client'] as const) {
+    const sent = createHash('sha256');
+    let sentLength = 0;
+    let backendSocket: net.Socket | undefined;
+    const backend = await startBackend(t, (socket) => {
+      backendSocket = socket;
+      socket.on('error', () => {});
+      if (sender === 'client') {
+        socket.pause(); // the receiver
+        socket.end(); // its FIN first
+      }
+    });
+    const proxy = await startProxy(t, tcpToml([backend.port]), { logLevel: 'debug' });
+    const client = await connect(proxy.port('tcp'));
+    const conn = await onlyConnection(proxy);
+    await until(() => backendSocket !== undefined && (conn.state === 'relaying' || conn.state === 'closing'), 5000, 'the relay to start');
+    const [from, to] = sender === 'backend' ? [backendSocket!, client] : [client, backendSocket!];
+    const toward = (): net.Socket => (sender === 'backend' ? conn.client : conn.backend!);
+    const received = readAll(to);
+    to.pause();
+    if (sender === 'backend') client.end(); // the receiver's FIN first
+    await until(() => conn.state === 'closing', 5000, 'the receiver FIN at the proxy');
+    // 1 KB pieces until one waits in the proxy for the receiver: far below the high-water mark,
+    // so the proxy keeps reading the sender and sees its FIN while that piece is still queued.
+    for (let i = 0; toward().writableLength === 0; i++) {
+      assert.ok(i < 100_000, 'the proxy never queued bytes for a receiver that reads nothing');
+      const piece = randomBytes(1024);
+      sent.update(piece);
+      sentLength += piece.length;
+      from.write(piece);
+      await tick();
+    }
+    from.end();
+    await until(() => (sender === 'backend' ? conn.backend!.readableEnded : conn.client.readableEnded) || conn.state === 'closed', 5000, 'the sender FIN at the proxy');
+    to.resume();
+    const { data, error } = await received;
+    assert.equal(error, null, sender);
+    assert.equal(data.length, sentLength, `bytes from the ${sender}`);
+    assert.equal(sha256(data), sent.digest('hex'), `bytes from the ${sender}`);
+    await proxy.daemon.registry.whenEmpty();
+    assert.deepEqual(closedLines(proxy).map((l) => l.reason), ['done'], sender);
+  }
+});
+
 test('after the client ends its writing half it still receives the reply the backend sends only after that FIN', { timeout: 10_000 }, async (t) => {
   const hashing = async (): Promise<number> =>
     (
