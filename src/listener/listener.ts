@@ -103,7 +103,8 @@ export class Listener implements SlotWaiter {
   }
 
   private bindOne(address: HostPort): Promise<void> {
-    const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true, noDelay: true });
+    // No `noDelay` here: it would cost a setsockopt on every connection, refused ones included.
+    const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true });
     return new Promise((resolve, reject) => {
       const onListenError = (err: NodeJS.ErrnoException): void => {
         server.close();
@@ -187,6 +188,7 @@ export class Listener implements SlotWaiter {
     const slotFree = this.slotFree();
     if (!slotFree && this.queue.size >= gen.config.queue) return this.refuse(socket, address, 'queue_full');
 
+    socket.setNoDelay(true); // a relay forwards what it has at once
     const conn = new Connection(gen, socket, trustedBalancer);
     this.open++;
     if (key !== null) this.holdClient(conn, key);
