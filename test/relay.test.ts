@@ -264,7 +264,6 @@ test('when both sides have sent FIN, bytes still queued for either one are deliv
     let backendSocket: net.Socket | undefined;
     const backend = await startBackend(t, (socket) => {
       backendSocket = socket;
-      socket.on('error', () => {});
       if (sender === 'client') {
         socket.pause(); // the receiver
         socket.end(); // its FIN first

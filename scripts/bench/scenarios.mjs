@@ -30,30 +30,29 @@ const IDLE_DRAIN_TIMEOUT_MS = 30000;
  * @property {(ctx: any, port: number, seconds: number) => Promise<{ rate: number, operations: number, errors: number, errorDetail: string }>} load
  */
 
+/**
+ * One iperf3 stream; `reverse` makes the server send, so through a proxy the bytes go backend ->
+ * client. CPU per operation is seconds per GB.
+ * @returns {RateScenario}
+ */
+function iperfScenario(name, what, reverse) {
+  return {
+    name,
+    what,
+    rateUnit: 'Gbit/s',
+    cpuUnit: 's/GB',
+    cpuScale: 1,
+    tools: ['iperf3'],
+    routeBySni: false,
+    startBackend: startIperfBackend,
+    load: (ctx, port, seconds) => runIperf(ctx, port, seconds, { reverse }),
+  };
+}
+
 /** @type {Record<string, RateScenario>} */
 export const RATE_SCENARIOS = {
-  throughput: {
-    name: 'throughput',
-    what: 'iperf3, 1 stream, client -> server',
-    rateUnit: 'Gbit/s',
-    cpuUnit: 's/GB',
-    cpuScale: 1,
-    tools: ['iperf3'],
-    routeBySni: false,
-    startBackend: startIperfBackend,
-    load: (ctx, port, seconds) => runIperf(ctx, port, seconds),
-  },
-  download: {
-    name: 'download',
-    what: 'iperf3 -R, 1 stream, server -> client',
-    rateUnit: 'Gbit/s',
-    cpuUnit: 's/GB',
-    cpuScale: 1,
-    tools: ['iperf3'],
-    routeBySni: false,
-    startBackend: startIperfBackend,
-    load: (ctx, port, seconds) => runIperf(ctx, port, seconds, { reverse: true }),
-  },
+  throughput: iperfScenario('throughput', 'iperf3, 1 stream, client -> server', false),
+  download: iperfScenario('download', 'iperf3 -R, 1 stream, server -> client', true),
   connect: {
     name: 'connect',
     what: "wrk -t1 -c50 -H 'Connection: close' (one connection per request)",
