@@ -23,6 +23,14 @@ export interface ReloadResult {
   readonly changed: string[];
 }
 
+/** A reload asked for once a shutdown had begun: it changes nothing. */
+export class ShuttingDownError extends Error {
+  readonly code = 'ESHUTTINGDOWN';
+  constructor() {
+    super('the daemon is shutting down; reload ignored');
+  }
+}
+
 export class Daemon {
   readonly registry = new Registry();
   readonly metrics: Metrics;
@@ -92,47 +100,54 @@ export class Daemon {
   }
 
   /**
-   * Applies a new config atomically. New addresses are bound first; if any bind fails, everything
-   * bound for this reload is released and the old config stays in force (the BindError is thrown).
+   * Applies a new config atomically. New addresses are bound first; if any bind fails, or a
+   * shutdown begins meanwhile, everything bound for this reload is released and the old config
+   * stays in force (the error is thrown). An address that moves between listeners (kept,
+   * renamed or new) is handed over at commit, never bound twice. The commit is synchronous, so
+   * no await can let a shutdown in between it and the listeners it leaves accepting.
    * Established connections keep the generation that admitted them.
    */
   async reload(config: Config): Promise<ReloadResult> {
-    if (this.stopping !== null) throw new Error('reload during shutdown');
+    if (this.stopping !== null) throw new ShuttingDownError();
     const next = compileGeneration(config, this.registry, this.log);
-    const created: Listener[] = [];
+    const created = new Map<string, Listener>();
     const bound: Array<[Listener, string]> = [];
+    /** Listening sockets to hand from one listener to another at commit: [from, to, address]. */
+    const moves: Array<[Listener, Listener, string]> = [];
     try {
       for (const gen of next.listeners.values()) {
-        const existing = this.listeners.get(gen.name);
-        if (existing === undefined) continue;
-        for (const address of gen.config.bind) {
-          if (existing.boundAddresses.includes(address.text)) continue;
-          await existing.bind([address]);
-          bound.push([existing, address.text]);
+        let owner = this.listeners.get(gen.name);
+        if (owner === undefined) {
+          owner = new Listener(gen, this.listenerDeps(config));
+          gen.listener = owner;
+          created.set(gen.name, owner);
         }
-      }
-      for (const gen of next.listeners.values()) {
-        if (this.listeners.has(gen.name)) continue;
-        const listener = new Listener(gen, this.listenerDeps(config));
-        gen.listener = listener;
-        created.push(listener);
-        // An address a removed listener still holds (a rename) is bound after that one lets go.
-        const free = gen.config.bind.filter((a) => !this.isBoundByListenerToRemove(a.text, next));
-        await listener.bind(free);
+        for (const address of gen.config.bind) {
+          if (owner.boundAddresses.includes(address.text)) continue;
+          const holder = this.holderOf(address.text);
+          if (holder !== undefined) {
+            moves.push([holder, owner, address.text]);
+            continue;
+          }
+          await owner.bind([address]);
+          bound.push([owner, address.text]);
+          if (this.stopping !== null) throw new ShuttingDownError();
+        }
       }
     } catch (err) {
       for (const [listener, text] of bound) await listener.unbind(text);
-      for (const listener of created) {
+      for (const listener of created.values()) {
         await listener.stopAccepting();
         listener.dispose();
       }
       throw err;
     }
 
-    // Commit: from here on nothing can fail (but taking over a renamed listener's address, logged).
+    // Commit: from here on nothing awaits and nothing can fail.
     const result: ReloadResult = { added: [], removed: [], changed: [] };
     this.generation = next;
     this.slots.max = config.limits.maxConnections;
+    for (const [from, to, text] of moves) to.adopt(text, from.release(text)!);
     for (const [name, listener] of this.listeners) {
       const gen = next.listeners.get(name);
       if (gen === undefined) {
@@ -145,33 +160,28 @@ export class Daemon {
       gen.listener = listener;
       listener.generation = gen;
       for (const text of listener.boundAddresses) {
-        if (!gen.config.bind.some((a) => a.text === text)) await listener.unbind(text);
+        if (!gen.config.bind.some((a) => a.text === text)) void listener.unbind(text);
       }
-      this.applyRouteRemovals(listener, old.config.routes.map((r) => r.name), gen, config);
+      this.applyRouteRemovals(listener, old, gen, config);
       if (JSON.stringify(old.config) !== JSON.stringify(gen.config)) result.changed.push(name);
-      while (listener.promoteOne()) {
-        /* more workers or a higher global limit: start queued connections now */
-      }
     }
-    for (const listener of created) {
+    for (const listener of created.values()) {
       this.listeners.set(listener.name, listener);
       result.added.push(listener.name);
-      try {
-        // Addresses a removed listener held (a rename) are free now.
-        await listener.bind(listener.generation.config.bind);
-      } catch (err) {
-        this.log.error({ listener: listener.name, err: (err as Error).message }, 'listener could not take over an address released by this reload');
-      }
     }
+    // More workers or a higher global limit: start queued connections now.
+    this.slots.handOver(null);
     this.metrics.reloaded(true);
     return result;
   }
 
-  private isBoundByListenerToRemove(text: string, next: Generation): boolean {
-    for (const [name, listener] of this.listeners) {
-      if (!next.listeners.has(name) && listener.boundAddresses.includes(text)) return true;
+  /** The listener currently bound to an address as written (port 0 is never shared: each is its own). */
+  private holderOf(text: string): Listener | undefined {
+    if (text.endsWith(':0')) return undefined;
+    for (const listener of this.listeners.values()) {
+      if (listener.boundAddresses.includes(text)) return listener;
     }
-    return false;
+    return undefined;
   }
 
   private listenerDeps(config: Config): ListenerDeps {
@@ -206,18 +216,26 @@ export class Daemon {
     else listener.onIdle = dispose;
   }
 
-  /** Connections of routes the new generation no longer has: keep, drain or close them. */
-  private applyRouteRemovals(listener: Listener, oldRoutes: string[], gen: ListenerGeneration, config: Config): void {
+  /**
+   * Routes the new generation no longer has: keep, drain or close their connections. The policy
+   * is also remembered on the listener, for connections still in their handshake that will route
+   * later through an older generation (see Listener.removedRoutes).
+   */
+  private applyRouteRemovals(listener: Listener, old: ListenerGeneration, gen: ListenerGeneration, config: Config): void {
     const kept = new Set(gen.config.routes.map((r) => r.name));
-    const removed = oldRoutes.filter((name) => !kept.has(name));
+    for (const name of kept) listener.removedRoutes.delete(name);
+    const removed = old.config.routes.filter((r) => !kept.has(r.name));
     if (removed.length === 0) return;
+    const closeAt = Date.now() + config.shutdown.drainTimeoutMs;
+    for (const route of removed) listener.removedRoutes.set(route.name, { policy: route.onRemoval, closeAt });
+    const names = new Set(removed.map((r) => r.name));
     const doomed = [...this.registry.values()].filter(
-      (c) => c.owner.listener === listener && c.route !== null && removed.includes(c.route.name),
+      (c) => c.owner.listener === listener && c.route !== null && names.has(c.route.name),
     );
     for (const conn of doomed) {
       const policy = conn.route!.config.onRemoval;
       if (policy === 'close') conn.close('removed');
-      else if (policy === 'drain') this.scheduleDrain(() => conn.close('removed'), config.shutdown.drainTimeoutMs);
+      else if (policy === 'drain') conn.closeAtRemovalDeadline(closeAt);
     }
   }
 

@@ -1,8 +1,9 @@
 // `smartproxy serve`: load, bind, run until a signal. SIGHUP reloads, SIGTERM/SIGINT drain and
 // exit 0, a second SIGTERM/SIGINT closes everything at once.
 import { formatIssue, loadConfig } from './config/load.ts';
-import type { Config } from './config/types.ts';
-import { Daemon } from './daemon.ts';
+import type { AdminListen, Config } from './config/types.ts';
+import { Daemon, ShuttingDownError } from './daemon.ts';
+import { MAX_TIMER_MS } from './config/units.ts';
 import { BindError } from './listener/listener.ts';
 import { createLogger, type LogFormat, type LogLevel, type Logger } from './logging/logger.ts';
 import { startAdminServer, type AdminServer } from './admin/server.ts';
@@ -65,10 +66,11 @@ export async function serve(opts: ServeOptions): Promise<number> {
     }
   }
 
+  const running: Running = { daemon, admin, log, logLevelFromCli: opts.logLevel !== undefined, cutShort: null };
   let reloading = Promise.resolve();
   const onHangup = (): void => {
     // Reloads run one after another; ten HUPs in a second end in the last file's config.
-    reloading = reloading.then(() => reload(daemon, opts.configFile, log));
+    reloading = reloading.then(() => reload(running, opts.configFile));
   };
   process.on('SIGHUP', onHangup);
 
@@ -78,10 +80,16 @@ export async function serve(opts: ServeOptions): Promise<number> {
       signals++;
       if (signals > 1) {
         log.warn({ signal }, 'second stop signal: closing every connection now');
+        running.cutShort?.();
         void daemon.shutdown({ immediate: true });
         return;
       }
-      void stop(daemon, admin, log, signal).then(() => resolve(0));
+      // A reload in flight cannot commit once shutdown began (Daemon.reload checks after every
+      // await); waiting for it here as well means the admin API it may restart is the one closed.
+      void stop(running, signal)
+        .then(() => reloading)
+        .then(() => running.admin?.close())
+        .then(() => resolve(0));
     };
     process.on('SIGTERM', onStop);
     process.on('SIGINT', onStop);
@@ -94,17 +102,38 @@ export async function serve(opts: ServeOptions): Promise<number> {
 
 const STOP_AND_RELOAD = ['SIGHUP', 'SIGTERM', 'SIGINT'] as const;
 
-async function stop(daemon: Daemon, admin: AdminServer | null, log: Logger, signal: string): Promise<void> {
+/** What the signal handlers share while the daemon runs. */
+interface Running {
+  readonly daemon: Daemon;
+  admin: AdminServer | null;
+  readonly log: Logger;
+  /** --log-level given: it wins over [logging] level, at start and on every reload. */
+  readonly logLevelFromCli: boolean;
+  /** Ends the shutdown_delay wait early (a second stop signal); null when not waiting. */
+  cutShort: (() => void) | null;
+}
+
+async function stop(running: Running, signal: string): Promise<void> {
+  const { daemon, log } = running;
   const { shutdownDelayMs, drainTimeoutMs } = daemon.config.shutdown;
   daemon.accepting = false; // /healthz says 503 from now on
   log.info({ signal, shutdownDelayMs, drainTimeoutMs, open: daemon.registry.size }, 'stopping');
-  if (shutdownDelayMs > 0) await new Promise((r) => setTimeout(r, shutdownDelayMs));
+  if (shutdownDelayMs > 0) {
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, Math.min(shutdownDelayMs, MAX_TIMER_MS));
+      running.cutShort = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+    running.cutShort = null;
+  }
   const result = await daemon.shutdown({ drainTimeoutMs });
-  await admin?.close();
   log.info(result, 'stopped');
 }
 
-async function reload(daemon: Daemon, file: string, log: Logger): Promise<void> {
+async function reload(running: Running, file: string): Promise<void> {
+  const { daemon, log } = running;
   const loaded = loadConfig(file);
   if (!loaded.ok) {
     for (const issue of loaded.issues) log.error({ path: issue.path }, `reload rejected: ${formatIssue(issue)}`);
@@ -112,18 +141,68 @@ async function reload(daemon: Daemon, file: string, log: Logger): Promise<void> 
     log.error({ problems: loaded.issues.length }, 'reload failed; the previous configuration stays in force');
     return;
   }
+  const config = loaded.config;
+  let changes;
   try {
-    const changes = await daemon.reload(loaded.config);
-    log.info(changes, 'configuration reloaded');
+    changes = await daemon.reload(config);
   } catch (err) {
+    if (err instanceof ShuttingDownError) {
+      log.warn('reload ignored: the daemon is shutting down');
+      return;
+    }
     daemon.metrics.reloaded(false);
     log.error({ err: err instanceof Error ? err.message : String(err) }, 'reload failed; the previous configuration stays in force');
+    return;
+  }
+  if (!running.logLevelFromCli) log.level = config.logging.level;
+  await reapplyAdmin(running, config);
+  log.info(changes, 'configuration reloaded');
+}
+
+/**
+ * [admin] as the reloaded file says: started, moved or stopped. A new address is listened on
+ * before the old one closes; the same address (or a unix path) is closed first and, if the
+ * new listen fails, the old settings are restored so the API does not vanish on a bad reload.
+ */
+async function reapplyAdmin(running: Running, config: Config): Promise<void> {
+  const { daemon, log } = running;
+  const wanted = config.admin;
+  const current = running.admin;
+  if (current !== null && wanted !== null && current.listen.kind === wanted.kind && describeListen(current.listen) === describeListen(wanted)) return;
+  if (wanted === null) {
+    running.admin = null;
+    await current?.close();
+    if (current !== null) log.info('admin API stopped');
+    return;
+  }
+  const sameSocket = current !== null && sameAdminAddress(current.listen, wanted);
+  if (sameSocket) await current.close();
+  try {
+    running.admin = await startAdminServer(wanted, daemon);
+    if (!sameSocket) await current?.close();
+    log.info({ admin: running.admin.address }, 'admin API listening');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code ?? String(err);
+    log.error({ code, admin: describeListen(wanted) }, `admin API cannot listen on the reloaded address: ${code}`);
+    if (sameSocket) {
+      running.admin = await startAdminServer(current.listen, daemon).catch(() => null);
+      if (running.admin === null) log.error('admin API stopped: its previous address could not be taken back');
+    }
   }
 }
 
+function describeListen(listen: AdminListen): string {
+  return listen.kind === 'unix' ? `unix:${listen.path}` : listen.address.text;
+}
+
+/** Two admin addresses that need the same socket: a unix path, or a TCP port on any host. */
+function sameAdminAddress(a: AdminListen, b: AdminListen): boolean {
+  if (a.kind === 'unix' || b.kind === 'unix') return a.kind === b.kind && describeListen(a) === describeListen(b);
+  return a.address.port === b.address.port && a.address.port !== 0;
+}
+
 function describeAdmin(config: Config): string {
-  const admin = config.admin!;
-  return admin.kind === 'unix' ? `unix:${admin.path}` : admin.address.text;
+  return describeListen(config.admin!);
 }
 
 function installCrashHandlers(log: Logger): void {

@@ -4,7 +4,7 @@ import net, { type AddressInfo } from 'node:net';
 import { test, type TestContext } from 'node:test';
 import tls from 'node:tls';
 
-import { MAX_HELLO_BYTES, parseClientHello, type HelloResult } from '../src/routing/client-hello.ts';
+import { ClientHelloReader, MAX_HELLO_BYTES, parseClientHello, type HelloResult } from '../src/routing/client-hello.ts';
 
 // ---------------------------------------------------------------------------------------------
 // A small ClientHello builder: each function returns the wire bytes of one TLS structure.
@@ -244,6 +244,44 @@ test('a ClientHello of 16000 bytes in 1000-byte records fits under the cap', { t
   const bytes = inRecords(message, Array.from({ length: 15 }, () => 1000));
   assert.ok(bytes.length < MAX_HELLO_BYTES);
   assertTls(parseClientHello(bytes), 'huge.example.com', []);
+});
+
+test('a reader fed a hello of 1-byte records one record at a time walks each record once (linear, not quadratic)', { timeout: 5000 }, () => {
+  const message = handshakeMessage(clientHelloBody({ extensions: [serverNameExtension('slow.example.com'), paddingExtension(2000)] }));
+  const sizes = Array.from({ length: message.length - 1 }, () => 1);
+  const bytes = inRecords(message, sizes);
+  const records = message.length;
+  assert.equal(bytes.length, records * 6);
+  const reader = new ClientHelloReader();
+  let verdict: HelloResult = { kind: 'need-more' };
+  for (let end = 6; end <= bytes.length; end += 6) {
+    verdict = reader.read(bytes.subarray(0, end));
+    if (end < bytes.length) assert.equal(verdict.kind, 'need-more', `after ${end / 6} records`);
+  }
+  assertTls(verdict, 'slow.example.com', []);
+  // One header per complete record, plus one look at the (absent) next record per call. Parsing
+  // the whole stream again on each read walked records * (records + 1) / 2 headers (~2.3 million here).
+  assert.ok(reader.recordHeadersRead <= 2 * records, `${reader.recordHeadersRead} record headers read for ${records} records`);
+});
+
+test('a reader fed a 1-byte-record hello in 1-byte writes reads each record header a bounded number of times', { timeout: 5000 }, () => {
+  const message = handshakeMessage(clientHelloBody({ extensions: [serverNameExtension('trickle.example.com')] }));
+  const bytes = inRecords(message, Array.from({ length: message.length - 1 }, () => 1));
+  const reader = new ClientHelloReader();
+  let verdict: HelloResult = { kind: 'need-more' };
+  for (let end = 1; end <= bytes.length; end++) verdict = reader.read(bytes.subarray(0, end));
+  assertTls(verdict, 'trickle.example.com', []);
+  assert.ok(reader.recordHeadersRead <= 2 * bytes.length);
+});
+
+test('a reader gives the same verdicts as parseClientHello for every prefix, and keeps its final verdict', { timeout: 10_000 }, () => {
+  for (const bytes of [inRecords(typicalHello()), inRecords(bigHello(), [1000]), inRecords(typicalHello('three.example.com'), [2, 40])]) {
+    const reader = new ClientHelloReader();
+    for (let end = 0; end <= bytes.length; end++) {
+      assert.deepEqual(reader.read(bytes.subarray(0, end)), parseClientHello(bytes.subarray(0, end)), `prefix of ${end} bytes`);
+    }
+    assert.deepEqual(reader.read(Buffer.concat([bytes, Buffer.from('trailing')])), parseClientHello(bytes));
+  }
 });
 
 // ---------------------------------------------------------------------------------------------

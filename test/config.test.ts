@@ -267,9 +267,15 @@ bind = ["127.0.0.1:8001", "127.0.0.1:8000"]
       'listeners[0].bind[1]', '"0.0.0.0:8000"', '"127.0.0.1:8000"');
   });
 
-  test('[::] overlaps every address on the same port', () => {
+  test('[::] overlaps every IPv6 address on the same port', () => {
     expectIssue(minimal({ listener: 'bind = ["[::]:8000", "[::1]:8000", "127.0.0.1:8000"]' }).replace('bind = "127.0.0.1:8000"\n', ''),
       'listeners[0].bind[1]', '"[::1]:8000"', '"[::]:8000"');
+    const result = parseConfigText(minimal({ listener: 'bind = ["[::]:8000", "[::1]:8000", "127.0.0.1:8000"]' }).replace('bind = "127.0.0.1:8000"\n', ''), 'test.toml');
+    assert.equal(result.ok ? 0 : result.issues.length, 1, 'only the IPv6 bind overlaps: listeners bind IPv6 addresses IPv6-only');
+  });
+
+  test('[::] and 0.0.0.0 on one port do not conflict: IPv6 binds are IPv6-only', () => {
+    load(minimal({ listener: 'bind = ["[::]:8000", "0.0.0.0:8000"]' }).replace('bind = "127.0.0.1:8000"\n', ''));
   });
 
   test('different ports, and IPv4 next to IPv6 loopback on one port, do not conflict', () => {
@@ -505,11 +511,32 @@ rotues = 1
   });
 });
 
+describe('caps that keep a valid config from crashing or bloating the daemon', () => {
+  test('connection_rate_per_ip.count = 4294967296 is refused at its path (it once passed and crashed the first connection)', () => {
+    expectIssue(minimal({ top: '[limits]\nconnection_rate_per_ip = { count = 4294967296, per = "1s" }' }),
+      'limits.connection_rate_per_ip.count', 'at most 10000000', '4294967296');
+    load(minimal({ top: '[limits]\nconnection_rate_per_ip = { count = 10000000, per = "1s" }' }));
+  });
+
+  test('workers, queue and the per-client limits have the same ceiling', () => {
+    expectIssue(minimal({ listener: 'workers = 10000001' }), 'listeners[0].workers', 'at most 10000000');
+    expectIssue(minimal({ listener: 'queue = 10000001' }), 'listeners[0].queue', 'at most 10000000');
+    expectIssue(minimal({ listener: '[listeners.limits]\nmax_connections_per_ip = 10000001' }), 'listeners[0].limits.max_connections_per_ip', 'at most 10000000');
+    expectIssue(minimal({ top: '[limits]\nmax_tracked_ips = 100000001' }), 'limits.max_tracked_ips', 'at most 100000000');
+  });
+
+  test('a duration that would round up past setTimeout\'s maximum is refused (2,147,483,001 ms once fired after 1 ms)', () => {
+    expectIssue(minimal({ top: '[timeouts]\nidle = "2147483001ms"' }), 'timeouts.idle', '576h');
+    expectIssue(minimal({ listener: '[listeners.timeouts]\nmax_lifetime = "596h"' }), 'listeners[0].timeouts.max_lifetime', '576h');
+    load(minimal({ top: '[timeouts]\nidle = "576h"\nmax_lifetime = "576h"' }));
+  });
+});
+
 describe('units', () => {
   test('parseDuration accepts whole numbers with ms, s, m, h, compound largest first', () => {
     const valid: Array<[string, number]> = [
       ['250ms', 250], ['5s', 5_000], ['10m', 600_000], ['2h', 7_200_000], ['0s', 0], ['0ms', 0],
-      ['1m30s', 90_000], ['1h2m3s4ms', 3_723_004], ['596h', 2_145_600_000],
+      ['1m30s', 90_000], ['1h2m3s4ms', 3_723_004], ['576h', 2_073_600_000],
     ];
     for (const [text, ms] of valid) assert.equal(parseDuration(text), ms, text);
   });
@@ -518,7 +545,7 @@ describe('units', () => {
     const invalid: Array<[string, RegExp]> = [
       ['-5s', /negative/], ['5', /missing unit/], ['0', /missing unit/], ['', /empty/], ['1m30', /missing unit after "30"/],
       ['1.5s', /whole numbers/], ['5 s', /expected/], ['5S', /expected/], ['5d', /expected/], ['30s1m', /largest first/],
-      ['1s1s', /largest first/], ['s', /expected/], ['597h', /maximum/], [' 5s', /expected/],
+      ['1s1s', /largest first/], ['s', /expected/], ['577h', /maximum/], ['576h1ms', /maximum/], [' 5s', /expected/],
     ];
     for (const [text, reason] of invalid) {
       const result = parseDuration(text);

@@ -349,7 +349,7 @@ describe('client table', () => {
     for (let i = 0; i < 1000; i++) assert.equal(table.check('new', limits), 'ok');
     assert.equal(table.size, 1);
     assert.equal(table.activeOf('a'), 2);
-    clock.now = 1000;
+    clock.now = 1100;
     assert.equal(table.check('a', limits), 'ok', 'the refused attempts did not extend the window');
   });
 
@@ -368,24 +368,68 @@ describe('client table', () => {
     assert.equal(admit(table, 'a', limits), 'ip_rate', 'the first start (t=0) is still inside the window');
   });
 
-  test('the window slides one start at a time', (t) => {
+  test('the window slides one bucket (per / 10) at a time: quota comes back at most per / 10 late', (t) => {
     const { table, clock } = clockedTable();
     t.after(() => table.close());
     const limits = rate(5, 1000);
     for (let i = 0; i < 5; i++) {
-      clock.now = i * 100; // starts at 0, 100, 200, 300, 400
+      clock.now = i * 100; // starts at 0, 100, 200, 300, 400: one per 100 ms bucket
       admit(table, 'a', limits);
     }
-    clock.now = 1000; // t=0 has left the window
-    assert.equal(admit(table, 'a', limits), 'ok');
-    assert.equal(admit(table, 'a', limits), 'ip_rate', 'only one start left the window');
+    clock.now = 1000; // an exact window would have let t=0 go; its bucket still overlaps (0, 1000]
+    assert.equal(admit(table, 'a', limits), 'ip_rate');
     clock.now = 1099;
     assert.equal(admit(table, 'a', limits), 'ip_rate');
-    clock.now = 1100; // t=100 has left
+    clock.now = 1100; // bucket [0, 100) has left
     assert.equal(admit(table, 'a', limits), 'ok');
-    clock.now = 1400; // t=200, 300, 400 have left
+    assert.equal(admit(table, 'a', limits), 'ip_rate', 'only one start left the window');
+    clock.now = 1200; // the start at 100 has left
+    assert.equal(admit(table, 'a', limits), 'ok');
+    clock.now = 1500; // 200, 300, 400 have left
     for (let i = 0; i < 3; i++) assert.equal(admit(table, 'a', limits), 'ok');
     assert.equal(admit(table, 'a', limits), 'ip_rate');
+  });
+
+  test('random arrivals: never more than count starts in any window of per, and a refusal only when per + per / 10 holds count', (t) => {
+    const { table, clock } = clockedTable();
+    t.after(() => table.close());
+    let seed = 12345;
+    const random = (): number => {
+      seed = (seed * 1103515245 + 12345) % 2147483648;
+      return seed / 2147483648;
+    };
+    for (const [count, perMs] of [[1, 1000], [5, 1000], [7, 333], [50, 10_000]] as const) {
+      const limits = rate(count, perMs);
+      const key = `k${count}-${perMs}`;
+      const admitted: number[] = [];
+      for (let i = 0; i < 3000; i++) {
+        clock.now += random() < 0.1 ? random() * perMs : random() * (perMs / count) * 0.5;
+        const now = clock.now;
+        const verdict = admit(table, key, limits);
+        table.release(key);
+        if (verdict === 'ok') {
+          admitted.push(now);
+          const inWindow = admitted.filter((s) => s > now - perMs).length;
+          assert.ok(inWindow <= count, `${inWindow} starts in (${now - perMs}, ${now}] with count ${count}`);
+        } else {
+          assert.equal(verdict, 'ip_rate');
+          const inWider = admitted.filter((s) => s > now - perMs - perMs / 10).length;
+          assert.ok(inWider >= count, `refused at ${now} with only ${inWider} starts in per + per / 10`);
+        }
+      }
+      assert.ok(admitted.length > count, 'the sequence exercised the window');
+    }
+  });
+
+  test('the window costs the same whatever count is: count = 10,000,000 admits and refuses at once', (t) => {
+    const { table, clock } = clockedTable();
+    t.after(() => table.close());
+    const limits = rate(10_000_000, 1000);
+    for (let i = 0; i < 100; i++) assert.equal(admit(table, `c${i}`, limits), 'ok');
+    const one = rate(1, 1000);
+    assert.equal(admit(table, 'c0', one), 'ip_rate', 'the starts are counted, not a ring of count slots');
+    clock.now = 1100;
+    assert.equal(admit(table, 'c0', one), 'ok');
   });
 
   test('concurrency and rate limits apply together', (t) => {
@@ -399,7 +443,7 @@ describe('client table', () => {
     assert.equal(admit(table, 'a', limits), 'ok');
     table.release('a');
     assert.equal(admit(table, 'a', limits), 'ip_rate');
-    clock.now = 1000;
+    clock.now = 1100;
     assert.equal(admit(table, 'a', limits), 'ok');
   });
 
@@ -424,11 +468,11 @@ describe('client table', () => {
     clock.now = 10;
     admit(table, 'a', limits);
     table.release('a');
-    assert.equal(table.size, 1, 'its start still counts for another 1000 ms');
-    clock.now = 1009;
+    assert.equal(table.size, 1, 'its start still counts while its bucket overlaps the window');
+    clock.now = 1099;
     assert.equal(table.check('other', limits), 'ok');
     assert.equal(table.size, 1);
-    clock.now = 1010;
+    clock.now = 1100;
     table.check('other', limits);
     assert.equal(table.size, 0, 'expired on the next check');
 
@@ -436,8 +480,8 @@ describe('client table', () => {
     admit(table, 'b', limits);
     table.release('b');
     assert.equal(table.size, 1);
-    clock.now = 3000;
-    t.mock.timers.tick(1000);
+    clock.now = 3100;
+    t.mock.timers.tick(1100);
     assert.equal(table.size, 0, 'expired by the timer with no traffic');
   });
 
@@ -473,11 +517,13 @@ describe('client table', () => {
     clock.now = 500;
     assert.equal(table.check('c', limits), 'ip_table_full', "a's window still runs");
     clock.now = 1000;
+    assert.equal(table.check('c', limits), 'ip_table_full', "a's bucket still overlaps the window");
+    clock.now = 1100;
     assert.equal(table.check('c', limits), 'ok');
     assert.equal(table.size, 1);
   });
 
-  test('the window survives a reload that changes the limits object or its count', (t) => {
+  test('the window survives a reload that changes count, and a changed per keeps every start counted', (t) => {
     const { table, clock } = clockedTable();
     t.after(() => table.close());
     for (let i = 0; i < 5; i++) {
@@ -488,14 +534,14 @@ describe('client table', () => {
     assert.equal(table.check('a', rate(5, 1000)), 'ip_rate', 'a new but equal limits object');
     assert.equal(table.check('a', rate(3, 1000)), 'ip_rate', 'a lower count');
     assert.equal(table.check('a', rate(6, 1000)), 'ok', 'a higher count');
-    // Shrink the ring to 3 (keeps 20, 30, 40, then adds 100), then grow it back to 6.
-    table.acquire('a', rate(3, 1000));
-    clock.now = 1025;
-    assert.equal(table.check('a', rate(3, 1000)), 'ip_rate', '30, 40, 100 are still inside');
-    assert.equal(table.check('a', rate(2, 1000)), 'ip_rate');
-    table.acquire('a', rate(6, 1000)); // ring 6 keeps 30, 40, 100 and adds 1025
-    assert.equal(table.check('a', rate(5, 1000)), 'ok', 'only four starts are remembered');
-    assert.equal(table.check('a', rate(4, 1000)), 'ip_rate');
+    // per doubles: the five starts are kept (moved to the newest bucket), so nothing is forgotten.
+    assert.equal(table.check('a', rate(5, 2000)), 'ip_rate');
+    assert.equal(admit(table, 'a', rate(6, 2000)), 'ok');
+    assert.equal(table.check('a', rate(6, 2000)), 'ip_rate', 'six starts counted under the new per');
+    clock.now = 2199;
+    assert.equal(table.check('a', rate(6, 2000)), 'ip_rate');
+    clock.now = 2200;
+    assert.equal(table.check('a', rate(6, 2000)), 'ok', 'they leave together, one new window later');
   });
 
   test('top lists the busiest keys and distinctActive counts clients holding connections', (t) => {

@@ -6,6 +6,7 @@ import net from 'node:net';
 import { test, type TestContext } from 'node:test';
 import tls from 'node:tls';
 import type { Connection } from '../src/connection/connection.ts';
+import { MAX_DURATION_MS } from '../src/config/units.ts';
 import { startBlackhole } from './support/blackhole.ts';
 import {
   closed,
@@ -775,4 +776,25 @@ queue = 1
   assert.equal(data.toString(), 'request while queued');
   holder.destroy();
   await proxy.daemon.registry.whenEmpty();
+});
+
+test('the longest durations a config may hold arm their timers without TimeoutOverflowWarning', { timeout: 10_000 }, async (t) => {
+  const warnings: string[] = [];
+  const onWarning = (warning: Error): void => void warnings.push(warning.name);
+  process.on('warning', onWarning);
+  t.after(() => process.off('warning', onWarning));
+  const backend = await startBackend(t);
+  const longest = `"${MAX_DURATION_MS}ms"`; // if the cap is ever raised past what timers hold, this fails
+  const proxy = await startProxy(t, tcpToml([backend.port], `idle = ${longest}\nhalf_close = ${longest}\nmax_lifetime = ${longest}`));
+  const client = await connect(proxy.port('tcp'));
+  const reply = readAll(client);
+  client.write('ping');
+  await until(() => backend.accepted === 1, 5000, 'the backend to accept');
+  client.end();
+  const { data } = await reply;
+  assert.equal(data.toString(), 'ping');
+  await proxy.daemon.registry.whenEmpty();
+  // Warnings are emitted on the next tick; a timer that overflowed would also have fired (1 ms).
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.deepEqual(warnings.filter((name) => name === 'TimeoutOverflowWarning'), []);
 });

@@ -1,12 +1,14 @@
 // The admin API: plain HTTP on loopback or a unix socket (mode 0600). Read-only views of the
 // daemon; nothing here can change the proxy's state.
-import { chmodSync, unlinkSync } from 'node:fs';
+import { lstatSync, unlinkSync } from 'node:fs';
 import http from 'node:http';
 import type { AdminListen } from '../config/types.ts';
 import type { Daemon } from '../daemon.ts';
 import { daemonStats } from './stats.ts';
 
 export interface AdminServer {
+  /** As configured (a reload compares it with the new [admin] listen). */
+  readonly listen: AdminListen;
   /** `host:port` or `unix:/path`. */
   readonly address: string;
   readonly port: number;
@@ -25,24 +27,31 @@ export async function startAdminServer(listen: AdminListen, daemon: Daemon): Pro
   server.headersTimeout = 10_000;
   server.requestTimeout = 10_000;
   server.on('clientError', (_err, socket) => socket.destroy());
-  if (listen.kind === 'unix') {
-    try {
-      unlinkSync(listen.path); // a stale socket from a previous run
-    } catch {
-      /* absent */
-    }
-  }
+  if (listen.kind === 'unix') removeStaleSocket(listen.path);
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    if (listen.kind === 'unix') server.listen(listen.path, () => resolve());
-    else server.listen({ host: listen.address.host, port: listen.address.port }, () => resolve());
+    if (listen.kind === 'unix') {
+      // The socket file is created with mode 0600 (umask 0177 around bind(2)) so no client can
+      // connect in between creation and a chmod. listen() binds synchronously: the umask is
+      // restored before any other code runs.
+      const umask = process.umask(0o177);
+      try {
+        server.listen(listen.path, () => resolve());
+      } finally {
+        process.umask(umask);
+      }
+    } else {
+      // IPv6-only like the listeners, so check-config's overlap rules hold for the admin address too.
+      const host = listen.address.host;
+      server.listen({ host, port: listen.address.port, ipv6Only: host.includes(':') }, () => resolve());
+    }
   });
   server.on('error', (err) => daemon.log.error({ err }, 'admin server error'));
-  if (listen.kind === 'unix') chmodSync(listen.path, 0o600);
   const bound = server.address();
   const port = typeof bound === 'object' && bound !== null ? bound.port : 0;
   const address = listen.kind === 'unix' ? `unix:${listen.path}` : `${listen.address.host.includes(':') ? `[${listen.address.host}]` : listen.address.host}:${port}`;
   return {
+    listen,
     address,
     port,
     close: () =>
@@ -51,6 +60,20 @@ export async function startAdminServer(listen: AdminListen, daemon: Daemon): Pro
         server.closeAllConnections();
       }),
   };
+}
+
+/**
+ * Removes a socket a previous run left at `path`. Anything else there (a regular file, a
+ * directory, a link) is not ours to delete: listen then fails with EADDRINUSE and says so.
+ */
+function removeStaleSocket(path: string): void {
+  let stat;
+  try {
+    stat = lstatSync(path);
+  } catch {
+    return; // absent
+  }
+  if (stat.isSocket()) unlinkSync(path);
 }
 
 async function handle(daemon: Daemon, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {

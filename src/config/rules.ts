@@ -67,13 +67,20 @@ interface Bind {
   readonly path: Path;
 }
 
-// "0.0.0.0:X" takes port X on every IPv4 address, and "[::]:X" (dual-stack in Node) on every
-// address at all, so either collides with any other bind on X. Host names are compared as written.
+// "0.0.0.0:X" takes port X on every IPv4 address and "[::]:X" on every IPv6 address: listeners
+// bind IPv6 addresses IPv6-only (as nginx does), so the two coexist, as README promises.
+// A wildcard collides with another bind of its own family on X; host names are compared as
+// written (they may resolve to either family).
 function overlaps(a: Bind, b: Bind): boolean {
   // Port 0 means "any free port": two of them never collide.
   if (a.address.port !== b.address.port || a.address.port === 0) return false;
-  if (a.host === b.host || a.host === '::' || b.host === '::') return true;
-  return (a.host === '0.0.0.0' && ipFamily(b.host) === 4) || (b.host === '0.0.0.0' && ipFamily(a.host) === 4);
+  if (a.host === b.host) return true;
+  return coversFamily(a.host, b.host) || coversFamily(b.host, a.host);
+}
+
+/** True when `wildcard` is 0.0.0.0 or :: and `other` is an address literal of the same family. */
+function coversFamily(wildcard: string, other: string): boolean {
+  return (wildcard === '0.0.0.0' && ipFamily(other) === 4) || (wildcard === '::' && ipFamily(other) === 6);
 }
 
 /** Binds that collide with an earlier one; the admin API's TCP address takes part too. */

@@ -74,8 +74,16 @@ function oneOrMany<Out>(element: z.ZodType<Out, string>, description: string, op
   return z.union([element.transform((value): Out[] => [value]), options.nonEmpty ? list.min(1) : list], expecting(description));
 }
 
+/**
+ * Every count has a ceiling, so no value that passes check-config can crash or bloat the daemon
+ * (an unbounded rate count once passed validation and failed on the first connection).
+ */
+export const MAX_COUNT = 10_000_000;
+/** max_tracked_ips: each tracked client costs a table entry (see README, Memory). */
+export const MAX_TRACKED_IPS = 100_000_000;
+
 function count() {
-  return z.int(expecting('a whole number')).min(0);
+  return z.int(expecting('a whole number')).min(0).max(MAX_COUNT);
 }
 
 function percent() {
@@ -110,7 +118,7 @@ const globalLimits = z.strictObject(
       .prefault({}),
     fair_share_above: percent().default(80),
     ipv6_prefix: z.int(expecting('a prefix length from 1 to 128')).min(1).max(128).default(64),
-    max_tracked_ips: z.int(expecting('a whole number')).min(1).default(1_000_000),
+    max_tracked_ips: z.int(expecting('a whole number')).min(1).max(MAX_TRACKED_IPS).default(1_000_000),
   },
   table('[limits]'),
 );
@@ -201,7 +209,7 @@ const listener = z.strictObject(
   {
     name: name(),
     bind: oneOrMany(hostPort({ allowPortZero: true }), 'host:port or a list of them', { nonEmpty: true }),
-    workers: z.int(expecting('a whole number')).min(1).default(1024),
+    workers: z.int(expecting('a whole number')).min(1).max(MAX_COUNT).default(1024),
     queue: count().default(256),
     queue_timeout: duration({ positive: true }).default(5_000),
     reject: z.enum(['reset', 'close']).default('reset'),

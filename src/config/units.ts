@@ -12,9 +12,15 @@ export function isUnitError(value: unknown): value is UnitError {
   return typeof value === 'object' && value !== null && 'error' in value;
 }
 
-// Node fires a timer longer than 2^31-1 ms after 1 ms instead (TimeoutOverflowWarning), so a
-// longer duration would silently become "immediately". Refuse it here.
-export const MAX_DURATION_MS = 2_147_483_647;
+/** setTimeout's largest delay: Node fires a longer one after 1 ms (TimeoutOverflowWarning). */
+export const MAX_TIMER_MS = 2_147_483_647;
+
+/**
+ * The longest duration a config may hold: 576h (24 days). It stays below MAX_TIMER_MS with room
+ * to spare, because deadlines are rounded up to whole seconds before they are armed; a bound
+ * just under 2^31-1 ms let 2,147,483,001 ms pass and round up past it (issue 13, defect 3).
+ */
+export const MAX_DURATION_MS = 576 * 3_600_000;
 
 const DURATION_UNITS = [
   { unit: 'h', ms: 3_600_000 },
@@ -49,7 +55,7 @@ export function parseDuration(text: string): number | UnitError {
     total += Number(digits) * (DURATION_UNITS[rank]?.ms ?? 0);
     position = part.lastIndex;
   }
-  if (total > MAX_DURATION_MS) return { error: 'longer than the maximum of 596h' };
+  if (total > MAX_DURATION_MS) return { error: 'longer than the maximum of 576h (24 days)' };
   return total;
 }
 

@@ -17,15 +17,21 @@
 // Handlers are module-level functions that find their connection through a symbol on the
 // socket, so no closure is allocated per connection (memory per idle connection matters). The
 // one exception is the backend's `onread` pair, two small functions made once per dial.
+//
+// A closed connection is inert: every handler returns at once when the state is `closed`, and
+// close() detaches the data handlers, because a socket can still emit what it had buffered
+// after destroy() (a queued client paused at 16 KB, resumed by start() and refused in the same
+// tick, delivered its chunk to a connection with no backend: issue 13, defect 1).
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import type { HostPort, Timeouts } from '../config/types.ts';
 import type { Logger } from '../logging/logger.ts';
-import { parseClientHello, MAX_HELLO_BYTES } from '../routing/client-hello.ts';
+import { ClientHelloReader, MAX_HELLO_BYTES } from '../routing/client-hello.ts';
 import type { Route, RouteTable } from '../routing/route-table.ts';
 import { parseProxyHeader, type ProxyHeader } from '../proxy-protocol/parse.ts';
 import type { ProxyVersionAccept } from '../proxy-protocol/parse.ts';
 import { V1_PREFIX, V2_SIGNATURE } from '../proxy-protocol/types.ts';
+import { MAX_TIMER_MS } from '../config/units.ts';
 import { buildBackendProxyHeader } from './backend-proxy-header.ts';
 import type { CloseReason, RejectReason } from './reasons.ts';
 import type { Registry } from './registry.ts';
@@ -54,10 +60,14 @@ export interface ConnectionOwner {
   /** PROXY protocol expectation for connections from trusted sources; null when off. */
   readonly proxyAccept: ProxyVersionAccept | null;
   readonly proxyRequired: boolean;
-  /** After a PROXY header named the real client: firewall and per-client checks on it. */
-  admitRealClient(conn: Connection, header: ProxyHeader): RejectReason | null;
-  /** After SNI chose a route: the route's firewall and limit. */
-  admitRoute(conn: Connection, route: Route): RejectReason | null;
+  /**
+   * Once the PROXY phase is over: firewall and per-client checks on `conn.clientAddress`, which
+   * is the client a header named or, when none was named (no header with require = false,
+   * UNKNOWN, LOCAL, AF_UNIX), the balancer itself.
+   */
+  admitRealClient(conn: Connection): RejectReason | null;
+  /** After SNI chose a route: a route removed by a reload, the route's firewall and limit. */
+  admitRoute(conn: Connection, route: Route): CloseReason | null;
   backendFailed(conn: Connection, backend: HostPort, code: string): void;
   /** The single release point: slot, per-client count, route count, metrics, log line. */
   connectionClosed(conn: Connection, reason: CloseReason, stateBefore: ConnectionState): void;
@@ -116,6 +126,8 @@ export class Connection {
   bytesFromBackend = 0;
 
   private phase: Phase;
+  /** Reads the ClientHello incrementally while routing needs it; null before and after. */
+  private hello: ClientHelloReader | null = null;
   /** Bytes read during the handshake, replayed to the backend unchanged. */
   private inbound: Buffer | null = null;
   private inboundLength = 0;
@@ -132,6 +144,8 @@ export class Connection {
   private connectDeadline = 0;
   private halfCloseDeadline = 0;
   private lifetimeDeadline = 0;
+  /** A reload removed this connection's route with on_removal = "drain": closed at this time. */
+  private removalDeadline = 0;
   private lastActivity = 0;
   /** This connection's own backend read buffer while a burst fills whole reads; null = the shared one. */
   private backendReadBuffer: Buffer | null = null;
@@ -206,10 +220,20 @@ export class Connection {
       this.timer = null;
     }
     this.inbound = null;
+    this.hello = null;
+    const client = this.client;
+    client.off('data', onClientData);
+    client.off('end', onClientEnd);
+    client.off('drain', onClientDrain);
     const refused = before === 'queued' || before === 'handshake';
-    if (refused && this.owner.rejectStyle === 'reset' && !this.client.destroyed) this.client.resetAndDestroy();
-    else this.client.destroy();
-    this.backend?.destroy();
+    if (refused && this.owner.rejectStyle === 'reset' && !client.destroyed) client.resetAndDestroy();
+    else client.destroy();
+    const backend = this.backend;
+    if (backend !== null) {
+      backend.off('end', onBackendEnd);
+      backend.off('drain', onBackendDrain);
+      backend.destroy();
+    }
     this.owner.registry.remove(this);
     this.owner.connectionClosed(this, reason, before);
   }
@@ -263,6 +287,9 @@ export class Connection {
         if (result.kind === 'malformed') return this.close('proxy_header_invalid');
         if (result.kind === 'not-proxy') {
           if (this.owner.proxyRequired) return this.close('proxy_header_invalid');
+          // No header: the balancer is the client, with the checks accept() left to this point.
+          const refusal = this.owner.admitRealClient(this);
+          if (refusal !== null) return this.close(refusal);
           this.phase = Phase.Route;
           continue;
         }
@@ -274,7 +301,9 @@ export class Connection {
         continue;
       }
       if (!this.owner.routes.needsPeek) return this.routeTo(this.owner.routes.defaultRoute);
-      const hello = parseClientHello(buf);
+      this.hello ??= new ClientHelloReader();
+      const hello = this.hello.read(buf);
+      if (hello.kind !== 'need-more') this.hello = null;
       switch (hello.kind) {
         case 'need-more':
           return;
@@ -291,13 +320,21 @@ export class Connection {
 
   private acceptProxyHeader(header: ProxyHeader): void {
     this.proxyHeader = header;
+    // LOCAL, UNKNOWN and AF_UNIX name no client: the balancer stays the client.
     if (header.command === 'proxy' && header.source !== null && header.family !== 'unix') {
       this.via = this.clientAddress;
       this.clientAddress = header.source.address;
       this.clientPort = header.source.port;
     }
-    const refusal = this.owner.admitRealClient(this, header);
+    const refusal = this.owner.admitRealClient(this);
     if (refusal !== null) this.close(refusal);
+  }
+
+  /** A reload removed this connection's route with on_removal = "drain": close it at `at`. */
+  closeAtRemovalDeadline(at: number): void {
+    if (this.state === 'closed') return;
+    if (this.removalDeadline === 0 || at < this.removalDeadline) this.removalDeadline = at;
+    this.armTimer();
   }
 
   private appendInbound(chunk: Buffer): void {
@@ -502,6 +539,7 @@ export class Connection {
     if (this.connectDeadline > 0 && this.connectDeadline < next) next = this.connectDeadline;
     if (this.halfCloseDeadline > 0 && this.halfCloseDeadline < next) next = this.halfCloseDeadline;
     if (this.lifetimeDeadline > 0 && this.lifetimeDeadline < next) next = this.lifetimeDeadline;
+    if (this.removalDeadline > 0 && this.removalDeadline < next) next = this.removalDeadline;
     const { idleMs } = this.owner.timeouts;
     if (idleMs > 0 && this.lastActivity > 0) {
       const idleAt = this.lastActivity + idleMs;
@@ -531,6 +569,7 @@ export class Connection {
     if (this.queueDeadline > 0 && now >= this.queueDeadline) return this.close('queue_timeout');
     if (this.clientHelloDeadline > 0 && now >= this.clientHelloDeadline) return this.close('client_hello_timeout');
     if (this.lifetimeDeadline > 0 && now >= this.lifetimeDeadline) return this.close('max_lifetime');
+    if (this.removalDeadline > 0 && now >= this.removalDeadline) return this.close('removed');
     if (this.halfCloseDeadline > 0 && now >= this.halfCloseDeadline) return this.close('half_close_timeout');
     if (this.connectDeadline > 0 && now >= this.connectDeadline) {
       this.dialFailed('ETIMEDOUT');
@@ -584,10 +623,11 @@ function startsWithProxySignature(buf: Buffer): boolean {
  * Node keeps one timer list per distinct duration; arbitrary millisecond delays would give each
  * connection a list of its own. Long delays are rounded up to whole seconds (the timer re-checks
  * and re-arms when it fires, so a deadline is never missed, at most a second late); short ones,
- * where precision matters, are kept as they are.
+ * where precision matters, are kept as they are. Never past setTimeout's maximum, which Node
+ * would turn into 1 ms (a busy loop of re-arms).
  */
 function quantize(delay: number): number {
-  return delay <= 2000 ? delay : Math.ceil(delay / 1000) * 1000;
+  return delay <= 2000 ? delay : Math.min(MAX_TIMER_MS, Math.ceil(delay / 1000) * 1000);
 }
 
 function formatAddress(address: string): string {
@@ -595,15 +635,19 @@ function formatAddress(address: string): string {
 }
 
 // Module-level handlers: `this` is the socket; the connection hangs off it.
+// Each returns at once on a closed connection (see the header: a closed connection is inert).
 function onClientData(this: OwnedSocket, chunk: Buffer): void {
-  this[kConn].onClientData(chunk);
+  const conn = this[kConn];
+  if (conn.state !== 'closed') conn.onClientData(chunk);
 }
 function onClientEnd(this: OwnedSocket): void {
-  this[kConn].onClientEnd();
+  const conn = this[kConn];
+  if (conn.state !== 'closed') conn.onClientEnd();
 }
 function onClientError(this: OwnedSocket): void {
   // Ordinary network endings (ECONNRESET, EPIPE, ETIMEDOUT): a reason, not a stack trace.
   const conn = this[kConn];
+  if (conn.state === 'closed') return;
   conn.close(conn.state === 'relaying' || conn.state === 'closing' ? 'client_reset' : 'client_gone');
 }
 function onClientClose(this: OwnedSocket): void {
@@ -618,7 +662,8 @@ function onBackendConnect(this: OwnedSocket): void {
   if (conn.backend === this && conn.state === 'connecting') conn.onBackendConnect();
 }
 function onBackendEnd(this: OwnedSocket): void {
-  this[kConn].onBackendEnd();
+  const conn = this[kConn];
+  if (conn.backend === this && conn.state !== 'closed') conn.onBackendEnd();
 }
 function onBackendDrain(this: OwnedSocket): void {
   const conn = this[kConn];

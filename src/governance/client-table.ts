@@ -16,8 +16,17 @@
 // per entry. The front is not always the first to expire (an entry's window ends at its last start
 // + per, not when it went idle), so an entry may outlive its window, but by at most `per` (the
 // front itself expires no later than its idle time + per).
+//
+// The rate window costs the same memory whatever `count` is (issue 13, defect 3: a ring of
+// `count` start times let `count = 1000000` pin 7.7 MB per client). It is RATE_BUCKETS + 1
+// counters, each covering per / RATE_BUCKETS, summed over the buckets that overlap the window
+// (t - per, t]. The sum can include starts up to one bucket older than `per`, never fewer than
+// the window holds, so the approximation errs one way only: a client is never admitted more
+// than `count` times in any window of length `per`, and may wait up to per / RATE_BUCKETS
+// longer than an exact sliding window would for its quota to come back.
 
 import type { RateLimit } from '../config/types.ts';
+import { MAX_TIMER_MS } from '../config/units.ts';
 
 /** The limits of one listener, as in ListenerLimits. 0 = unlimited / off. */
 export interface ClientLimits {
@@ -36,20 +45,23 @@ export interface ClientTableOptions {
 
 /** The smallest period of the expiry timer, so a tiny `per` cannot make it spin. */
 const MIN_SWEEP_MS = 250;
+/** Buckets per rate window: the window is exact to within per / RATE_BUCKETS (see above). */
+export const RATE_BUCKETS = 10;
+const RATE_SLOTS = RATE_BUCKETS + 1;
 
 class ClientEntry {
   active = 0;
   /**
-   * Ring of the most recent connection start times; the next start is written at `next`.
+   * Starts per bucket, a ring indexed by bucket number (floor(time / bucketMs)) modulo its length.
    * Null while rate limiting is off, so clients of unlimited listeners cost no window.
    */
   starts: number[] | null = null;
-  next = 0;
-  /** How many slots of `starts` hold a time (it fills up, then wraps). */
-  stored = 0;
-  /** The window length when the last start was recorded: decides when an idle entry expires. */
-  perMs = 0;
-  lastStart = 0;
+  /** Bucket number of the newest bucket the ring holds. */
+  newestBucket = 0;
+  /** Bucket number of the latest start: the entry expires RATE_SLOTS buckets after it. */
+  lastStartBucket = 0;
+  /** per / RATE_BUCKETS of the window the ring was built for. */
+  bucketMs = 0;
   /** Idle-list links; `idle` says whether the entry is on the list. */
   idle = false;
   newer: ClientEntry | null = null;
@@ -57,8 +69,9 @@ class ClientEntry {
 
   constructor(readonly key: string) {}
 
+  /** When the window holds no start any more (-Infinity without a window). */
   get expiresAt(): number {
-    return this.stored === 0 ? -Infinity : this.lastStart + this.perMs;
+    return this.starts === null ? -Infinity : (this.lastStartBucket + RATE_SLOTS) * this.bucketMs;
   }
 }
 
@@ -112,13 +125,7 @@ export class ClientTable {
     const max = limits.maxConnectionsPerIp;
     if (max > 0 && entry.active >= max) return 'ip_limit';
     const { count, perMs } = limits.connectionRatePerIp;
-    const starts = entry.starts;
-    // Refuse when the last `count` starts all lie within the window (now - per, now].
-    if (count > 0 && starts !== null && entry.stored >= count) {
-      const size = starts.length;
-      const countthLatest = starts[(entry.next - count + size) % size]!;
-      if (now - countthLatest < perMs) return 'ip_rate';
-    }
+    if (count > 0 && entry.starts !== null && startsInWindow(entry, perMs, now) >= count) return 'ip_rate';
     return 'ok';
   }
 
@@ -139,11 +146,9 @@ export class ClientTable {
     if (entry.active++ === 0) this.#distinctActive++;
     const { count, perMs } = limits.connectionRatePerIp;
     if (count > 0) {
-      recordStart(entry, count, perMs, now);
+      recordStart(entry, perMs, now);
     } else if (entry.starts !== null) {
       entry.starts = null; // rate limiting turned off by a reload: forget the window
-      entry.stored = 0;
-      entry.next = 0;
     }
   }
 
@@ -200,7 +205,7 @@ export class ClientTable {
     else this.#idleOldest = entry;
     this.#idleNewest = entry;
     if (this.#sweepTimer === null) {
-      this.#sweepTimer = setInterval(() => this.#sweep(), Math.max(MIN_SWEEP_MS, entry.perMs));
+      this.#sweepTimer = setInterval(() => this.#sweep(), Math.min(MAX_TIMER_MS, Math.max(MIN_SWEEP_MS, entry.bucketMs * RATE_SLOTS)));
       this.#sweepTimer.unref();
     }
   }
@@ -231,24 +236,49 @@ export class ClientTable {
   }
 }
 
-/** Writes `now` into the entry's ring, first resizing it if the configured count changed. */
-function recordStart(entry: ClientEntry, count: number, perMs: number, now: number): void {
-  let starts = entry.starts;
-  if (starts === null || starts.length !== count) {
-    // Keep the most recent starts that fit, oldest first, so a reload does not reset the window.
-    const kept = Math.min(entry.stored, count);
-    const resized = new Array<number>(count).fill(0);
-    if (starts !== null) {
-      const size = starts.length;
-      for (let i = 0; i < kept; i++) resized[i] = starts[(entry.next - kept + i + size) % size]!;
-    }
-    starts = entry.starts = resized;
-    entry.stored = kept;
-    entry.next = kept % count;
+/**
+ * Starts counted in the buckets that overlap (now - per, now]. First moves the ring to `now`
+ * (emptying buckets that fell out) and, if a reload changed `per`, rebuilds it for the new
+ * width with every remembered start in the newest bucket: that can only over-count, never let
+ * a client past its limit.
+ */
+function startsInWindow(entry: ClientEntry, perMs: number, now: number): number {
+  const starts = entry.starts!;
+  const bucketMs = perMs / RATE_BUCKETS;
+  const bucket = Math.floor(now / bucketMs);
+  let total = 0;
+  for (let i = 0; i < RATE_SLOTS; i++) total += starts[i]!;
+  if (entry.bucketMs !== bucketMs) {
+    const kept = now >= entry.expiresAt ? 0 : total;
+    starts.fill(0);
+    starts[bucket % RATE_SLOTS] = kept;
+    entry.bucketMs = bucketMs;
+    entry.newestBucket = bucket;
+    entry.lastStartBucket = bucket;
+    return kept;
   }
-  starts[entry.next] = now;
-  entry.next = (entry.next + 1) % count;
-  if (entry.stored < count) entry.stored++;
-  entry.perMs = perMs;
-  entry.lastStart = now;
+  if (bucket > entry.newestBucket) {
+    const stale = Math.min(bucket - entry.newestBucket, RATE_SLOTS);
+    for (let i = 1; i <= stale; i++) {
+      const slot = (entry.newestBucket + i) % RATE_SLOTS;
+      total -= starts[slot]!;
+      starts[slot] = 0;
+    }
+    entry.newestBucket = bucket;
+  }
+  return total;
+}
+
+/** Counts one start at `now` in the entry's window of length `perMs`, creating it if needed. */
+function recordStart(entry: ClientEntry, perMs: number, now: number): void {
+  if (entry.starts === null) {
+    entry.starts = new Array<number>(RATE_SLOTS).fill(0);
+    entry.bucketMs = perMs / RATE_BUCKETS;
+    entry.newestBucket = Math.floor(now / entry.bucketMs);
+    entry.lastStartBucket = entry.newestBucket;
+  }
+  startsInWindow(entry, perMs, now);
+  const slot = entry.newestBucket % RATE_SLOTS;
+  entry.starts[slot] = entry.starts[slot]! + 1;
+  entry.lastStartBucket = entry.newestBucket;
 }

@@ -8,7 +8,7 @@ import type { Registry } from '../connection/registry.ts';
 import { clientKey } from '../governance/client-key.ts';
 import { compileFirewall, type Firewall } from '../governance/firewall.ts';
 import type { Logger } from '../logging/logger.ts';
-import type { ProxyHeader, ProxyVersionAccept } from '../proxy-protocol/parse.ts';
+import type { ProxyVersionAccept } from '../proxy-protocol/parse.ts';
 import type { Route } from '../routing/route-table.ts';
 import { RouteTable } from '../routing/route-table.ts';
 import type { Listener } from './listener.ts';
@@ -53,13 +53,13 @@ export class ListenerGeneration implements ConnectionOwner {
     return this.globalFirewall.allows(address) && this.ownFirewall.allows(address);
   }
 
-  /** ConnectionOwner: the real client named by a trusted balancer gets the checks it skipped at accept. */
-  admitRealClient(conn: Connection, header: ProxyHeader): RejectReason | null {
-    if (header.command !== 'proxy' || header.source === null || header.family === 'unix') {
-      // LOCAL / UNKNOWN (health checks): the balancer itself is the client.
-      return null;
-    }
-    const address = header.source.address;
+  /**
+   * ConnectionOwner: a trusted balancer's connection gets the checks it skipped at accept, on the
+   * client its header named or, when it named none (no header, UNKNOWN, LOCAL, AF_UNIX), on the
+   * balancer itself: a balancer that names nobody is the client, firewall and limits included.
+   */
+  admitRealClient(conn: Connection): RejectReason | null {
+    const address = conn.clientAddress;
     if (!this.admitsAddress(address)) return 'firewall';
     const key = clientKey(address, this.ipv6Prefix);
     const refusal = this.listener.checkClient(key);
@@ -68,8 +68,17 @@ export class ListenerGeneration implements ConnectionOwner {
     return null;
   }
 
-  /** ConnectionOwner: after SNI, the route's firewall then its connection limit. */
-  admitRoute(conn: Connection, route: Route): RejectReason | null {
+  /**
+   * ConnectionOwner: after SNI, a route a later reload removed (a connection still in its
+   * handshake at that reload routes through this older generation), then the route's firewall,
+   * then its connection limit.
+   */
+  admitRoute(conn: Connection, route: Route): CloseReason | null {
+    const removal = this.listener.removedRoutes.size === 0 ? undefined : this.listener.removedRoutes.get(route.name);
+    if (removal !== undefined) {
+      if (removal.policy === 'close') return 'removed';
+      if (removal.policy === 'drain') conn.closeAtRemovalDeadline(removal.closeAt);
+    }
     if (!route.firewall.allows(conn.clientAddress)) return 'route_firewall';
     const max = route.config.limits.maxConnections;
     const active = this.listener.routeActive.get(route.name) ?? 0;

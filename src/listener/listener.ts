@@ -5,12 +5,12 @@
 // Accept path, one call per arrow:
 //   socket -> admit (draining, firewall, per-client, fair share) -> new Connection
 //          -> slot free ? start() : queue (FIFO, queue_timeout) -> ... -> close(reason)
-//          -> connectionClosed: release slot, client count, route count -> promote the oldest queued
+//          -> connectionClosed: release slot, client count, route count -> slots.handOver (a loop)
 //
 // Listener states: ready <-> full (all workers busy or the global pool exhausted: new connections
 // queue) -> draining (removed or shutting down: accepts nothing, established ones finish).
 import net from 'node:net';
-import type { HostPort } from '../config/types.ts';
+import type { HostPort, OnRemoval } from '../config/types.ts';
 import { Connection, type ConnectionState } from '../connection/connection.ts';
 import { isRejection, type CloseReason, type RejectReason } from '../connection/reasons.ts';
 import type { Registry } from '../connection/registry.ts';
@@ -55,6 +55,12 @@ export class Listener implements SlotWaiter {
   /** Active connections per route name; survives reloads so route limits stay true. */
   readonly routeActive = new Map<string, number>();
   readonly rejections: RejectionLog;
+  /**
+   * Routes that reloads removed (by name; a later reload that adds the name back deletes it), so
+   * a connection still in its handshake at that reload, routing later through its older
+   * generation, gets the removal policy too: refused for "close", closed at `closeAt` for "drain".
+   */
+  readonly removedRoutes = new Map<string, { readonly policy: OnRemoval; readonly closeAt: number }>();
   draining = false;
   /** Open connections (queued included): +1 right after `new Connection`, -1 in connectionClosed. */
   private open = 0;
@@ -115,12 +121,36 @@ export class Listener implements SlotWaiter {
       const backlog = listenBacklog(this.generation.config.workers, this.generation.config.queue);
       server.listen({ host: address.host, port: address.port, backlog, ipv6Only: address.host.includes(':') }, () => {
         server.off('error', onListenError);
-        server.on('error', (err: NodeJS.ErrnoException) => this.onServerError(err));
-        server.on('connection', (socket: net.Socket) => this.accept(socket));
-        this.servers.set(address.text, server);
+        if (this.draining) {
+          // Shutdown began while a host name resolved: this socket must not outlive it.
+          server.close();
+          reject(new BindError(this.name, address.text, Object.assign(new Error('draining'), { code: 'EDRAINING' })));
+          return;
+        }
+        this.adopt(address.text, server);
         resolve();
       });
     });
+  }
+
+  /** Takes a listening socket as its own: bound here, or handed over by another listener. */
+  adopt(text: string, server: net.Server): void {
+    server.removeAllListeners('error');
+    server.removeAllListeners('connection');
+    server.on('error', (err: NodeJS.ErrnoException) => this.onServerError(err));
+    server.on('connection', (socket: net.Socket) => this.accept(socket));
+    this.servers.set(text, server);
+  }
+
+  /**
+   * Gives up a listening socket without closing it, for another listener to adopt in the same
+   * tick: an address moved between listeners by a reload never stops accepting (and cannot fail
+   * with EADDRINUSE, as binding it anew while this one held it did).
+   */
+  release(text: string): net.Server | undefined {
+    const server = this.servers.get(text);
+    this.servers.delete(text);
+    return server;
   }
 
   /**
@@ -246,7 +276,7 @@ export class Listener implements SlotWaiter {
     this.metrics.rejected(reason);
   }
 
-  /** SlotWaiter: starts the oldest queued connection if a slot is free. */
+  /** SlotWaiter: starts the oldest queued connection if a slot is free. Called by SlotPool.handOver only. */
   promoteOne(): boolean {
     if (!this.slotFree()) return false;
     for (const conn of this.queue) {
@@ -302,7 +332,7 @@ export class Listener implements SlotWaiter {
       conn.holdsSlot = false;
       this.busy--;
       this.deps.slots.busy--;
-      if (!this.promoteOne()) this.deps.slots.offer(this);
+      this.deps.slots.handOver(this);
     }
     this.open--;
     if (this.open === 0 && this.draining && this.onIdle !== null) {

@@ -3,7 +3,8 @@
 
 /** Something that can hand a freed slot to the oldest connection it has queued. */
 export interface SlotWaiter {
-  /** Starts its oldest queued connection if it can; true when it took the slot. */
+  /** Starts its oldest queued connection if it can; true when it took the slot (even if that
+   * connection was then refused and gave the slot back). */
   promoteOne(): boolean;
 }
 
@@ -12,6 +13,9 @@ export class SlotPool {
   max: number;
   busy = 0;
   private readonly waiters = new Set<SlotWaiter>();
+  /** handOver is running (a nested call only sets `again`). */
+  private handingOver = false;
+  private again = false;
 
   constructor(max: number) {
     this.max = max;
@@ -30,13 +34,29 @@ export class SlotPool {
   }
 
   /**
-   * A slot was freed by a listener that had nobody queued: offer it to the other listeners in
-   * turn. (A listener with its own queue promotes from it first.)
+   * Gives free slots to queued connections until no slot is free or nobody waits: `first`'s
+   * queue first (the listener that freed the slot), then every other listener's. A loop, never
+   * a recursion: a connection that start() refuses at once frees its slot back into this same
+   * loop (the nested call only asks for another pass), so a queue of any length that refuses
+   * synchronously costs one stack frame (issue 13, defect 2: 1,300 such connections recursed
+   * through close -> release -> promote -> start -> close and overflowed the stack).
    */
-  offer(from: SlotWaiter): void {
-    if (this.full) return;
-    for (const waiter of this.waiters) {
-      if (waiter !== from && waiter.promoteOne()) return;
+  handOver(first: SlotWaiter | null): void {
+    if (this.handingOver) {
+      this.again = true;
+      return;
+    }
+    this.handingOver = true;
+    try {
+      do {
+        this.again = false;
+        if (first !== null) while (first.promoteOne()) this.again = true;
+        for (const waiter of this.waiters) {
+          if (waiter !== first) while (waiter.promoteOne()) this.again = true;
+        }
+      } while (this.again && !this.full);
+    } finally {
+      this.handingOver = false;
     }
   }
 }

@@ -105,86 +105,131 @@ class Cursor {
  * Pure: bytes in, verdict out. Never throws, never reads past buf.
  * `buf` is everything the client has sent so far; only its first MAX_HELLO_BYTES are looked at,
  * and if those hold no complete ClientHello the verdict is malformed, never need-more.
+ * A connection that reads in steps uses a ClientHelloReader instead, so each byte is walked once.
  */
 export function parseClientHello(buf: Buffer): HelloResult {
-  // Last-resort net: the parser is written so nothing in it can throw; if a bug ever made it,
-  // one connection is refused instead of the daemon dying. The fuzz test asserts it is never hit.
-  try {
-    const capped = buf.length > MAX_HELLO_BYTES ? buf.subarray(0, MAX_HELLO_BYTES) : buf;
-    const verdict = parseRecords(capped);
-    if (verdict.kind === 'need-more' && buf.length >= MAX_HELLO_BYTES) {
-      return malformed(`no complete ClientHello in the first ${MAX_HELLO_BYTES} bytes`);
-    }
-    return verdict;
-  } catch (error) {
-    return malformed(`parser bug: ${String(error)}`);
-  }
+  return new ClientHelloReader().read(buf);
 }
 
 /**
- * Walks TLS records from the start of the stream and reassembles the first handshake message from
- * their fragments (RFC 8446 §5.1 lets it span records). Every decision depends only on bytes
- * before the point it is made, so a verdict other than need-more never changes as more bytes
- * arrive: segmentation cannot change the answer.
+ * The same verdicts as parseClientHello, for a stream that arrives in pieces: each call passes
+ * everything received so far (the previous call's bytes plus more), and only the records that
+ * completed since the last call are walked. A hello sent as 1-byte records (up to ~2,700 in
+ * MAX_HELLO_BYTES) then costs work linear in its bytes, not quadratic (issue 13, defect 4).
+ * No I/O; the caller owns the socket, the deadline and the buffer.
  */
-function parseRecords(stream: Buffer): HelloResult {
-  const records = new Cursor(stream);
-  const fragments: Buffer[] = [];
-  let collected = 0;
-  let messageLength: number | null = null;
+export class ClientHelloReader {
+  /** Stream offset of the first record not yet consumed (its header included). */
+  #offset = 0;
+  /** Fragments of the complete records consumed so far, in order, and their total length. */
+  readonly #fragments: Buffer[] = [];
+  #collected = 0;
+  #messageLength: number | null = null;
+  #verdict: HelloResult | null = null;
+  #recordHeadersRead = 0;
 
-  for (let first = true; ; first = false) {
-    const contentType = records.u8();
-    if (contentType === null) return NEED_MORE;
-    if (contentType !== CONTENT_TYPE_HANDSHAKE) {
-      // An SSLv2 hello (high bit set), HTTP, SSH... all fail here on the first byte.
-      return first ? NOT_TLS : malformed(`record of content type ${contentType} inside the ClientHello`);
-    }
-    const major = records.u8();
-    if (major === null) return NEED_MORE;
-    if (major !== 3) {
-      return first ? NOT_TLS : malformed(`record version major ${major} inside the ClientHello`);
-    }
-    // The minor version is not checked: clients send 0x0301 for compatibility (RFC 8446 §5.1).
-    const minor = records.u8();
-    const recordLength = minor === null ? null : records.u16();
-    if (recordLength === null) return NEED_MORE;
-    // RFC 8446 §5.1: zero-length handshake fragments MUST NOT be sent.
-    if (recordLength === 0) return malformed('zero-length handshake record');
-    if (recordLength > MAX_RECORD_BYTES) return malformed(`record of ${recordLength} bytes`);
+  /** Record headers examined so far, re-reads of an incomplete last record included (tests). */
+  get recordHeadersRead(): number {
+    return this.#recordHeadersRead;
+  }
 
-    const fragment = records.upTo(recordLength);
-    fragments.push(fragment);
-    collected += fragment.length;
-
-    if (messageLength === null) {
-      // The 4-byte handshake header may itself be split across records; this runs at most 4 times.
-      const header = new Cursor(Buffer.concat(fragments, Math.min(collected, HANDSHAKE_HEADER_BYTES)));
-      const handshakeType = header.u8();
-      if (handshakeType !== null && handshakeType !== HANDSHAKE_TYPE_CLIENT_HELLO) {
-        return malformed(`handshake type ${handshakeType}, expected client_hello (1)`);
+  read(buf: Buffer): HelloResult {
+    if (this.#verdict !== null) return this.#verdict;
+    // Last-resort net: the parser is written so nothing in it can throw; if a bug ever made it,
+    // one connection is refused instead of the daemon dying. The fuzz test asserts it is never hit.
+    try {
+      const capped = buf.length > MAX_HELLO_BYTES ? buf.subarray(0, MAX_HELLO_BYTES) : buf;
+      let verdict = this.#readRecords(capped);
+      if (verdict.kind === 'need-more' && buf.length >= MAX_HELLO_BYTES) {
+        verdict = malformed(`no complete ClientHello in the first ${MAX_HELLO_BYTES} bytes`);
       }
-      const lengthHigh = header.u8();
-      const lengthLow = header.u16();
-      if (lengthHigh !== null && lengthLow !== null) {
-        messageLength = lengthHigh * 0x10000 + lengthLow;
-        if (messageLength > MAX_MESSAGE_BYTES) {
-          return malformed(`ClientHello of ${messageLength} bytes cannot fit in ${MAX_HELLO_BYTES} bytes`);
+      if (verdict.kind !== 'need-more') this.#verdict = verdict;
+      return verdict;
+    } catch (error) {
+      return (this.#verdict = malformed(`parser bug: ${String(error)}`));
+    }
+  }
+
+  /**
+   * Walks TLS records from where the last call stopped and reassembles the first handshake
+   * message from their fragments (RFC 8446 §5.1 lets it span records). Every decision depends
+   * only on bytes before the point it is made, so a verdict other than need-more never changes as
+   * more bytes arrive: segmentation cannot change the answer.
+   */
+  #readRecords(stream: Buffer): HelloResult {
+    for (;;) {
+      const first = this.#offset === 0;
+      const records = new Cursor(stream.subarray(this.#offset));
+      this.#recordHeadersRead++;
+      const contentType = records.u8();
+      if (contentType === null) return NEED_MORE;
+      if (contentType !== CONTENT_TYPE_HANDSHAKE) {
+        // An SSLv2 hello (high bit set), HTTP, SSH... all fail here on the first byte.
+        return first ? NOT_TLS : malformed(`record of content type ${contentType} inside the ClientHello`);
+      }
+      const major = records.u8();
+      if (major === null) return NEED_MORE;
+      if (major !== 3) {
+        return first ? NOT_TLS : malformed(`record version major ${major} inside the ClientHello`);
+      }
+      // The minor version is not checked: clients send 0x0301 for compatibility (RFC 8446 §5.1).
+      const minor = records.u8();
+      const recordLength = minor === null ? null : records.u16();
+      if (recordLength === null) return NEED_MORE;
+      // RFC 8446 §5.1: zero-length handshake fragments MUST NOT be sent.
+      if (recordLength === 0) return malformed('zero-length handshake record');
+      if (recordLength > MAX_RECORD_BYTES) return malformed(`record of ${recordLength} bytes`);
+
+      const fragment = records.upTo(recordLength);
+      const complete = fragment.length === recordLength;
+      // An incomplete last record is looked at but not consumed: the next call reads it again,
+      // whole or longer. Its header is 5 bytes, so that re-read costs O(1).
+      const collected = this.#collected + fragment.length;
+      let messageLength = this.#messageLength;
+      if (messageLength === null) {
+        // The 4-byte handshake header may itself be split across records.
+        const header = new Cursor(firstBytes([...this.#fragments, fragment], HANDSHAKE_HEADER_BYTES));
+        const handshakeType = header.u8();
+        if (handshakeType !== null && handshakeType !== HANDSHAKE_TYPE_CLIENT_HELLO) {
+          return malformed(`handshake type ${handshakeType}, expected client_hello (1)`);
+        }
+        const lengthHigh = header.u8();
+        const lengthLow = header.u16();
+        if (lengthHigh !== null && lengthLow !== null) {
+          messageLength = lengthHigh * 0x10000 + lengthLow;
+          if (messageLength > MAX_MESSAGE_BYTES) {
+            return malformed(`ClientHello of ${messageLength} bytes cannot fit in ${MAX_HELLO_BYTES} bytes`);
+          }
         }
       }
-    }
 
-    if (messageLength !== null && collected >= HANDSHAKE_HEADER_BYTES + messageLength) {
-      // Anything after the message (more records, early data) is not ours to judge. A message in
-      // one record (the usual case) is parsed in place, without a copy.
-      const message =
-        fragments.length === 1 && fragments[0] ? fragments[0] : Buffer.concat(fragments, collected);
-      return parseClientHelloBody(
-        message.subarray(HANDSHAKE_HEADER_BYTES, HANDSHAKE_HEADER_BYTES + messageLength),
-      );
+      if (messageLength !== null && collected >= HANDSHAKE_HEADER_BYTES + messageLength) {
+        // Anything after the message (more records, early data) is not ours to judge. A message
+        // in one record (the usual case) is parsed in place, without a copy.
+        const fragments = [...this.#fragments, fragment];
+        const message = fragments.length === 1 ? fragment : Buffer.concat(fragments, collected);
+        return parseClientHelloBody(message.subarray(HANDSHAKE_HEADER_BYTES, HANDSHAKE_HEADER_BYTES + messageLength));
+      }
+      if (!complete) return NEED_MORE;
+      this.#fragments.push(fragment);
+      this.#collected = collected;
+      this.#messageLength = messageLength;
+      this.#offset += RECORD_HEADER_BYTES + recordLength;
     }
-    if (fragment.length < recordLength) return NEED_MORE;
   }
+}
+
+/** The first `count` bytes of a list of buffers (fewer if they hold fewer). */
+function firstBytes(buffers: readonly Buffer[], count: number): Buffer {
+  const out: Buffer[] = [];
+  let have = 0;
+  for (const b of buffers) {
+    if (have >= count) break;
+    const part = b.subarray(0, count - have);
+    out.push(part);
+    have += part.length;
+  }
+  return Buffer.concat(out, have);
 }
 
 /** RFC 8446 §4.1.2: the ClientHello body, once the whole message is in hand. */
