@@ -702,6 +702,9 @@ function findHaproxy(): string | null {
 }
 
 const HAPROXY = findHaproxy();
+// In CI a missing haproxy is a failure, not a skip: .ci/run installs it, and a skipped interop
+// test proves nothing.
+if (HAPROXY === null && process.env.CI) throw new Error('haproxy not installed, and CI is set: .ci/run must install it');
 const NO_HAPROXY = 'haproxy not installed: `apt-get install -y haproxy` to run the interop tests';
 
 /** Resolves true once something accepts on the port (nothing is sent; resets are ignored). */
