@@ -15,6 +15,11 @@ export interface ListenerStats {
   readonly rejections: Record<string, number>;
   readonly routes: Array<{ readonly name: string; readonly active: number }>;
   readonly topClients: Array<{ readonly client: string; readonly active: number }>;
+  // Optional: absent from the answers of daemons older than these fields (`status` reads any).
+  /** Clients holding at least one connection (the per-client table's own count, the fair-share divisor). */
+  readonly activeClients?: number;
+  /** Connections counted on a route, routes a reload removed included (`routes` lists the current ones only). */
+  readonly routedActive?: number;
 }
 
 export interface DaemonStats {
@@ -24,6 +29,8 @@ export interface DaemonStats {
   readonly accepting: boolean;
   readonly active: number;
   readonly maxConnections: number;
+  /** Worker slots taken from the process-wide pool (`limits.max_connections`); null if unreadable. */
+  readonly slotsBusy?: number | null;
   readonly listeners: ListenerStats[];
 }
 
@@ -44,6 +51,8 @@ export function daemonStats(daemon: Daemon): DaemonStats {
       rejections: listener.rejections.totals(),
       routes: gen.config.routes.map((r) => ({ name: r.name, active: listener.routeActive.get(r.name) ?? 0 })),
       topClients: listener.clients.top(20).map((c) => ({ client: c.key, active: c.active })),
+      activeClients: listener.clients.distinctActive,
+      routedActive: [...listener.routeActive.values()].reduce((sum, n) => sum + n, 0),
     });
   }
   return {
@@ -53,6 +62,17 @@ export function daemonStats(daemon: Daemon): DaemonStats {
     accepting: daemon.accepting,
     active: daemon.registry.size,
     maxConnections: daemon.config.limits.maxConnections,
+    slotsBusy: slotsBusy(daemon),
     listeners,
   };
+}
+
+/**
+ * The global slot pool's own count, which must equal the sum of the listeners' `busy` and return
+ * to 0. The pool is private to the Daemon; it is read here, defensively, so /stats can show it
+ * without widening the Daemon's interface.
+ */
+function slotsBusy(daemon: Daemon): number | null {
+  const pool = (daemon as unknown as { slots?: { busy?: unknown } }).slots;
+  return typeof pool?.busy === 'number' ? pool.busy : null;
 }

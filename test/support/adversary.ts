@@ -1,0 +1,1601 @@
+// The adversarial layer (issue 13): a seeded, bounded generator of hostile client behaviour, run
+// against a real `smartproxy serve` process, with invariants checked during and after every run.
+//
+//   generatePlan(seed)    pure and deterministic: the same seed gives the same Plan, a JSON value
+//                         (config versions + a list of steps) that prints, saves and replays.
+//   runPlan(scope, plan)  starts the backends and the daemon, executes the steps (each bounded in
+//                         time), checks the invariants, stops the daemon with SIGTERM. Returns
+//                         every invariant that failed; never throws for a daemon failure.
+//
+// Steps run in plan order. A client step appends one operation to that client's lane (a promise
+// chain, so one client's operations are serial while clients interleave); a `wait` step lets time
+// pass; `burst` opens many clients at once; `reload` rewrites the file and sends SIGHUP.
+//
+// Invariants (each failure is one line of RunResult.failures):
+//   - the daemon never exits before SIGTERM; after it, it exits 0 within drain_timeout + slack;
+//   - no fatal, "uncaught exception", "unhandled rejection" or "bug" log line; no error line but
+//     the ones a deliberately invalid reload causes; every valid reload succeeds and leaves exactly
+//     the binds of its file listening;
+//   - while running (sampled from the admin API): busy <= workers, queued <= queue, route actives
+//     <= route limits, per-client counts <= max_connections_per_ip (the largest any version of the
+//     listener had), and no connection older than its state allows (queued, handshake, connecting,
+//     lifetime), idle longer than `idle` or half-closed longer than `half_close`;
+//   - every client socket is ended by the proxy within its deadlines (+ slack);
+//   - once every client is gone: /stats active 0, busy 0, queued 0, route actives 0, no top client,
+//     /connections empty, the /metrics gauges 0, and the daemon's descriptor count (less its
+//     listening sockets) back to the baseline taken after start-up.
+import { once } from 'node:events';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import net from 'node:net';
+import type { TestContext } from 'node:test';
+import { writeProxyHeaderV1, writeProxyHeaderV2 } from '../../src/proxy-protocol/write.ts';
+import { startBlackhole } from './blackhole.ts';
+import { adminGet, listeningPorts, startCli, type CliProxy } from './cli.ts';
+import { closedPort, echo, startBackend } from './harness.ts';
+import { parseExposition } from './metrics.ts';
+
+// ---- a small seeded PRNG -----------------------------------------------------------------------
+
+/** mulberry32: 32 bits of state, good enough to pick test cases, identical on every platform. */
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+class Rng {
+  private readonly next: () => number;
+  constructor(seed: number) {
+    this.next = mulberry32(seed);
+  }
+  /** An integer in [lo, hi]. */
+  int(lo: number, hi: number): number {
+    return lo + Math.floor(this.next() * (hi - lo + 1));
+  }
+  chance(p: number): boolean {
+    return this.next() < p;
+  }
+  pick<T>(items: readonly T[]): T {
+    return items[Math.floor(this.next() * items.length)]!;
+  }
+  weighted<T>(table: ReadonlyArray<readonly [T, number]>): T {
+    const total = table.reduce((sum, [, w]) => sum + w, 0);
+    let r = this.next() * total;
+    for (const [value, w] of table) {
+      r -= w;
+      if (r < 0) return value;
+    }
+    return table[table.length - 1]![0];
+  }
+  shuffle<T>(items: T[]): T[] {
+    for (let i = items.length - 1; i > 0; i--) {
+      const j = Math.floor(this.next() * (i + 1));
+      [items[i], items[j]] = [items[j]!, items[i]!];
+    }
+    return items;
+  }
+}
+
+// ---- the plan ------------------------------------------------------------------------------------
+
+/** Timeouts of every config version (fixed, so deadlines can be checked from outside). */
+export const TIMEOUTS = {
+  connectMs: 300,
+  clientHelloMs: 300,
+  idleMs: 2000,
+  halfCloseMs: 1000,
+  maxLifetimeMs: 4000,
+  drainMs: 1000,
+  queueMs: 500,
+  /** queue_timeout of a listener set up for a flood (the queue must hold while the flood connects). */
+  floodQueueMs: 2500,
+} as const;
+
+export type BackendName = 'echo' | 'talker' | 'silent' | 'closed' | 'blackhole';
+export type ListenerKind = 'sni' | 'pp' | 'plain';
+type Removal = 'keep' | 'drain' | 'close';
+
+export interface RouteSpec {
+  readonly name: string;
+  readonly sni: readonly string[];
+  readonly default: boolean;
+  readonly backends: readonly BackendName[];
+  /** Route max_connections; 0 = unlimited. */
+  readonly maxConnections: number;
+  readonly onRemoval: Removal | null;
+}
+
+export interface ListenerSpec {
+  readonly name: string;
+  readonly kind: ListenerKind;
+  /** Indexes into the run's bind addresses (127.0.0.11.. on ports picked at run time). */
+  readonly binds: readonly number[];
+  readonly workers: number;
+  readonly queue: number;
+  readonly queueTimeoutMs: number;
+  readonly maxPerIp: number;
+  readonly ratePerSecond: number;
+  readonly fairShareAbove: number;
+  readonly reject: 'reset' | 'close';
+  readonly onRemoval: Removal;
+  readonly proxy: { readonly accept: 'v1' | 'v2' | 'any'; readonly require: boolean } | null;
+  readonly routes: readonly RouteSpec[];
+}
+
+export interface ConfigVersion {
+  /** false: the file carries an unknown key, so the reload must fail and change nothing. */
+  readonly valid: boolean;
+  readonly maxConnections: number;
+  readonly listeners: readonly ListenerSpec[];
+}
+
+export type HelloForm = 'whole' | 'records1' | 'tiny' | 'truncated' | 'malformed';
+
+export type ClientOp =
+  | { readonly op: 'connect'; readonly target: number; readonly src: string; readonly halfOpen: boolean }
+  | { readonly op: 'proxy'; readonly version: 'v1' | 'v2'; readonly form: 'valid' | 'truncated' | 'malformed'; readonly source: string; readonly tiny: boolean; readonly variant: number }
+  | { readonly op: 'hello'; readonly sni: string | null; readonly form: HelloForm; readonly pad: number; readonly variant: number }
+  | { readonly op: 'bytes'; readonly n: number; readonly pieces: number }
+  | { readonly op: 'garbage'; readonly n: number; readonly variant: number }
+  | { readonly op: 'pause'; readonly ms: number }
+  | { readonly op: 'wait'; readonly ms: number }
+  | { readonly op: 'end' }
+  | { readonly op: 'reset' }
+  | { readonly op: 'destroy' };
+
+export type Step =
+  | { readonly kind: 'client'; readonly client: number; readonly do: ClientOp }
+  | { readonly kind: 'wait'; readonly ms: number }
+  /** Clients first..first+count-1 connect at once (sources in turn), then each runs `script`. */
+  | { readonly kind: 'burst'; readonly first: number; readonly count: number; readonly target: number; readonly sources: readonly string[]; readonly script: readonly ClientOp[] }
+  /** Writes configs[version] and sends SIGHUP; `await` = wait for the outcome before going on. */
+  | { readonly kind: 'reload'; readonly version: number; readonly await: boolean };
+
+export interface Plan {
+  readonly format: 1;
+  readonly seed: number;
+  /** How many bind addresses the configs refer to. */
+  readonly addresses: number;
+  readonly configs: readonly ConfigVersion[];
+  readonly steps: readonly Step[];
+  /** After the counts returned to 0: open `openAtTerm` clients, optionally SIGHUP to `hupVersion`, then SIGTERM at once. */
+  readonly final: { readonly openAtTerm: number; readonly hupVersion: number | null };
+}
+
+export interface GenerateOptions {
+  /** Sum of the global waits: roughly how long the steps take. */
+  readonly budgetMs?: number;
+  /** Probability that the plan contains a queue flood (thousands of queued clients). */
+  readonly floodChance?: number;
+}
+
+const ADDRESSES = 6;
+/** Client source addresses; 127.0.0.1 and 127.0.0.2 are the trusted balancers of PROXY listeners. */
+export const SOURCES = ['127.0.0.1', '127.0.0.2', '127.0.0.3', '127.0.0.4', '127.0.0.5', '127.0.0.6'] as const;
+export const TRUSTED = ['127.0.0.1', '127.0.0.2'] as const;
+const UNTRUSTED = ['127.0.0.3', '127.0.0.4', '127.0.0.5', '127.0.0.6'] as const;
+/** Real clients named in PROXY headers: few, so per-client limits are reached. */
+const REAL_CLIENTS = ['10.0.0.1', '10.0.0.2', '192.0.2.7'] as const;
+
+/** Routes a listener may have (by name; the SNI names are fixed, the backends too). */
+const ROUTE_CATALOG: ReadonlyArray<{ name: string; sni: string[]; backends: BackendName[] }> = [
+  { name: 'echo', sni: ['echo.test'], backends: ['echo'] },
+  { name: 'talk', sni: ['talk.test'], backends: ['talker'] },
+  { name: 'silent', sni: ['silent.test'], backends: ['silent'] },
+  { name: 'dead', sni: ['dead.test'], backends: ['closed'] },
+  { name: 'slow', sni: ['slow.test'], backends: ['blackhole', 'echo'] },
+  { name: 'wild', sni: ['*.wild.test'], backends: ['echo', 'talker'] },
+];
+const SNI_CHOICES: ReadonlyArray<string | null> = ['echo.test', 'talk.test', 'silent.test', 'dead.test', 'slow.test', 'a.wild.test', 'unknown.test', null];
+
+/** The generator's view of the daemon while it writes steps. */
+class Generator {
+  readonly rng: Rng;
+  readonly configs: ConfigVersion[] = [];
+  readonly steps: Step[] = [];
+  /** The version in force (the last valid one reloaded). */
+  current: ConfigVersion;
+  private listenerSerial = 0;
+  private nextClient = 0;
+  /** Client scripts still to be interleaved. */
+  private readonly active: Array<{ client: number; ops: ClientOp[] }> = [];
+  elapsed = 0;
+  flooded = false;
+
+  constructor(seed: number) {
+    this.rng = new Rng(seed);
+    const names: Array<[string, ListenerKind]> = [['a', 'sni'], ['b', 'pp'], ['c', 'plain']];
+    if (this.rng.chance(0.5)) names.push([this.freshName(), this.rng.pick(['sni', 'pp', 'plain'] as const)]);
+    const listeners = names.map(([name, kind]) => this.makeListener(name, kind, []));
+    this.current = { valid: true, maxConnections: this.pickMaxConnections(), listeners: this.assignBinds(listeners, new Map()) };
+    this.configs.push(this.current);
+  }
+
+  freshName(): string {
+    return `n${++this.listenerSerial}`;
+  }
+
+  pickMaxConnections(): number {
+    return this.rng.weighted([[0, 3], [4, 1], [8, 1], [16, 1]]);
+  }
+
+  makeListener(name: string, kind: ListenerKind, binds: number[], flood = false): ListenerSpec {
+    const r = this.rng;
+    const routes: RouteSpec[] = [];
+    if (kind !== 'plain') {
+      for (const entry of ROUTE_CATALOG) {
+        if (!r.chance(0.6) && !(flood && entry.name === 'silent')) continue;
+        routes.push({
+          name: entry.name,
+          sni: entry.sni,
+          default: false,
+          backends: entry.backends,
+          maxConnections: r.chance(0.12) ? r.int(1, 3) : 0,
+          onRemoval: r.chance(0.3) ? r.pick(['keep', 'drain', 'close'] as const) : null,
+        });
+      }
+    }
+    if (kind === 'plain' || r.chance(0.7) || routes.length === 0) {
+      routes.push({
+        name: 'fallback',
+        sni: [],
+        default: true,
+        backends: [r.weighted([['echo', 4], ['talker', 2], ['silent', 1], ['closed', 1]] as const)],
+        maxConnections: r.chance(0.1) ? r.int(1, 3) : 0,
+        onRemoval: r.chance(0.3) ? r.pick(['keep', 'drain', 'close'] as const) : null,
+      });
+    }
+    return {
+      name,
+      kind,
+      binds,
+      workers: flood ? 1 : r.pick([1, 2, 4, 8, 16]),
+      queue: flood ? 2000 : r.pick([0, 2, 4, 8, 16]),
+      queueTimeoutMs: flood ? TIMEOUTS.floodQueueMs : TIMEOUTS.queueMs,
+      maxPerIp: flood ? 0 : r.chance(0.5) ? 0 : r.pick([2, 3, 5]),
+      ratePerSecond: flood ? 0 : r.chance(0.12) ? r.pick([10, 30]) : 0,
+      fairShareAbove: flood ? 0 : r.pick([0, 80, 50]),
+      reject: r.pick(['reset', 'close'] as const),
+      onRemoval: r.pick(['keep', 'drain', 'close'] as const),
+      proxy: kind === 'pp' ? { accept: r.weighted([['any', 2], ['v1', 1], ['v2', 1]] as const), require: r.chance(0.5) } : null,
+      routes,
+    };
+  }
+
+  /**
+   * Gives every listener at least one address: each address stays with its previous owner
+   * (when that listener is kept) with probability 0.6, else moves to a random listener or to none.
+   */
+  assignBinds(listeners: ListenerSpec[], previous: Map<number, string>): ListenerSpec[] {
+    const r = this.rng;
+    const owner = new Map<number, string | null>();
+    const names = listeners.map((l) => l.name);
+    for (let a = 0; a < ADDRESSES; a++) {
+      const before = previous.get(a);
+      if (before !== undefined && names.includes(before) && r.chance(0.6)) owner.set(a, before);
+      else owner.set(a, r.chance(0.25) ? null : r.pick(names));
+    }
+    const held = (name: string): number[] => [...owner].filter(([, o]) => o === name).map(([a]) => a);
+    for (const name of names) {
+      if (held(name).length > 0) continue;
+      const free = [...owner].filter(([, o]) => o === null).map(([a]) => a);
+      const donor = names.find((n) => held(n).length >= 2);
+      const take = free.length > 0 ? r.pick(free) : r.pick(held(donor!));
+      owner.set(take, name);
+    }
+    return listeners.map((l) => ({ ...l, binds: held(l.name) }));
+  }
+
+  /** The next config: listeners kept (possibly changed), removed, added; binds moved. */
+  nextConfig(opts: { flood?: boolean } = {}): ConfigVersion {
+    const r = this.rng;
+    const prev = this.current;
+    const previousOwner = new Map<number, string>();
+    for (const l of prev.listeners) for (const a of l.binds) previousOwner.set(a, l.name);
+    let listeners: ListenerSpec[] = [];
+    for (const l of prev.listeners) {
+      if (prev.listeners.length > 1 && r.chance(0.15)) continue; // removed
+      if (r.chance(0.5)) listeners.push(l);
+      else {
+        const fresh = this.makeListener(l.name, l.kind, []);
+        // Half the time only the routes change, half the time only the numbers.
+        listeners.push(r.chance(0.5) ? { ...l, routes: fresh.routes } : { ...fresh, routes: l.routes, proxy: l.proxy });
+      }
+    }
+    if (listeners.length < 5 && r.chance(0.3)) listeners.push(this.makeListener(this.freshName(), r.pick(['sni', 'pp', 'plain'] as const), []));
+    if (listeners.length === 0) listeners.push(this.makeListener(this.freshName(), 'sni', []));
+    if (opts.flood) {
+      const i = listeners.findIndex((l) => l.kind === 'sni');
+      const flood = this.makeListener(i >= 0 ? listeners[i]!.name : this.freshName(), 'sni', [], true);
+      if (i >= 0) listeners[i] = flood;
+      else if (listeners.length < 5) listeners.push(flood);
+      else listeners[0] = { ...flood, name: this.freshName() };
+    }
+    listeners = this.assignBinds(listeners, previousOwner);
+    return { valid: true, maxConnections: r.chance(0.5) ? prev.maxConnections : this.pickMaxConnections(), listeners };
+  }
+
+  reload(config: ConfigVersion, wait: boolean): void {
+    this.configs.push(config);
+    this.steps.push({ kind: 'reload', version: this.configs.length - 1, await: wait });
+    if (config.valid) this.current = config;
+  }
+
+  /** An address to connect to: usually one the current config binds, sometimes any. */
+  pickTarget(): { target: number; listener: ListenerSpec | null } {
+    const r = this.rng;
+    if (r.chance(0.08)) {
+      const target = r.int(0, ADDRESSES - 1);
+      return { target, listener: this.current.listeners.find((l) => l.binds.includes(target)) ?? null };
+    }
+    const listener = r.pick(this.current.listeners);
+    return { target: r.pick(listener.binds), listener };
+  }
+
+  newClientId(): number {
+    return this.nextClient++;
+  }
+
+  get clientCount(): number {
+    return this.nextClient;
+  }
+
+  /** One hostile client's whole script, its first op (connect) included. */
+  clientScript(target: number, listener: ListenerSpec | null): ClientOp[] {
+    const r = this.rng;
+    const kind = listener?.kind ?? 'sni';
+    const src = r.pick(SOURCES);
+    const ops: ClientOp[] = [{ op: 'connect', target, src, halfOpen: r.chance(0.5) }];
+    const ending = (): ClientOp => r.weighted([[{ op: 'end' }, 3], [{ op: 'reset' }, 3], [{ op: 'destroy' }, 1]] as const);
+    // A client may leave at any point: right after connect (queued, or waiting for its first bytes) ...
+    if (r.chance(0.08)) return [...ops, ending()];
+    let localWait = 0;
+    const wait = (max: number): void => {
+      const ms = Math.min(r.int(0, max), 1500 - localWait);
+      if (ms <= 0) return;
+      localWait += ms;
+      ops.push({ op: 'wait', ms });
+    };
+    if (r.chance(0.25)) wait(150);
+    const trusted = (TRUSTED as readonly string[]).includes(src);
+    if (kind === 'pp' ? r.chance(trusted ? 0.8 : 0.25) : r.chance(0.04)) {
+      ops.push(this.proxyOp());
+      if (r.chance(0.1)) return [...ops, ending()]; // ... during the handshake ...
+      if (r.chance(0.2)) wait(200);
+    }
+    const main = kind === 'plain' ? r.weighted([['bytes', 6], ['nothing', 2], ['tls', 1], ['garbage', 1]] as const) : r.weighted([['tls', 6], ['bytes', 2], ['garbage', 1], ['nothing', 1]] as const);
+    if (main === 'tls') ops.push(this.helloOp());
+    else if (main === 'bytes') ops.push({ op: 'bytes', n: r.int(1, 3000), pieces: r.int(1, 4) });
+    else if (main === 'garbage') ops.push({ op: 'garbage', n: r.int(1, 600), variant: r.int(0, 3) });
+    // ... while connecting or relaying (several ops of traffic, slow reads and pauses) ...
+    const traffic = r.int(0, 4);
+    let paused = 0;
+    for (let i = 0; i < traffic; i++) {
+      if (r.chance(0.1)) return [...ops, ending()];
+      const what = r.weighted([['bytes', 3], ['pause', 2], ['wait', 2]] as const);
+      if (what === 'bytes') ops.push({ op: 'bytes', n: r.int(1, 20_000), pieces: r.int(1, 5) });
+      else if (what === 'pause' && paused < 1200) {
+        const ms = r.int(100, 800);
+        paused += ms;
+        ops.push({ op: 'pause', ms });
+      } else wait(400);
+    }
+    // ... and at the end: FIN (then maybe RST while half-closed), RST, or nothing (left to the deadlines).
+    const last = r.weighted([['end', 35], ['reset', 20], ['destroy', 10], ['abandon', 35]] as const);
+    if (last === 'end') {
+      ops.push({ op: 'end' });
+      if (r.chance(0.25)) {
+        wait(600);
+        ops.push({ op: 'reset' });
+      }
+    } else if (last !== 'abandon') ops.push({ op: last });
+    return ops;
+  }
+
+  proxyOp(): ClientOp {
+    const r = this.rng;
+    return {
+      op: 'proxy',
+      version: r.pick(['v1', 'v2'] as const),
+      form: r.weighted([['valid', 7], ['truncated', 1.5], ['malformed', 1.5]] as const),
+      source: r.pick(REAL_CLIENTS),
+      tiny: r.chance(0.2),
+      variant: r.int(0, 9),
+    };
+  }
+
+  helloOp(sni?: string | null, form?: HelloForm): ClientOp {
+    const r = this.rng;
+    return {
+      op: 'hello',
+      sni: sni !== undefined ? sni : r.pick(SNI_CHOICES),
+      form: form ?? r.weighted([['whole', 40], ['tiny', 15], ['records1', 15], ['truncated', 15], ['malformed', 15]] as const),
+      pad: r.chance(0.1) ? r.int(200, 6000) : 0,
+      variant: r.int(0, 99),
+    };
+  }
+
+  /** Starts a client: its connect becomes a step now, the rest is interleaved later. */
+  startClient(): void {
+    const { target, listener } = this.pickTarget();
+    const ops = this.clientScript(target, listener);
+    const client = this.newClientId();
+    this.steps.push({ kind: 'client', client, do: ops[0]! });
+    if (ops.length > 1) this.active.push({ client, ops: ops.slice(1) });
+  }
+
+  /** Emits the next op of a random started client. */
+  advance(): void {
+    if (this.active.length === 0) return;
+    const i = this.rng.int(0, this.active.length - 1);
+    const script = this.active[i]!;
+    this.steps.push({ kind: 'client', client: script.client, do: script.ops.shift()! });
+    if (script.ops.length === 0) this.active.splice(i, 1);
+  }
+
+  get pending(): number {
+    return this.active.length;
+  }
+
+  wait(ms: number): void {
+    this.steps.push({ kind: 'wait', ms });
+    this.elapsed += ms;
+  }
+
+  /** Many clients at once with one small script: fills workers and queues, frees them together. */
+  burst(): void {
+    const r = this.rng;
+    const { target, listener } = this.pickTarget();
+    const kind = listener?.kind ?? 'sni';
+    const menu: Array<readonly [ClientOp[], number]> = [
+      [[], 2], // hold: no byte at all (client_hello or queue_timeout)
+      [[this.helloOp('silent.test', 'whole')], 3], // holds a worker until idle
+      [[this.helloOp('talk.test', 'whole'), { op: 'pause', ms: r.int(100, 600) }], 2],
+      [[this.helloOp('echo.test', 'whole'), { op: 'bytes', n: r.int(1, 5000), pieces: 1 }, { op: 'end' }], 2],
+      [[{ op: 'end' }], 1],
+      [[{ op: 'reset' }], 1],
+      [[this.helloOp(null, 'malformed'), { op: 'end' }], 1],
+      [[this.helloOp('echo.test', 'whole'), { op: 'end' }], 1],
+      [[{ op: 'bytes', n: r.int(1, 100), pieces: 1 }, { op: 'wait', ms: r.int(50, 400) }, { op: 'reset' }], 1],
+    ];
+    let script = r.weighted(menu);
+    if (kind === 'pp' && r.chance(0.6)) {
+      // Balancers sending the same real client: its per-client limit must hold.
+      script = [{ op: 'proxy', version: r.pick(['v1', 'v2'] as const), form: 'valid', source: r.pick(REAL_CLIENTS), tiny: false, variant: 0 }, ...script];
+    }
+    const sources = kind === 'pp' && r.chance(0.6) ? [r.pick(TRUSTED)] : r.shuffle([...SOURCES]).slice(0, r.int(1, 3));
+    const count = r.int(3, 24);
+    const first = this.nextClient;
+    this.nextClient += count;
+    this.steps.push({ kind: 'burst', first, count, target, sources, script });
+  }
+
+  /**
+   * A queue flood: one worker held, then 1,400-1,800 clients that each send a malformed hello and
+   * FIN while queued, then the held worker is released so every queued client starts (and is
+   * refused) in a row.
+   */
+  flood(): void {
+    const r = this.rng;
+    this.flooded = true;
+    let listener = this.current.listeners.find((l) => l.queue >= 1000);
+    if (listener === undefined) {
+      this.reload(this.nextConfig({ flood: true }), true);
+      listener = this.current.listeners.find((l) => l.queue >= 1000)!;
+    }
+    const target = listener.binds[0]!;
+    const holder = this.newClientId();
+    this.steps.push({ kind: 'client', client: holder, do: { op: 'connect', target, src: '127.0.0.6', halfOpen: false } });
+    this.steps.push({ kind: 'client', client: holder, do: this.helloOp('silent.test', 'whole') });
+    this.wait(100);
+    const count = r.int(1400, 1800);
+    const first = this.nextClient;
+    this.nextClient += count;
+    this.steps.push({ kind: 'burst', first, count, target, sources: [...UNTRUSTED], script: [this.helloOp(null, 'malformed'), { op: 'end' }] });
+    this.wait(r.int(50, 300));
+    this.steps.push({ kind: 'client', client: holder, do: { op: 'reset' } });
+    this.wait(300);
+  }
+}
+
+/** The plan for `seed`: the same seed always gives the same plan. */
+export function generatePlan(seed: number, opts: GenerateOptions = {}): Plan {
+  const budget = opts.budgetMs ?? 2500;
+  const g = new Generator(seed);
+  const r = g.rng;
+  const floodAt = r.chance(opts.floodChance ?? 0.3) ? r.int(0, budget - 500) : -1;
+  while (g.elapsed < budget) {
+    if (floodAt >= 0 && !g.flooded && g.elapsed >= floodAt) {
+      g.flood();
+      continue;
+    }
+    const action = r.weighted([
+      ['start', 25],
+      ['advance', g.pending > 0 ? 45 : 0],
+      ['wait', 15],
+      ['burst', 4],
+      ['reload', 3],
+    ] as const);
+    if (action === 'start') g.startClient();
+    else if (action === 'advance') g.advance();
+    else if (action === 'wait') g.wait(r.pick([5, 10, 20, 50, 100, 200]));
+    else if (action === 'burst') g.burst();
+    else {
+      // Two reloads back to back, the first not waited for. The daemon reads the file when each
+      // reload runs, so the first may load either file: both are valid.
+      const quick = r.chance(0.15);
+      const invalid = !quick && r.chance(0.12);
+      if (quick) g.reload(g.nextConfig(), false);
+      const next = g.nextConfig();
+      g.reload(invalid ? { ...g.current, valid: false } : next, true);
+    }
+  }
+  while (g.pending > 0) {
+    if (r.chance(0.15)) g.wait(r.pick([5, 20, 50]));
+    else g.advance();
+  }
+  let hupVersion: number | null = null;
+  if (r.chance(0.3)) {
+    g.configs.push(g.nextConfig());
+    hupVersion = g.configs.length - 1;
+  }
+  return {
+    format: 1,
+    seed,
+    addresses: ADDRESSES,
+    configs: g.configs,
+    steps: g.steps,
+    final: { openAtTerm: r.chance(0.4) ? r.int(1, 3) : 0, hupVersion },
+  };
+}
+
+/** The plan as JSON, one step per line (readable in a terminal, valid JSON to replay). */
+export function planToJson(plan: Plan): string {
+  const head = { ...plan, configs: undefined, steps: undefined };
+  const configs = plan.configs.map((c) => `    ${JSON.stringify(c)}`).join(',\n');
+  const steps = plan.steps.map((s) => `    ${JSON.stringify(s)}`).join(',\n');
+  const fields = Object.entries(head)
+    .filter(([, v]) => v !== undefined)
+    .map(([k, v]) => `  ${JSON.stringify(k)}: ${JSON.stringify(v)}`);
+  return `{\n${fields.join(',\n')},\n  "configs": [\n${configs}\n  ],\n  "steps": [\n${steps}\n  ]\n}\n`;
+}
+
+// ---- wire bytes: ClientHellos, PROXY headers, garbage --------------------------------------------
+
+const u8 = (n: number): Buffer => Buffer.from([n & 0xff]);
+const u16 = (n: number): Buffer => Buffer.from([(n >> 8) & 0xff, n & 0xff]);
+const u24 = (n: number): Buffer => Buffer.from([(n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff]);
+
+/** `n` bytes from a PRNG seeded with `seed` (the plan stays small: bytes are derived, not stored). */
+function derivedBytes(n: number, seed: number): Buffer {
+  const next = mulberry32(seed);
+  const out = Buffer.allocUnsafe(n);
+  for (let i = 0; i < n; i++) out[i] = Math.floor(next() * 256);
+  return out;
+}
+
+/** A ClientHello handshake message (type + length + body) with an optional SNI and padding. */
+function helloMessage(sni: string | null, pad: number, variant: number, opts: { type?: number; badSniLength?: boolean } = {}): Buffer {
+  const extensions: Buffer[] = [];
+  if (sni !== null) {
+    const name = Buffer.from(sni, 'ascii');
+    const list = Buffer.concat([u8(0), u16(name.length), name]);
+    const data = Buffer.concat([u16(list.length + (opts.badSniLength ? 40 : 0)), list]);
+    extensions.push(Buffer.concat([u16(0), u16(data.length), data]));
+  }
+  extensions.push(Buffer.concat([u16(16), u16(5), u16(3), u8(2), Buffer.from('h2')])); // ALPN h2
+  if (pad > 0) extensions.push(Buffer.concat([u16(21), u16(pad), Buffer.alloc(pad)]));
+  const ext = Buffer.concat(extensions);
+  const body = Buffer.concat([
+    u16(0x0303),
+    derivedBytes(32, variant + 1),
+    u8(0),
+    u16(4),
+    u16(0x1301),
+    u16(0x1302),
+    u8(1),
+    u8(0),
+    u16(ext.length),
+    ext,
+  ]);
+  return Buffer.concat([u8(opts.type ?? 1), u24(body.length), body]);
+}
+
+function tlsRecord(fragment: Buffer, length = fragment.length): Buffer {
+  return Buffer.concat([u8(0x16), u16(0x0301), u16(length), fragment]);
+}
+
+/** The writes a `hello` op makes, and the gap between them (ms; 0 = the next event-loop turn). */
+export function helloWrites(op: Extract<ClientOp, { op: 'hello' }>): { pieces: Buffer[]; gapMs: number } {
+  const v = op.variant;
+  switch (op.form) {
+    case 'whole':
+      return { pieces: [tlsRecord(helloMessage(op.sni, op.pad, v))], gapMs: 0 };
+    case 'records1': {
+      // The handshake message as 1-byte TLS records (legal, and the slowest to reassemble).
+      const message = helloMessage(op.sni, op.pad, v);
+      const records = Buffer.concat([...message].map((byte) => tlsRecord(Buffer.from([byte]))));
+      return { pieces: splitEvery(records, v % 2 === 0 ? records.length : 97), gapMs: 0 };
+    }
+    case 'tiny': {
+      const wire = tlsRecord(helloMessage(op.sni, op.pad, v));
+      const size = Math.max(1 + (v % 7), Math.ceil(wire.length / 200));
+      return { pieces: splitEvery(wire, size), gapMs: v % 3 };
+    }
+    case 'truncated': {
+      const wire = tlsRecord(helloMessage(op.sni, op.pad, v));
+      return { pieces: [wire.subarray(0, 1 + (v % Math.min(wire.length - 1, 80)))], gapMs: 0 };
+    }
+    case 'malformed': {
+      const message = helloMessage(op.sni ?? 'echo.test', op.pad, v, { type: v % 4 === 0 ? 2 : 1, badSniLength: v % 4 === 1 });
+      if (v % 4 === 2) return { pieces: [tlsRecord(derivedBytes(64, v), 64)], gapMs: 0 }; // a record of junk
+      if (v % 4 === 3) return { pieces: [tlsRecord(message, 0x4800)], gapMs: 0 }; // record longer than TLS allows
+      return { pieces: [tlsRecord(message)], gapMs: 0 };
+    }
+  }
+}
+
+/** The bytes of a `proxy` op. */
+export function proxyBytes(op: Extract<ClientOp, { op: 'proxy' }>): Buffer {
+  const fields = { source: { address: op.source, port: 40000 + op.variant }, destination: { address: '127.0.0.11', port: 443 } };
+  const valid = op.version === 'v1' ? writeProxyHeaderV1(fields) : writeProxyHeaderV2(fields);
+  if (op.form === 'valid') return valid;
+  if (op.form === 'truncated') return valid.subarray(0, 1 + (op.variant * 7) % (valid.length - 1));
+  if (op.version === 'v1') {
+    const lines = ['PROXY TCP4 10.0.0.1 127.0.0.11 99999 443\r\n', 'PROXY TCP4 1.2.3 4.5.6.7 1 2\r\n', `PROXY ${'A'.repeat(120)}\r\n`, 'PROXY TCP6 10.0.0.1 127.0.0.11 1 2\r\n', 'PROXY UNKNOWN\n'];
+    return Buffer.from(lines[op.variant % lines.length]!, 'latin1');
+  }
+  const bad = Buffer.from(valid);
+  if (op.variant % 3 === 0) bad[12] = 0x31; // version 3
+  else if (op.variant % 3 === 1) bad[13] = 0x55; // no such family
+  else bad.writeUInt16BE(0xfff0, 14); // declares far more than it sends
+  return bad;
+}
+
+/** Bytes that are neither TLS nor PROXY (or only look like the start of one). */
+export function garbageBytes(op: Extract<ClientOp, { op: 'garbage' }>): Buffer {
+  switch (op.variant % 4) {
+    case 0:
+      return Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n'.repeat(Math.ceil(op.n / 27))).subarray(0, Math.max(1, op.n));
+    case 1: {
+      const b = derivedBytes(Math.max(1, op.n), op.n);
+      b[0] = 0x80; // an SSLv2-style first byte
+      return b;
+    }
+    case 2:
+      return Buffer.concat([Buffer.from('\r\n\r\n\0\r\nQUI'), derivedBytes(op.n, 7)]); // most of a v2 signature
+    default:
+      return Buffer.concat([Buffer.from('PROXY'), derivedBytes(op.n, 9)]); // v1 without its space
+  }
+}
+
+function splitEvery(buf: Buffer, size: number): Buffer[] {
+  const out: Buffer[] = [];
+  for (let i = 0; i < buf.length; i += size) out.push(buf.subarray(i, i + size));
+  return out;
+}
+
+// ---- the environment: bind addresses, backends, config files --------------------------------------
+
+/** What runPlan needs of a test context: somewhere to register cleanup. node:test's `t` is one. */
+export interface Scope {
+  after(fn: () => unknown): void;
+}
+
+/** A Scope for scripts: run() calls every registered cleanup, last registered first. */
+export class Cleanups implements Scope {
+  private readonly fns: Array<() => unknown> = [];
+  after(fn: () => unknown): void {
+    this.fns.push(fn);
+  }
+  async run(): Promise<void> {
+    while (this.fns.length > 0) {
+      try {
+        await this.fns.pop()!();
+      } catch {
+        /* cleanup is best effort */
+      }
+    }
+  }
+}
+
+interface Env {
+  readonly binds: readonly string[];
+  readonly adminPort: number;
+  readonly backends: Readonly<Record<BackendName, string>>;
+}
+
+/** Bytes the talker backend sends on each connection before its FIN. */
+const TALK_BYTES = 1 << 20;
+
+/** Sends TALK_BYTES as fast as the connection takes them (respecting backpressure), then FIN. */
+function talker(socket: net.Socket): void {
+  socket.resume();
+  const chunk = Buffer.alloc(64 * 1024, 0x74);
+  let left = TALK_BYTES;
+  const pump = (): void => {
+    while (left > 0 && !socket.destroyed) {
+      const n = Math.min(left, chunk.length);
+      left -= n;
+      if (!socket.write(n === chunk.length ? chunk : chunk.subarray(0, n))) {
+        socket.once('drain', pump);
+        return;
+      }
+    }
+    if (!socket.destroyed) socket.end();
+  };
+  pump();
+}
+
+/** Reads and never answers; FIN answered with FIN. */
+function silent(socket: net.Socket): void {
+  socket.resume();
+  socket.on('end', () => socket.end());
+}
+
+function lowestEphemeralPort(): number {
+  try {
+    const low = Number.parseInt(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0] ?? '', 10);
+    return Number.isFinite(low) && low > 12000 ? low : 32768;
+  } catch {
+    return 32768;
+  }
+}
+
+/**
+ * A free port on `host` below the ephemeral range: an ephemeral port could be taken by some
+ * outgoing connection between now and the reload that binds it.
+ */
+async function freePort(host: string): Promise<number> {
+  const high = lowestEphemeralPort() - 1;
+  for (let attempt = 0; attempt < 100; attempt++) {
+    const port = 20000 + Math.floor(Math.random() * (high - 20000));
+    const server = net.createServer();
+    const ok = await new Promise<boolean>((resolve) => {
+      server.once('error', () => resolve(false));
+      server.listen({ host, port, exclusive: true }, () => resolve(true));
+    });
+    if (ok) {
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      return port;
+    }
+  }
+  throw new Error(`no free port found on ${host}`);
+}
+
+async function prepareEnv(scope: Scope, plan: Plan): Promise<Env> {
+  const t = scope as unknown as TestContext; // the support helpers only call t.after()
+  const [echoServer, talkServer, silentServer, closed, blackhole] = await Promise.all([
+    startBackend(t, echo),
+    startBackend(t, talker),
+    startBackend(t, silent),
+    closedPort(),
+    startBlackhole(t),
+  ]);
+  const binds: string[] = [];
+  for (let i = 0; i < plan.addresses; i++) {
+    const host = `127.0.0.${11 + i}`;
+    binds.push(`${host}:${await freePort(host)}`);
+  }
+  return {
+    binds,
+    adminPort: await freePort('127.0.0.1'),
+    backends: {
+      echo: `127.0.0.1:${echoServer.port}`,
+      talker: `127.0.0.1:${talkServer.port}`,
+      silent: `127.0.0.1:${silentServer.port}`,
+      closed: `127.0.0.1:${closed}`,
+      blackhole: `127.0.0.1:${blackhole.port}`,
+    },
+  };
+}
+
+const q = (s: string): string => JSON.stringify(s);
+
+/** The TOML file of one config version. */
+export function renderConfig(config: ConfigVersion, env: Env): string {
+  const out: string[] = [
+    '[limits]',
+    `max_connections = ${config.maxConnections}`,
+    '[timeouts]',
+    `connect = "${TIMEOUTS.connectMs}ms"`,
+    `client_hello = "${TIMEOUTS.clientHelloMs}ms"`,
+    `idle = "${TIMEOUTS.idleMs}ms"`,
+    `half_close = "${TIMEOUTS.halfCloseMs}ms"`,
+    `max_lifetime = "${TIMEOUTS.maxLifetimeMs}ms"`,
+    '[logging]',
+    'level = "info"',
+    '[admin]',
+    `listen = "127.0.0.1:${env.adminPort}"`,
+    '[shutdown]',
+    `drain_timeout = "${TIMEOUTS.drainMs}ms"`,
+  ];
+  config.listeners.forEach((l, i) => {
+    out.push(
+      '',
+      '[[listeners]]',
+      `name = ${q(l.name)}`,
+      `bind = [${l.binds.map((b) => q(env.binds[b]!)).join(', ')}]`,
+      `workers = ${l.workers}`,
+      `queue = ${l.queue}`,
+      `queue_timeout = "${l.queueTimeoutMs}ms"`,
+      `reject = ${q(l.reject)}`,
+      `on_removal = ${q(l.onRemoval)}`,
+    );
+    if (!config.valid && i === 0) out.push('wrokers = 3 # deliberately invalid: the reload must be refused');
+    out.push('  [listeners.limits]', `  max_connections_per_ip = ${l.maxPerIp}`, `  fair_share_above = ${l.fairShareAbove}`);
+    if (l.ratePerSecond > 0) out.push(`  connection_rate_per_ip = { count = ${l.ratePerSecond}, per = "1s" }`);
+    if (l.proxy !== null) {
+      out.push('  [listeners.proxy_protocol]', `  accept = ${q(l.proxy.accept)}`, `  trusted = [${TRUSTED.map(q).join(', ')}]`, `  require = ${l.proxy.require}`);
+    }
+    for (const r of l.routes) {
+      out.push('  [[listeners.routes]]', `  name = ${q(r.name)}`);
+      if (r.sni.length > 0) out.push(`  sni = [${r.sni.map(q).join(', ')}]`);
+      if (r.default) out.push('  default = true');
+      out.push(`  backends = [${r.backends.map((b) => q(env.backends[b])).join(', ')}]`);
+      if (r.onRemoval !== null) out.push(`  on_removal = ${q(r.onRemoval)}`);
+      if (r.maxConnections > 0) out.push('    [listeners.routes.limits]', `    max_connections = ${r.maxConnections}`);
+    }
+  });
+  return `${out.join('\n')}\n`;
+}
+
+// ---- the run ---------------------------------------------------------------------------------------
+
+export interface RunOptions {
+  /** Added to every deadline the proxy is held to (timer lateness, event-loop turns, sampling). */
+  readonly slackMs?: number;
+  /** Progress lines, for the fuzz script. */
+  readonly progress?: (line: string) => void;
+}
+
+export interface RunResult {
+  readonly seed: number;
+  /** One line per invariant that failed; empty when the run passed. */
+  readonly failures: string[];
+  readonly durationMs: number;
+  /** What the run did: clients, reloads, how connections ended. */
+  readonly summary: string;
+  /** The daemon's last log lines and its stderr, for a failure report. */
+  readonly diagnostics: string;
+}
+
+const delay = (ms: number): Promise<void> => new Promise((resolve) => (ms <= 0 ? setImmediate(resolve) : setTimeout(resolve, ms)));
+
+/** `promise`'s value, or `fallback` once `ms` have passed. */
+async function within<T>(promise: Promise<T>, ms: number, fallback: T): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([promise, new Promise<T>((resolve) => (timer = setTimeout(() => resolve(fallback), Math.max(0, ms))))]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** One client connection as the adversary sees it. */
+class Client {
+  socket: net.Socket | null = null;
+  src = '';
+  target = -1;
+  connectedAt = 0;
+  lastActAt = 0;
+  /** When the proxy ended the connection as seen from here (FIN, error or close); 0 = not yet. */
+  endedAt = 0;
+  endedHow = '';
+  /** The client reset or destroyed its socket before the proxy ended it. */
+  selfClosed = false;
+  pausedMs = 0;
+  connectError: string | null = null;
+  bytesIn = 0;
+  readonly ops: string[] = [];
+  lane: Promise<void> = Promise.resolve();
+  readonly ended: Promise<void>;
+  private wake!: () => void;
+
+  constructor(readonly id: number) {
+    this.ended = new Promise((resolve) => (this.wake = resolve));
+  }
+
+  markEnded(how: string): void {
+    if (this.endedAt !== 0) return;
+    this.endedAt = Date.now();
+    this.endedHow = how;
+    this.wake();
+  }
+
+  get usable(): boolean {
+    return this.socket !== null && !this.socket.destroyed && this.socket.writable;
+  }
+}
+
+interface LimitsOfListener {
+  readonly kind: ListenerKind;
+  workers: number;
+  queue: number;
+  queueMs: number;
+  perIp: number;
+  readonly routes: Map<string, number>;
+}
+
+interface StatsListener {
+  name: string;
+  bind: string[];
+  draining: boolean;
+  busy: number;
+  queued: number;
+  active: number;
+  activeClients?: number;
+  routedActive?: number;
+  routes: Array<{ name: string; active: number }>;
+  topClients: Array<{ client: string; active: number }>;
+}
+interface Stats {
+  active: number;
+  slotsBusy?: number | null;
+  listeners: StatsListener[];
+}
+interface ConnInfo {
+  id: number;
+  listener: string;
+  route: string | null;
+  client: string;
+  via: string | null;
+  state: string;
+  ageMs: number;
+  bytesFromClient: number;
+  bytesFromBackend: number;
+}
+
+const OUTCOME_OK = 'configuration reloaded';
+const OUTCOME_FAILED = /^reload failed/;
+const MAX_FAILURES = 40;
+
+class Run {
+  readonly failures: string[] = [];
+  private readonly failedKeys = new Set<string>();
+  private readonly clients = new Map<number, Client>();
+  private readonly plan: Plan;
+  private readonly slack: number;
+  private readonly progress: (line: string) => void;
+  private readonly startedAt = Date.now();
+  private readonly limits = new Map<string, LimitsOfListener>();
+  private maxQueueMs: number = TIMEOUTS.queueMs;
+  private globalMax = 0;
+  private proxy: CliProxy | null = null;
+  private env: Env | null = null;
+  private inForce: ConfigVersion;
+  private readonly reloadsSent: Array<{ version: number; valid: boolean }> = [];
+  private readonly outcomes: Array<Record<string, unknown>> = [];
+  private outcomeCursor = 0;
+  private reloadTracking = true;
+  private sigtermSent = false;
+  private exitedEarly = false;
+  private stopSampling = false;
+  private baselineFds = -1;
+  private readonly idleSeen = new Map<number, { bytes: number; since: number }>();
+  private readonly closingSeen = new Map<number, number>();
+  private endings = '';
+  private samples = 0;
+
+  constructor(plan: Plan, opts: RunOptions) {
+    this.plan = plan;
+    this.slack = opts.slackMs ?? 1500;
+    this.progress = opts.progress ?? (() => {});
+    this.inForce = plan.configs[0]!;
+    // Upper bounds over every version: connections keep the limits of the version that admitted them.
+    let unlimitedGlobal = false;
+    for (const config of plan.configs) {
+      if (!config.valid) continue;
+      if (config.maxConnections === 0) unlimitedGlobal = true;
+      this.globalMax = Math.max(this.globalMax, config.maxConnections);
+      for (const l of config.listeners) {
+        const perIp = l.maxPerIp === 0 ? Infinity : l.maxPerIp;
+        const seen = this.limits.get(l.name);
+        this.maxQueueMs = Math.max(this.maxQueueMs, l.queueTimeoutMs);
+        if (seen === undefined) {
+          this.limits.set(l.name, { kind: l.kind, workers: l.workers, queue: l.queue, queueMs: l.queueTimeoutMs, perIp, routes: new Map() });
+        } else {
+          seen.workers = Math.max(seen.workers, l.workers);
+          seen.queue = Math.max(seen.queue, l.queue);
+          seen.queueMs = Math.max(seen.queueMs, l.queueTimeoutMs);
+          seen.perIp = Math.max(seen.perIp, perIp);
+        }
+        const routes = this.limits.get(l.name)!.routes;
+        for (const r of l.routes) routes.set(r.name, Math.max(routes.get(r.name) ?? 0, r.maxConnections === 0 ? Infinity : r.maxConnections));
+      }
+    }
+    if (unlimitedGlobal) this.globalMax = Infinity;
+  }
+
+  fail(message: string, key: string = message): void {
+    if (this.failedKeys.has(key)) return;
+    this.failedKeys.add(key);
+    if (this.failures.length === MAX_FAILURES) this.failures.push('... more failures left out');
+    if (this.failures.length >= MAX_FAILURES) return;
+    this.failures.push(message);
+    this.progress(`  FAIL ${message}`);
+  }
+
+  private since(at: number): string {
+    return `+${at - this.startedAt} ms`;
+  }
+
+  private get pid(): number {
+    return this.proxy!.pid;
+  }
+
+  // ---- the whole run ----
+
+  async execute(scope: Scope): Promise<void> {
+    const plan = this.plan;
+    this.env = await prepareEnv(scope, plan);
+    const first = plan.configs[0]!;
+    this.proxy = await startCli(scope as unknown as TestContext, renderConfig(first, this.env), { ready: first.listeners.map((l) => l.name), admin: true });
+    void this.proxy.exited.then((r) => {
+      if (this.sigtermSent) return;
+      this.exitedEarly = true;
+      this.fail(`the daemon exited before SIGTERM (${r.code !== null ? `code ${r.code}` : r.signal})`, 'exited');
+    });
+    await this.takeBaseline();
+    const sampler = this.sample();
+    const hardDeadline = Date.now() + plan.steps.reduce((ms, s) => ms + (s.kind === 'wait' ? s.ms : 0), 0) + 30_000;
+    await this.runSteps(hardDeadline);
+    await this.settleClients();
+    this.stopSampling = true;
+    await sampler;
+    if (!this.exitedEarly) {
+      await this.checkZero();
+      await this.checkDescriptors();
+      await this.checkListening('at the end');
+    }
+    await this.finish();
+    this.checkLogs();
+  }
+
+  // ---- admin API ----
+
+  private async admin(path: string): Promise<string> {
+    const res = await within(
+      adminGet({ port: this.env!.adminPort }, path).catch((err: NodeJS.ErrnoException) => ({ status: -1, body: err.code ?? err.message })),
+      5000,
+      null,
+    );
+    if (res === null) throw new Error(`GET ${path}: no answer within 5 s`);
+    if (res.status !== 200) throw new Error(`GET ${path}: ${res.status === -1 ? res.body : `status ${res.status}`}`);
+    return res.body;
+  }
+
+  private async stats(): Promise<Stats> {
+    return JSON.parse(await this.admin('/stats')) as Stats;
+  }
+
+  private async connections(): Promise<{ total: number; connections: ConnInfo[] }> {
+    return JSON.parse(await this.admin('/connections?limit=10000')) as { total: number; connections: ConnInfo[] };
+  }
+
+  // ---- descriptors ----
+
+  /** Open descriptors of the daemon, less its listening sockets (reloads change how many there are). */
+  private descriptors(): number {
+    return readdirSync(`/proc/${this.pid}/fd`).length - listeningPorts(this.pid).length;
+  }
+
+  private async takeBaseline(): Promise<void> {
+    await this.stats();
+    await this.admin('/metrics');
+    await this.connections();
+    // The admin connections close a moment after their responses: wait for two equal readings.
+    let last = this.descriptors();
+    for (let i = 0; i < 20; i++) {
+      await delay(50);
+      const now = this.descriptors();
+      if (now === last) break;
+      last = now;
+    }
+    this.baselineFds = last;
+  }
+
+  // ---- steps ----
+
+  private client(id: number): Client {
+    let c = this.clients.get(id);
+    if (c === undefined) {
+      c = new Client(id);
+      this.clients.set(id, c);
+    }
+    return c;
+  }
+
+  private enqueue(c: Client, op: ClientOp): Promise<void> {
+    const next = c.lane.then(() => this.runOp(c, op)).catch((err: Error) => this.fail(`client ${c.id} ${op.op}: ${err.stack ?? err.message}`, `op:${op.op}:${err.message}`));
+    c.lane = next;
+    return next;
+  }
+
+  private async runSteps(hardDeadline: number): Promise<void> {
+    for (const step of this.plan.steps) {
+      if (this.exitedEarly) return;
+      if (Date.now() > hardDeadline) {
+        this.fail('the steps did not finish within their time bound');
+        return;
+      }
+      switch (step.kind) {
+        case 'client':
+          void this.enqueue(this.client(step.client), step.do);
+          break;
+        case 'wait':
+          await delay(step.ms);
+          break;
+        case 'burst': {
+          const burst: Client[] = [];
+          const connects: Array<Promise<void>> = [];
+          for (let i = 0; i < step.count; i++) {
+            const c = this.client(step.first + i);
+            burst.push(c);
+            connects.push(this.enqueue(c, { op: 'connect', target: step.target, src: step.sources[i % step.sources.length]!, halfOpen: false }));
+          }
+          await within(Promise.all(connects), 8000, []);
+          for (const c of burst) for (const op of step.script) void this.enqueue(c, op);
+          if (step.count > 100) this.progress(`  burst of ${step.count} connected`);
+          break;
+        }
+        case 'reload':
+          await this.reload(step.version, step.await);
+          break;
+      }
+    }
+  }
+
+  private async runOp(c: Client, op: ClientOp): Promise<void> {
+    c.ops.push(op.op);
+    switch (op.op) {
+      case 'connect':
+        return this.connect(c, op);
+      case 'proxy': {
+        const bytes = proxyBytes(op);
+        return this.writePieces(c, op.tiny ? splitEvery(bytes, 1) : [bytes], 0);
+      }
+      case 'hello': {
+        const { pieces, gapMs } = helloWrites(op);
+        return this.writePieces(c, pieces, gapMs);
+      }
+      case 'bytes':
+        return this.writePieces(c, splitEvery(Buffer.alloc(op.n, 0x61 + (c.id % 26)), Math.ceil(op.n / op.pieces)), 1);
+      case 'garbage':
+        return this.writePieces(c, [garbageBytes(op)], 0);
+      case 'pause': {
+        const socket = c.socket;
+        if (socket === null || socket.destroyed) return;
+        socket.pause();
+        await delay(op.ms);
+        c.pausedMs += op.ms;
+        socket.resume();
+        c.lastActAt = Date.now();
+        return;
+      }
+      case 'wait':
+        return delay(op.ms);
+      case 'end':
+        if (c.usable) {
+          c.socket!.end();
+          c.lastActAt = Date.now();
+        }
+        return;
+      case 'reset':
+      case 'destroy': {
+        const socket = c.socket;
+        if (socket === null || socket.destroyed) return;
+        if (c.endedAt === 0) c.selfClosed = true;
+        if (op.op === 'reset') socket.resetAndDestroy();
+        else socket.destroy();
+        c.markEnded(op.op);
+        return;
+      }
+    }
+  }
+
+  private async connect(c: Client, op: Extract<ClientOp, { op: 'connect' }>): Promise<void> {
+    const address = this.env!.binds[op.target]!;
+    const colon = address.lastIndexOf(':');
+    c.src = op.src;
+    c.target = op.target;
+    const socket = net.connect({ host: address.slice(0, colon), port: Number(address.slice(colon + 1)), localAddress: op.src, allowHalfOpen: op.halfOpen });
+    c.socket = socket;
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => (c.bytesIn += chunk.length));
+    socket.on('end', () => c.markEnded('FIN'));
+    socket.on('error', (err: NodeJS.ErrnoException) => {
+      if (c.connectedAt === 0) c.connectError = err.code ?? 'error';
+      c.markEnded(err.code ?? 'error');
+    });
+    socket.on('close', () => c.markEnded('close'));
+    const connected = await within(
+      once(socket, 'connect').then(
+        () => true,
+        () => false,
+      ),
+      3000,
+      false,
+    );
+    if (connected) {
+      c.connectedAt = c.lastActAt = Date.now();
+      return;
+    }
+    c.connectError ??= 'connect timeout';
+    socket.destroy();
+    c.markEnded('not connected');
+  }
+
+  private async writePieces(c: Client, pieces: Buffer[], gapMs: number): Promise<void> {
+    for (let i = 0; i < pieces.length; i++) {
+      if (!c.usable) return;
+      c.socket!.write(pieces[i]!);
+      c.lastActAt = Date.now();
+      if (i < pieces.length - 1) await delay(gapMs);
+    }
+  }
+
+  // ---- reloads ----
+
+  private async reload(version: number, wait: boolean): Promise<void> {
+    const config = this.plan.configs[version]!;
+    this.proxy!.writeConfig(renderConfig(config, this.env!));
+    this.reloadsSent.push({ version, valid: config.valid });
+    process.kill(this.pid, 'SIGHUP');
+    if (!wait || !this.reloadTracking) return;
+    const deadline = Date.now() + 8000;
+    const firstNew = this.outcomes.length;
+    while (this.outcomes.length < this.reloadsSent.length) {
+      this.collectOutcomes();
+      if (this.outcomes.length >= this.reloadsSent.length || this.exitedEarly) break;
+      if (Date.now() > deadline) {
+        this.fail(`no outcome was logged within 8 s of the SIGHUP that loads version ${version}`);
+        this.reloadTracking = false;
+        return;
+      }
+      await delay(20);
+    }
+    if (this.exitedEarly) return;
+    // Reloads sent back to back (only the last one waited for) may each have read any file of the
+    // group; the generator makes such groups all valid.
+    const last = this.outcomes.length - 1;
+    const group = this.reloadsSent.slice(firstNew).map((sent) => sent.version).join(', ');
+    for (let i = firstNew; i <= last; i++) {
+      const sent = this.reloadsSent[i]!;
+      const outcome = this.outcomes[i]!;
+      const ok = outcome.msg === OUTCOME_OK;
+      const which = i === last && i === firstNew ? `the reload to version ${sent.version}` : `a reload of the back-to-back SIGHUPs for versions ${group}`;
+      if (sent.valid && ok) this.inForce = this.plan.configs[sent.version]!;
+      else if (sent.valid) this.fail(`${which} (a valid file) failed: ${JSON.stringify(outcome.err ?? outcome.msg)}`);
+      else if (ok) this.fail(`${which} (an invalid file) was accepted`);
+    }
+    await this.checkListening(`after the reload to version ${version}`);
+  }
+
+  private collectOutcomes(): void {
+    const lines = this.proxy!.lines;
+    for (; this.outcomeCursor < lines.length; this.outcomeCursor++) {
+      const line = lines[this.outcomeCursor]!;
+      if (line.msg === OUTCOME_OK || OUTCOME_FAILED.test(String(line.msg))) this.outcomes.push(line);
+    }
+  }
+
+  /** The daemon listens on exactly the binds of the version in force (and the admin API). */
+  private async checkListening(when: string): Promise<void> {
+    const env = this.env!;
+    const expected = new Map(this.inForce.listeners.map((l) => [l.name, l.binds.map((b) => env.binds[b]!).sort()]));
+    let stats: Stats;
+    try {
+      stats = await this.stats();
+    } catch (err) {
+      return this.fail(`admin API ${when}: ${(err as Error).message}`);
+    }
+    const actual = new Map(stats.listeners.filter((l) => !l.draining).map((l) => [l.name, [...l.bind].sort()]));
+    const show = (m: Map<string, string[]>): string => JSON.stringify(Object.fromEntries([...m].sort()));
+    if (show(expected) !== show(actual)) this.fail(`${when}: listeners and binds are ${show(actual)}, the file says ${show(expected)}`, `binds:${when}`);
+    const ports = listeningPorts(this.pid);
+    const wanted = [...this.inForce.listeners.flatMap((l) => l.binds.map((b) => Number(env.binds[b]!.split(':')[1]))), env.adminPort].sort((a, b) => a - b);
+    if (JSON.stringify(ports) !== JSON.stringify(wanted)) this.fail(`${when}: the process listens on ports ${ports.join(',')}, expected ${wanted.join(',')}`, `ports:${when}`);
+  }
+
+  // ---- sampling while the steps run ----
+
+  private async sample(): Promise<void> {
+    while (!this.stopSampling && !this.exitedEarly) {
+      const at = Date.now();
+      try {
+        const stats = await this.stats();
+        const conns = await this.connections();
+        this.checkSample(stats, conns.connections, at);
+        this.samples++;
+      } catch (err) {
+        if (!this.exitedEarly) this.fail(`admin API while running: ${(err as Error).message}`, 'admin-running');
+      }
+      await delay(200);
+    }
+  }
+
+  private checkSample(stats: Stats, conns: ConnInfo[], at: number): void {
+    const slack = this.slack;
+    for (const l of stats.listeners) {
+      const lim = this.limits.get(l.name);
+      if (lim === undefined) {
+        this.fail(`/stats lists a listener "${l.name}" that no config has`, `unknown:${l.name}`);
+        continue;
+      }
+      if (l.busy < 0 || l.queued < 0 || l.active < 0) this.fail(`listener ${l.name}: a negative count (busy ${l.busy}, queued ${l.queued}, active ${l.active})`, `neg:${l.name}`);
+      if ((l.routedActive ?? 0) > l.active || (l.activeClients ?? 0) > l.active) {
+        this.fail(`listener ${l.name}: ${l.routedActive} routed and ${l.activeClients} clients active, but only ${l.active} connections open`, `sums:${l.name}`);
+      }
+      if (l.busy > lim.workers) this.fail(`listener ${l.name}: ${l.busy} workers busy, more than any version allowed (${lim.workers})`, `busy:${l.name}`);
+      if (l.queued > lim.queue) this.fail(`listener ${l.name}: ${l.queued} queued, more than any version allowed (${lim.queue})`, `queued:${l.name}`);
+      for (const r of l.routes) {
+        const max = lim.routes.get(r.name) ?? Infinity;
+        if (r.active > max) this.fail(`listener ${l.name} route ${r.name}: ${r.active} active, over its max_connections (${max})`, `route:${l.name}:${r.name}`);
+      }
+      for (const c of l.topClients) {
+        if (c.active > lim.perIp) this.fail(`listener ${l.name}: client ${c.client} holds ${c.active} connections, over max_connections_per_ip (${lim.perIp})`, `perip:${l.name}:${c.client}`);
+      }
+    }
+    if (typeof stats.slotsBusy === 'number') {
+      if (stats.slotsBusy > this.globalMax) this.fail(`${stats.slotsBusy} global worker slots busy, over max_connections (${this.globalMax})`, 'slots');
+      // /stats is computed in one turn of the event loop: the pool and the listeners must agree exactly.
+      const busy = stats.listeners.reduce((sum, l) => sum + l.busy, 0);
+      if (stats.slotsBusy !== busy) this.fail(`the global slot pool counts ${stats.slotsBusy} busy, the listeners ${busy}`, 'slots-sum');
+    }
+    const perClient = new Map<string, number>();
+    const hello = TIMEOUTS.clientHelloMs;
+    for (const c of conns) {
+      const lim = this.limits.get(c.listener);
+      const qt = lim?.queueMs ?? this.maxQueueMs;
+      const where = `connection ${c.id} (listener ${c.listener}, client ${c.client}, route ${c.route ?? '-'})`;
+      const bound =
+        c.state === 'queued' ? qt : c.state === 'handshake' ? qt + hello : c.state === 'connecting' ? qt + hello + 2 * TIMEOUTS.connectMs : qt + TIMEOUTS.maxLifetimeMs;
+      if (c.ageMs > bound + slack) this.fail(`${where} is ${c.state} at age ${c.ageMs} ms, past its deadline (${bound} ms)`, `age:${c.id}`);
+      if (c.state === 'relaying' || c.state === 'closing') {
+        const bytes = c.bytesFromClient + c.bytesFromBackend;
+        const seen = this.idleSeen.get(c.id);
+        if (seen === undefined || seen.bytes !== bytes) this.idleSeen.set(c.id, { bytes, since: at });
+        else if (at - seen.since > TIMEOUTS.idleMs + slack) this.fail(`${where} moved no byte for ${at - seen.since} ms (idle = ${TIMEOUTS.idleMs} ms)`, `idle:${c.id}`);
+      }
+      if (c.state === 'closing') {
+        const since = this.closingSeen.get(c.id) ?? at;
+        this.closingSeen.set(c.id, since);
+        if (at - since > TIMEOUTS.halfCloseMs + slack) this.fail(`${where} half-closed for ${at - since} ms (half_close = ${TIMEOUTS.halfCloseMs} ms)`, `half:${c.id}`);
+      }
+      const ip = c.client.replace(/:\d+$/, '').replace(/^\[|\]$/g, '');
+      // A trusted balancer's connection has no client of its own until its PROXY header names one.
+      const awaitingHeader = lim?.kind === 'pp' && (TRUSTED as readonly string[]).includes(ip) && (c.state === 'queued' || c.state === 'handshake');
+      if (!awaitingHeader) perClient.set(`${c.listener} ${ip}`, (perClient.get(`${c.listener} ${ip}`) ?? 0) + 1);
+    }
+    for (const [key, n] of perClient) {
+      const [listener, ip] = key.split(' ') as [string, string];
+      const max = this.limits.get(listener)?.perIp ?? Infinity;
+      if (n > max) this.fail(`listener ${listener}: client ${ip} has ${n} open connections in /connections, over max_connections_per_ip (${max})`, `perip-registry:${key}`);
+    }
+  }
+
+  // ---- after the steps: every client ended within its deadlines ----
+
+  /** The latest moment the proxy may end this client's connection. */
+  private deadlineOf(c: Client): number {
+    const qt = this.maxQueueMs;
+    const chain = qt + TIMEOUTS.clientHelloMs + 2 * TIMEOUTS.connectMs + TIMEOUTS.idleMs + TIMEOUTS.halfCloseMs;
+    return Math.min(c.connectedAt + qt + TIMEOUTS.maxLifetimeMs + c.pausedMs, c.lastActAt + chain) + this.slack;
+  }
+
+  private describeClient(c: Client): string {
+    const address = this.env!.binds[c.target] ?? '?';
+    const port = c.socket?.localPort ?? '?';
+    const ended = c.endedAt === 0 ? 'still open' : `ended (${c.endedHow}) at ${this.since(c.endedAt)}`;
+    return `client ${c.id} ${c.src}:${port} -> ${address} [${c.ops.join(' ')}] connected ${this.since(c.connectedAt)}, last act ${this.since(c.lastActAt)}, paused ${c.pausedMs} ms, deadline ${this.since(this.deadlineOf(c))}, ${ended}`;
+  }
+
+  private async settleClients(): Promise<void> {
+    const all = [...this.clients.values()];
+    await within(Promise.all(all.map((c) => c.lane)), 20_000, []);
+    const watched = all.filter((c) => c.connectedAt > 0 && !c.selfClosed);
+    const latest = Math.max(0, ...watched.map((c) => this.deadlineOf(c)));
+    await within(Promise.all(watched.map((c) => c.ended)), latest - Date.now() + 100, []);
+    const late = watched.filter((c) => (c.endedAt === 0 ? Infinity : c.endedAt) > this.deadlineOf(c));
+    if (late.length > 0) {
+      let registry = '';
+      try {
+        const conns = (await this.connections()).connections;
+        const mine = new Set(late.map((c) => `${c.src}:${c.socket?.localPort}`));
+        registry = conns.filter((x) => mine.has(x.client)).slice(0, 5).map((x) => JSON.stringify(x)).join('; ');
+      } catch {
+        /* the daemon may be gone */
+      }
+      this.fail(
+        `${late.length} client connection(s) outlived their deadlines: ${late.slice(0, 5).map((c) => this.describeClient(c)).join(' | ')}${registry === '' ? '' : ` | in /connections: ${registry}`}`,
+        'late-clients',
+      );
+    }
+    for (const c of all) c.socket?.destroy();
+  }
+
+  // ---- once every client is gone: every count at zero ----
+
+  private async zeroProblems(): Promise<string[]> {
+    const problems: string[] = [];
+    const stats = await this.stats();
+    if (stats.active !== 0) problems.push(`/stats active = ${stats.active}`);
+    if (typeof stats.slotsBusy === 'number' && stats.slotsBusy !== 0) problems.push(`/stats slotsBusy = ${stats.slotsBusy}`);
+    for (const l of stats.listeners) {
+      if (l.draining) problems.push(`removed listener ${l.name} is still listed (active ${l.active})`);
+      if (l.busy !== 0) problems.push(`${l.name}.busy = ${l.busy}`);
+      if (l.queued !== 0) problems.push(`${l.name}.queued = ${l.queued}`);
+      if (l.active !== 0) problems.push(`${l.name}.active = ${l.active}`);
+      if (typeof l.activeClients === 'number' && l.activeClients !== 0) problems.push(`${l.name}.activeClients = ${l.activeClients}`);
+      if (typeof l.routedActive === 'number' && l.routedActive !== 0) problems.push(`${l.name}.routedActive = ${l.routedActive}`);
+      for (const r of l.routes) if (r.active !== 0) problems.push(`${l.name}.routes.${r.name}.active = ${r.active}`);
+      if (l.topClients.length > 0) problems.push(`${l.name}.topClients = ${JSON.stringify(l.topClients.slice(0, 5))}`);
+    }
+    const conns = await this.connections();
+    if (conns.total !== 0) problems.push(`/connections total = ${conns.total}: ${conns.connections.slice(0, 5).map((c) => JSON.stringify(c)).join('; ')}`);
+    const samples = parseExposition(await this.admin('/metrics')).samples;
+    for (const s of samples) {
+      if (!['smartproxy_connections_active', 'smartproxy_workers_busy', 'smartproxy_queue_depth'].includes(s.name) || s.value === 0) continue;
+      problems.push(`${s.name}${JSON.stringify(s.labels)} = ${s.value}`);
+    }
+    const by = (name: string): string => {
+      const totals = new Map<string, number>();
+      for (const s of samples) if (s.name === name) totals.set(s.labels.reason ?? '', (totals.get(s.labels.reason ?? '') ?? 0) + s.value);
+      return [...totals].filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]).map(([reason, n]) => `${reason} ${n}`).join(', ');
+    };
+    this.endings = `closed: ${by('smartproxy_connections_closed_total') || 'none'}; refused at accept or later: ${by('smartproxy_rejections_total') || 'none'}`;
+    return problems;
+  }
+
+  private async checkZero(): Promise<void> {
+    const deadline = Date.now() + 4000;
+    let problems: string[] = [];
+    for (;;) {
+      try {
+        problems = await this.zeroProblems();
+      } catch (err) {
+        problems = [`admin API: ${(err as Error).message}`];
+      }
+      if (problems.length === 0 || Date.now() > deadline || this.exitedEarly) break;
+      await delay(100);
+    }
+    if (problems.length > 0) this.fail(`counts did not return to 0 once every client was gone: ${problems.slice(0, 12).join('; ')}`);
+  }
+
+  private async checkDescriptors(): Promise<void> {
+    const deadline = Date.now() + 3000;
+    let now = this.descriptors();
+    while (now !== this.baselineFds && Date.now() < deadline) {
+      await delay(100);
+      now = this.descriptors();
+    }
+    if (now !== this.baselineFds) {
+      const kinds = new Map<string, number>();
+      for (const fd of readdirSync(`/proc/${this.pid}/fd`)) {
+        let target = '?';
+        try {
+          target = readlinkSync(`/proc/${this.pid}/fd/${fd}`).replace(/\[\d+\]$/, '');
+        } catch {
+          /* closed meanwhile */
+        }
+        kinds.set(target, (kinds.get(target) ?? 0) + 1);
+      }
+      this.fail(`the daemon holds ${now} descriptors (listening sockets aside), ${this.baselineFds} after start-up: ${JSON.stringify(Object.fromEntries(kinds))}`);
+    }
+  }
+
+  // ---- the end: SIGTERM (maybe right after a SIGHUP, maybe with clients open) ----
+
+  private async finish(): Promise<void> {
+    const proxy = this.proxy!;
+    if (this.exitedEarly) return;
+    const open: Client[] = [];
+    const { openAtTerm, hupVersion } = this.plan.final;
+    if (openAtTerm > 0) {
+      const target = this.inForce.listeners[0]!.binds[0]!;
+      for (let i = 0; i < openAtTerm; i++) {
+        const c = new Client(-1 - i);
+        open.push(c);
+        await this.enqueue(c, { op: 'connect', target, src: UNTRUSTED[i % UNTRUSTED.length]!, halfOpen: false });
+        await this.enqueue(c, { op: 'hello', sni: 'echo.test', form: 'whole', pad: 0, variant: i });
+      }
+    }
+    if (hupVersion !== null) {
+      proxy.writeConfig(renderConfig(this.plan.configs[hupVersion]!, this.env!));
+      process.kill(this.pid, 'SIGHUP');
+    }
+    this.sigtermSent = true;
+    process.kill(this.pid, 'SIGTERM');
+    const bound = TIMEOUTS.drainMs + 4000 + this.slack;
+    const exit = await within(proxy.exited, bound, null);
+    if (exit === null) {
+      this.fail(`the daemon was still running ${bound} ms after SIGTERM${hupVersion !== null ? ' (sent right after a SIGHUP)' : ''}${openAtTerm > 0 ? ` with ${openAtTerm} connection(s) open` : ''}`);
+      process.kill(this.pid, 'SIGKILL');
+      await proxy.exited;
+    } else if (exit.code !== 0) {
+      this.fail(`the daemon exited with ${exit.code !== null ? `code ${exit.code}` : exit.signal} after SIGTERM`);
+    }
+    for (const c of open) {
+      await within(c.ended, 1000, undefined);
+      if (c.endedAt === 0) this.fail(`a client open at SIGTERM was not closed when the daemon exited: ${this.describeClient(c)}`);
+      c.socket?.destroy();
+    }
+  }
+
+  private checkLogs(): void {
+    const proxy = this.proxy;
+    if (proxy === null) return;
+    for (const line of proxy.lines) {
+      const level = Number(line.level);
+      const msg = String(line.msg);
+      const err = line.err as { stack?: string; message?: string } | undefined;
+      const detail = err !== undefined ? `: ${(err.stack ?? err.message ?? JSON.stringify(err)).slice(0, 1200)}` : '';
+      if (level >= 60 || /uncaught|unhandled|\bbug\b/i.test(msg)) this.fail(`log line at level ${level}: ${msg}${detail}`, `log:${msg}:${detail.slice(0, 200)}`);
+      else if (level >= 50 && !/^reload (rejected|failed)/.test(msg)) this.fail(`error log line: ${msg} ${JSON.stringify(line).slice(0, 600)}`, `log:${msg}`);
+    }
+    const stderr = proxy
+      .stderr()
+      .split('\n')
+      .filter((l) => l.trim() !== '' && !/ExperimentalWarning|--trace-warnings|^\s+at /.test(l));
+    if (stderr.length > 0) this.fail(`the daemon wrote to stderr: ${stderr.slice(0, 10).join(' / ').slice(0, 1500)}`);
+  }
+
+  // ---- reporting ----
+
+  summary(): string {
+    const all = [...this.clients.values()];
+    const connected = all.filter((c) => c.connectedAt > 0).length;
+    const applied = this.outcomes.filter((o) => o.msg === OUTCOME_OK).length;
+    const refusedReloads = this.outcomes.length - applied;
+    const flood = this.plan.steps.find((s) => s.kind === 'burst' && s.count > 100);
+    return (
+      `${all.length} clients (${connected} connected), ${this.reloadsSent.length} reloads (${applied} applied, ${refusedReloads} refused)` +
+      `${flood !== undefined && flood.kind === 'burst' ? `, a flood of ${flood.count}` : ''}, ${this.samples} admin samples; ${this.endings}`
+    );
+  }
+
+  diagnostics(): string {
+    const proxy = this.proxy;
+    if (proxy === null) return '(the daemon did not start)';
+    const tail = proxy.lines.slice(-15).map((l) => `    ${JSON.stringify(l).slice(0, 400)}`);
+    const stderr = proxy.stderr().trim();
+    return [`daemon log, last ${tail.length} lines:`, ...tail, stderr === '' ? 'stderr: (empty)' : `stderr:\n${stderr.slice(-3000)}`].join('\n');
+  }
+
+  destroyClients(): void {
+    for (const c of this.clients.values()) c.socket?.destroy();
+  }
+}
+
+/** Runs one plan against a fresh daemon; cleanup (daemon, backends) is registered on `scope`. */
+export async function runPlan(scope: Scope, plan: Plan, opts: RunOptions = {}): Promise<RunResult> {
+  const run = new Run(plan, opts);
+  const started = Date.now();
+  try {
+    await run.execute(scope);
+  } catch (err) {
+    run.fail(`the run itself failed: ${(err as Error).stack ?? String(err)}`);
+  } finally {
+    run.destroyClients();
+  }
+  return { seed: plan.seed, failures: run.failures, durationMs: Date.now() - started, summary: run.summary(), diagnostics: run.diagnostics() };
+}
+
+/** A failure report: what failed, the daemon's last words, how to replay, and the plan itself. */
+export function formatFailure(plan: Plan, result: RunResult): string {
+  return [
+    `seed ${plan.seed}: ${result.failures.length} invariant(s) failed`,
+    ...result.failures.map((f) => `  - ${f}`),
+    `run: ${result.summary}`,
+    result.diagnostics,
+    `replay: npm run fuzz -- --seed ${plan.seed} --count 1   (or save the plan below and: npm run fuzz -- --plan FILE)`,
+    'plan:',
+    planToJson(plan),
+  ].join('\n');
+}
