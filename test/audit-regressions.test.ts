@@ -12,6 +12,7 @@ import {
   connectOutcomeAt,
   delay,
   echoAt,
+  ended,
   freePorts,
   openMany,
   oversizedRecord,
@@ -88,7 +89,7 @@ for (const variant of ['4 KB more', '4 KB more and a FIN'] as const) {
     await until(() => listener.busy === 1, 5000, 'the holder to take the worker');
 
     const b = await connect(port);
-    const bClosed = closed(b);
+    const bClosed = ended(b);
     await until(() => listener.queue.size === 1, 5000, 'B to be queued');
     const queued = [...listener.queue][0]!;
     const record = oversizedRecord(16_400);
@@ -107,6 +108,7 @@ for (const variant of ['4 KB more', '4 KB more and a FIN'] as const) {
     holder.destroy();
     await holderClosed;
     await within(bClosed, 5000, 'B closed');
+    b.destroy();
     assert.equal(await echoRoundTrip(port, 'still serving'), null);
     await within(proxy.daemon.registry.whenEmpty(), 5000, 'the registry to empty');
     assert.equal(proxy.daemon.registry.size, 0);
@@ -204,25 +206,35 @@ bind = ["localhost:${latePort}"]
   assert.equal(proxy.daemon.registry.size, 0);
 });
 
-test('SIGHUP adding a listener on "localhost:P" then SIGTERM at once: exit 0 within 5 s and P is not listening', { timeout: 30_000 }, async (t) => {
+test('SIGHUP adding a listener on "localhost" ports then SIGTERM at once: exit 0 within 5 s and none of the ports is listening', { timeout: 30_000 }, async (t) => {
   const backend = await startBackend(t);
-  const [port, latePort] = await freePorts(2);
+  const [port, ...latePorts] = await freePorts(9);
   const base = tcpListener(port!, backend.port);
   const proxy = await startCli(t, base, { ready: ['tcp'] });
-  proxy.writeConfig(`${base}
+  // The timing, on the event loop of the daemon: a 50,000-entry block list makes reading and
+  // compiling the new file take a few hundred ms, so the SIGTERM sent 20 ms after the SIGHUP is
+  // waiting when the reload starts binding; each "localhost" bind is a lookup on the thread pool
+  // and the next event-loop turn, so the shutdown begins while the reload still has binds to make.
+  const blocked = Array.from({ length: 50_000 }, (_, i) => `"10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}"`);
+  proxy.writeConfig(`[firewall]
+block = [${blocked.join(', ')}]
+${base}
 [[listeners]]
 name = "late"
-bind = ["localhost:${latePort}"]
+bind = [${latePorts.map((p) => `"localhost:${p}"`).join(', ')}]
   [[listeners.routes]]
   name = "echo"
   default = true
   backends = ["127.0.0.1:${backend.port}"]
 `);
-  process.kill(proxy.pid, 'SIGHUP');
-  process.kill(proxy.pid, 'SIGTERM');
+  proxy.child.kill('SIGHUP');
+  await delay(20);
+  proxy.child.kill('SIGTERM');
   const exit = await within(proxy.exited, 5000, 'exit after SIGHUP + SIGTERM');
   assert.deepEqual(exit, { code: 0, signal: null });
-  for (const host of ['127.0.0.1', '::1']) assert.equal(await connectOutcomeAt(host, latePort!), 'ECONNREFUSED', `${host}:${latePort}`);
+  for (const late of latePorts) {
+    for (const host of ['127.0.0.1', '::1']) assert.equal(await connectOutcomeAt(host, late), 'ECONNREFUSED', `${host}:${late}`);
+  }
 });
 
 // ---- defect 6: a trusted balancer that names no client is the client -----------------------------
@@ -339,7 +351,7 @@ for (const policy of ['close', 'drain'] as const) {
     const proxy = await startProxy(t, removalConfig(a.port, b.port, policy, true));
     const hello = clientHello('a.test');
     const client = await connect(proxy.port('sni'));
-    const clientClosed = closed(client);
+    const clientClosed = ended(client);
     client.write(hello.subarray(0, 20));
     await until(
       () => [...proxy.daemon.registry.values()].some((c) => c.state === 'handshake' && c.client.bytesRead >= 20),
@@ -352,6 +364,7 @@ for (const policy of ['close', 'drain'] as const) {
     // "close": now (a margin for the event loop); "drain": drain_timeout (500 ms) plus a margin.
     const limit = policy === 'close' ? 1500 : 2000;
     assert.ok(await settlesWithin(clientClosed, limit), `the connection is still open ${limit} ms after the reload`);
+    client.destroy();
     if (policy === 'close') assert.equal(a.accepted, 0, 'the removed route\'s backend never sees the connection');
     assert.equal(b.accepted, 0);
     await within(proxy.daemon.registry.whenEmpty(), 5000, 'the registry to empty');

@@ -190,3 +190,17 @@ export async function settlesWithin(promise: Promise<unknown>, ms: number): Prom
   clearTimeout(timer);
   return result;
 }
+
+/**
+ * Resolves when the peer ends the connection: FIN ('end') or reset/close, whichever comes first.
+ * A socket opened with allowHalfOpen stays open after the peer's FIN, so 'close' alone would not
+ * show a proxy that closed its side.
+ */
+export function ended(socket: net.Socket): Promise<void> {
+  return new Promise((resolve) => {
+    socket.on('error', () => {});
+    socket.once('end', () => resolve());
+    socket.once('close', () => resolve());
+    socket.resume();
+  });
+}
