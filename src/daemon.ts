@@ -4,7 +4,9 @@
 import type { Config } from './config/types.ts';
 import { Registry } from './connection/registry.ts';
 import { compileGeneration, type Generation } from './generation.ts';
-import { Listener, type ListenerDeps } from './listener/listener.ts';
+import { Listener, type BindOptions, type ListenerDeps, type SharedState } from './listener/listener.ts';
+import { SharedClientTable } from './governance/client-table.ts';
+import { CountIndexes, SharedCounts } from './governance/shared-counts.ts';
 import type { ListenerGeneration } from './listener/listener-generation.ts';
 import { SlotPool } from './listener/slot-pool.ts';
 import type { Logger } from './logging/logger.ts';
@@ -23,6 +25,29 @@ export interface ReloadResult {
   readonly changed: string[];
 }
 
+/** A reload between its two halves: what commit swaps in, or abort releases. */
+export interface PreparedReload {
+  readonly config: Config;
+  readonly next: Generation;
+  readonly created: Map<string, Listener>;
+  readonly bound: Array<[Listener, string]>;
+  readonly moves: Array<[Listener, Listener, string]>;
+}
+
+/** The counts of a daemon that is the process's only event loop. */
+function ownSharedState(config: Config): SharedState {
+  const indexes = new CountIndexes();
+  const full = indexes.assign(config.listeners);
+  if (full !== null) throw new Error(full);
+  return {
+    counts: new SharedCounts(),
+    clients: new SharedClientTable({ maxTrackedIps: config.limits.maxTrackedIps }),
+    indexes,
+    thread: 0,
+    threads: 1,
+  };
+}
+
 /** A reload asked for once a shutdown had begun: it changes nothing. */
 export class ShuttingDownError extends Error {
   readonly code = 'ESHUTTINGDOWN';
@@ -38,8 +63,12 @@ export class Daemon {
   readonly listeners = new Map<string, Listener>();
   /** Listeners removed by a reload that still have connections draining. */
   readonly retired = new Set<Listener>();
+  readonly shared: SharedState;
   private readonly slots: SlotPool;
   private generation: Generation;
+  /** Bind options every listener of this thread uses (reusePort and the port each address got). */
+  private readonly bindOptions: BindOptions;
+  private readonly sweepTimer: NodeJS.Timeout | null;
   private stopping: Promise<ShutdownResult> | null = null;
   /** Connections a second, immediate shutdown closed while draining: reported as cut. */
   private cutByImmediate: number | null = null;
@@ -47,25 +76,37 @@ export class Daemon {
   /** False once shutdown began: /healthz answers 503. */
   accepting = true;
 
-  private constructor(config: Config, log: Logger, metrics: Metrics) {
+  private constructor(config: Config, log: Logger, metrics: Metrics, shared: SharedState, bindOptions: BindOptions) {
     this.log = log;
     this.metrics = metrics;
-    this.slots = new SlotPool(config.limits.maxConnections);
-    this.generation = compileGeneration(config, this.registry, log);
+    this.shared = shared;
+    this.bindOptions = bindOptions;
+    this.slots = new SlotPool(shared.counts, shared.threads);
+    this.generation = compileGeneration(config, shared.indexes);
     metrics.attach({
       listeners: () => this.allListeners(),
       connections: () => this.registry.values(),
     });
+    // Idle per-client entries whose window has passed are deleted a few per admission; this
+    // coarse sweep (one thread does it) keeps the table tidy while no traffic comes.
+    this.sweepTimer = shared.thread === 0 ? setInterval(() => shared.clients.sweepIdle(), 100) : null;
+    this.sweepTimer?.unref();
+    this.slots.startWaking();
   }
 
-  /** Binds every listener of `config`; on a bind failure nothing stays bound and the BindError is thrown. */
-  static async start(config: Config, log: Logger, opts: { metrics?: Metrics } = {}): Promise<Daemon> {
-    const daemon = new Daemon(config, log, opts.metrics ?? new Metrics());
+  /**
+   * Binds every listener of `config`; on a bind failure nothing stays bound and the BindError is
+   * thrown. Without `shared`, this thread is the only one and owns its counts (tests, threads = 1
+   * in-process); with it, one of several event-loop threads (src/thread.ts).
+   */
+  static async start(config: Config, log: Logger, opts: { metrics?: Metrics; shared?: SharedState; bind?: BindOptions } = {}): Promise<Daemon> {
+    const shared = opts.shared ?? ownSharedState(config);
+    const daemon = new Daemon(config, log, opts.metrics ?? new Metrics(), shared, opts.bind ?? { reusePort: false, portFor: () => undefined });
     try {
       for (const gen of daemon.generation.listeners.values()) {
         const listener = daemon.createListener(gen.name);
-        await listener.bind(gen.config.bind);
-        log.info({ listener: gen.name, bind: listener.boundAddresses.map((a) => `${a}`) }, 'listener started');
+        await listener.bind(gen.config.bind, daemon.bindOptions);
+        if (shared.thread === 0) log.info({ listener: gen.name, bind: listener.boundAddresses.map((a) => `${a}`) }, 'listener started');
       }
     } catch (err) {
       await daemon.releaseAll();
@@ -75,6 +116,20 @@ export class Daemon {
     return daemon;
   }
 
+  /** Worker slots taken from the global pool (`limits.max_connections`) by every thread. */
+  get slotsBusy(): number {
+    return this.shared.counts.globalBusy;
+  }
+
+  /** The ports every bound address got (after port 0 was resolved), for the other threads to bind. */
+  boundPorts(): Array<{ listener: string; address: string; port: number }> {
+    const out: Array<{ listener: string; address: string; port: number }> = [];
+    for (const listener of this.listeners.values()) {
+      for (const address of listener.boundAddresses) out.push({ listener: listener.name, address, port: listener.portOf(address) });
+    }
+    return out;
+  }
+
   get config(): Config {
     return this.generation.config;
   }
@@ -82,7 +137,6 @@ export class Daemon {
   private createListener(name: string): Listener {
     const gen = this.generation.listeners.get(name)!;
     const listener = new Listener(gen, this.listenerDeps(this.generation.config));
-    gen.listener = listener;
     this.listeners.set(name, listener);
     return listener;
   }
@@ -108,8 +162,25 @@ export class Daemon {
    * Established connections keep the generation that admitted them.
    */
   async reload(config: Config): Promise<ReloadResult> {
+    return this.commit(await this.prepare(config));
+  }
+
+  /**
+   * First half of a reload (every thread prepares before any commits, so a reload applies to
+   * all threads or none): compiles `config` and binds its new addresses. On failure, or when a
+   * shutdown began meanwhile, releases what it bound and throws. `indexes` are the count indexes
+   * the config thread assigned; without them this thread assigns its own (it is the only one).
+   */
+  async prepare(config: Config, indexes?: ReturnType<CountIndexes['toJSON']>): Promise<PreparedReload> {
     if (this.stopping !== null) throw new ShuttingDownError();
-    const next = compileGeneration(config, this.registry, this.log);
+    if (indexes === undefined) {
+      const full = this.shared.indexes.assign(config.listeners);
+      if (full !== null) throw new Error(full);
+    } else {
+      for (const [name, index] of indexes.listeners) this.shared.indexes.listeners.set(name, index);
+      for (const [key, index] of indexes.routes) this.shared.indexes.routes.set(key, index);
+    }
+    const next = compileGeneration(config, this.shared.indexes);
     const created = new Map<string, Listener>();
     const bound: Array<[Listener, string]> = [];
     /** Listening sockets to hand from one listener to another at commit: [from, to, address]. */
@@ -119,7 +190,6 @@ export class Daemon {
         let owner = this.listeners.get(gen.name);
         if (owner === undefined) {
           owner = new Listener(gen, this.listenerDeps(config));
-          gen.listener = owner;
           created.set(gen.name, owner);
         }
         for (const address of gen.config.bind) {
@@ -129,24 +199,39 @@ export class Daemon {
             moves.push([holder, owner, address.text]);
             continue;
           }
-          await owner.bind([address]);
+          await owner.bind([address], this.bindOptions);
           bound.push([owner, address.text]);
           if (this.stopping !== null) throw new ShuttingDownError();
         }
       }
     } catch (err) {
-      for (const [listener, text] of bound) await listener.unbind(text);
-      for (const listener of created.values()) {
-        await listener.stopAccepting();
-        listener.dispose();
-      }
+      await this.undo({ config, next, created, bound, moves });
       throw err;
     }
+    return { config, next, created, bound, moves };
+  }
 
-    // Commit: from here on nothing awaits and nothing can fail.
+  /** Undoes a prepared reload that will not be committed (another thread failed to prepare). */
+  async abort(prepared: PreparedReload): Promise<void> {
+    await this.undo(prepared);
+  }
+
+  private async undo(prepared: PreparedReload): Promise<void> {
+    for (const [listener, text] of prepared.bound) await listener.unbind(text);
+    for (const listener of prepared.created.values()) {
+      await listener.stopAccepting();
+      listener.dispose();
+    }
+  }
+
+  /**
+   * Second half of a reload: swaps the generation. Nothing awaits and nothing can fail, so no
+   * shutdown can come in between it and the listeners it leaves accepting.
+   */
+  commit(prepared: PreparedReload): ReloadResult {
+    const { config, next, created, moves } = prepared;
     const result: ReloadResult = { added: [], removed: [], changed: [] };
     this.generation = next;
-    this.slots.max = config.limits.maxConnections;
     for (const [from, to, text] of moves) to.adopt(text, from.release(text)!);
     for (const [name, listener] of this.listeners) {
       const gen = next.listeners.get(name);
@@ -157,7 +242,6 @@ export class Daemon {
         continue;
       }
       const old = listener.generation;
-      gen.listener = listener;
       listener.generation = gen;
       for (const text of listener.boundAddresses) {
         if (!gen.config.bind.some((a) => a.text === text)) void listener.unbind(text);
@@ -190,7 +274,7 @@ export class Daemon {
       slots: this.slots,
       log: this.log,
       metrics: this.metrics,
-      maxTrackedIps: config.limits.maxTrackedIps,
+      shared: this.shared,
       rejectionSummaryIntervalMs: config.logging.rejectionSummaryIntervalMs,
     };
   }
@@ -230,7 +314,7 @@ export class Daemon {
     for (const route of removed) listener.removedRoutes.set(route.name, { policy: route.onRemoval, closeAt });
     const names = new Set(removed.map((r) => r.name));
     const doomed = [...this.registry.values()].filter(
-      (c) => c.owner.listener === listener && c.route !== null && names.has(c.route.name),
+      (c) => c.owner === listener && c.route !== null && names.has(c.route.name),
     );
     for (const conn of doomed) {
       const policy = conn.route!.config.onRemoval;
@@ -293,6 +377,8 @@ export class Daemon {
   }
 
   private async releaseAll(): Promise<void> {
+    this.slots.stop();
+    if (this.sweepTimer !== null) clearInterval(this.sweepTimer);
     for (const timer of this.drainTimers) clearTimeout(timer);
     this.drainTimers.clear();
     for (const listener of this.allListeners()) {

@@ -1,22 +1,22 @@
 // One immutable compiled config: every listener's generation (routes in maps, firewalls as sorted
-// ranges, durations in ms). The daemon swaps the whole thing on reload; state that must survive
-// a reload (registry, per-client tables, metrics) lives in the daemon and the listeners instead.
+// ranges, durations in ms, count indexes). The daemon swaps the whole thing on reload; state that
+// must survive a reload (registry, shared counts, per-client table, metrics) lives outside it.
 import type { Config } from './config/types.ts';
-import type { Registry } from './connection/registry.ts';
 import { compileFirewall } from './governance/firewall.ts';
+import type { CountIndexes } from './governance/shared-counts.ts';
 import { ListenerGeneration } from './listener/listener-generation.ts';
-import type { Logger } from './logging/logger.ts';
 
 export interface Generation {
   readonly config: Config;
   readonly listeners: ReadonlyMap<string, ListenerGeneration>;
 }
 
-export function compileGeneration(config: Config, registry: Registry, log: Logger): Generation {
+/** Compiles `config`; every listener and route must already have an index in `indexes`. */
+export function compileGeneration(config: Config, indexes: CountIndexes): Generation {
   const globalFirewall = compileFirewall(config.firewall);
   const listeners = new Map<string, ListenerGeneration>();
   for (const listener of config.listeners) {
-    listeners.set(listener.name, new ListenerGeneration(listener, config, registry, log, globalFirewall));
+    listeners.set(listener.name, new ListenerGeneration(listener, config, globalFirewall, indexes));
   }
   return { config, listeners };
 }

@@ -103,7 +103,7 @@ describe('resolution', () => {
     const config = load(minimal());
     const expected: Config = {
       file: resolve('test.toml'),
-      limits: { maxConnections: 10_000, ipv6Prefix: 64, maxTrackedIps: 1_000_000 },
+      limits: { maxConnections: 10_000, ipv6Prefix: 64, maxTrackedIps: 100_000 },
       firewall: { allow: [], block: [] },
       logging: { level: 'info', rejectionSummaryIntervalMs: 10_000 },
       admin: null,

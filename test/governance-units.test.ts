@@ -460,9 +460,8 @@ describe('client table', () => {
     assert.equal(table.activeOf('a'), 0);
   });
 
-  test('an idle entry vanishes once its window has passed, lazily or by the timer', (t) => {
-    t.mock.timers.enable({ apis: ['setInterval'] });
-    const { table, clock } = clockedTable();
+  test('an idle entry vanishes once its window has passed, by the sweep or when a new key needs its room', (t) => {
+    const { table, clock } = clockedTable(1);
     t.after(() => table.close());
     const limits = rate(3, 1000);
     clock.now = 10;
@@ -470,19 +469,50 @@ describe('client table', () => {
     table.release('a');
     assert.equal(table.size, 1, 'its start still counts while its bucket overlaps the window');
     clock.now = 1099;
-    assert.equal(table.check('other', limits), 'ok');
+    table.sweepIdle();
     assert.equal(table.size, 1);
+    assert.equal(table.check('b', limits), 'ip_table_full', 'the table (1 key) is full while a is in its window');
     clock.now = 1100;
-    table.check('other', limits);
-    assert.equal(table.size, 0, 'expired on the next check');
+    assert.equal(table.check('b', limits), 'ok', 'a new key finds the expired entry and takes its room');
+    assert.equal(table.size, 0);
 
-    clock.now = 2000;
-    admit(table, 'b', limits);
-    table.release('b');
+    admit(table, 'c', limits);
+    table.release('c');
     assert.equal(table.size, 1);
-    clock.now = 3100;
-    t.mock.timers.tick(1100);
-    assert.equal(table.size, 0, 'expired by the timer with no traffic');
+    clock.now = 2200;
+    table.sweepIdle();
+    assert.equal(table.size, 0, 'removed by the sweep with no traffic');
+  });
+
+  test('thousands of keys come and go: probe chains survive deletion by backward shift', (t) => {
+    const { table, clock } = clockedTable(5000);
+    t.after(() => table.close());
+    const limits: ClientLimits = { maxConnectionsPerIp: 2, connectionRatePerIp: { count: 0, perMs: 0 } };
+    const held = new Map<string, number>();
+    let seed = 7;
+    const random = (n: number): number => {
+      seed = (seed * 1103515245 + 12345) % 2147483648;
+      return seed % n;
+    };
+    for (let i = 0; i < 50_000; i++) {
+      clock.now += 1;
+      const key = `10.0.${random(40)}.${random(200)}`;
+      const n = held.get(key) ?? 0;
+      if (n > 0 && random(2) === 0) {
+        table.release(key);
+        if (n === 1) held.delete(key);
+        else held.set(key, n - 1);
+      } else {
+        const verdict = admit(table, key, limits);
+        assert.equal(verdict, n >= 2 ? 'ip_limit' : 'ok', `${key} holding ${n}`);
+        if (verdict === 'ok') held.set(key, n + 1);
+      }
+    }
+    assert.equal(table.size, held.size, 'an entry per key holding connections, no more');
+    for (const [key, n] of held) assert.equal(table.activeOf(key), n, key);
+    for (const [key, n] of held) for (let i = 0; i < n; i++) table.release(key);
+    assert.equal(table.size, 0);
+    assert.equal(table.distinctActive, 0);
   });
 
   test('an entry released after its window has passed is deleted at once', (t) => {

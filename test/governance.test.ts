@@ -10,7 +10,6 @@ import type { RejectReason } from '../src/connection/reasons.ts';
 import type { Daemon } from '../src/daemon.ts';
 import { clientKey } from '../src/governance/client-key.ts';
 import type { Listener } from '../src/listener/listener.ts';
-import type { SlotPool } from '../src/listener/slot-pool.ts';
 import {
   closed,
   connect,
@@ -37,9 +36,9 @@ function listenerOf(proxy: ProxyUnderTest, name: string): Listener {
   return listener;
 }
 
-/** The global worker pool (`[limits] max_connections`), private to the daemon. */
-function slotsOf(daemon: Daemon): SlotPool {
-  return (daemon as unknown as { slots: SlotPool }).slots;
+/** The global worker pool (`[limits] max_connections`): its busy count over every thread. */
+function slotsOf(daemon: Daemon): { readonly busy: number } {
+  return { get busy() { return daemon.slotsBusy; } };
 }
 
 /** Rejections counted by the listener so far, only the reasons that occurred. */

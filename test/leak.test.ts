@@ -183,8 +183,12 @@ bind = ["127.0.0.1:0"]
     assert.equal(listener.clients.distinctActive, 0, `${listener.name}: active clients`);
     assert.equal(listener.activeCount(), 0, `${listener.name}: active count`);
   }
-  // The global slot pool is private to the daemon; read it anyway, a leak there starves every listener.
-  assert.equal((daemon as unknown as { slots: { busy: number } }).slots.busy, 0, 'global slots');
+  // The global slot pool: a leak there starves every listener.
+  assert.equal(daemon.slotsBusy, 0, 'global slots');
+  for (const listener of daemon.listeners.values()) {
+    assert.equal(daemon.shared.counts.open(listener.countIndex), 0, `${listener.name}: shared open count`);
+    assert.equal(daemon.shared.counts.queued(listener.countIndex), 0, `${listener.name}: shared queue count`);
+  }
 
   // Every connection was closed exactly once, each kind for its own reason.
   const lines = proxy.lines.filter((l) => l.msg === 'connection closed') as Array<{ listener: string; reason: string }>;

@@ -118,7 +118,7 @@ const globalLimits = z.strictObject(
       .prefault({}),
     fair_share_above: percent().default(80),
     ipv6_prefix: z.int(expecting('a prefix length from 1 to 128')).min(1).max(128).default(64),
-    max_tracked_ips: z.int(expecting('a whole number')).min(1).max(MAX_TRACKED_IPS).default(1_000_000),
+    max_tracked_ips: z.int(expecting('a whole number')).min(1).max(MAX_TRACKED_IPS).default(100_000),
   },
   table('[limits]'),
 );

@@ -47,19 +47,24 @@ const allowedMoves: Readonly<Record<ConnectionState, readonly ConnectionState[]>
   closed: [],
 };
 
-/** What a connection needs from the listener generation that admitted it. */
-export interface ConnectionOwner {
-  readonly name: string;
-  /** Identity of the long-lived listener behind this generation (compared, never used). */
-  readonly listener: unknown;
+/** What a connection reads from the config generation that admitted it (kept for its whole life). */
+export interface ConnectionSettings {
   readonly timeouts: Timeouts;
   readonly routes: RouteTable;
   readonly rejectStyle: 'reset' | 'close';
-  readonly registry: Registry;
-  readonly log: Logger;
   /** PROXY protocol expectation for connections from trusted sources; null when off. */
   readonly proxyAccept: ProxyVersionAccept | null;
   readonly proxyRequired: boolean;
+}
+
+/**
+ * The long-lived listener that admitted a connection: it decides the admission steps that come
+ * after accept and takes back every count in connectionClosed.
+ */
+export interface ConnectionOwner {
+  readonly name: string;
+  readonly registry: Registry;
+  readonly log: Logger;
   /**
    * Once the PROXY phase is over: firewall and per-client checks on `conn.clientAddress`, which
    * is the client a header named or, when none was named (no header with require = false,
@@ -69,7 +74,7 @@ export interface ConnectionOwner {
   /** After SNI chose a route: a route removed by a reload, the route's firewall and limit. */
   admitRoute(conn: Connection, route: Route): CloseReason | null;
   backendFailed(conn: Connection, backend: HostPort, code: string): void;
-  /** The single release point: slot, per-client count, route count, metrics, log line. */
+  /** The single release point: slot, queue place, per-client count, route count, metrics, log line. */
   connectionClosed(conn: Connection, reason: CloseReason, stateBefore: ConnectionState): void;
 }
 
@@ -99,6 +104,7 @@ interface OwnedSocket extends net.Socket {
 export class Connection {
   readonly id: number;
   readonly owner: ConnectionOwner;
+  readonly settings: ConnectionSettings;
   readonly client: net.Socket;
   /** Milliseconds since the epoch at admission (the start of queue_timeout; client_hello and
    * max_lifetime count from start(), when a worker takes the connection). */
@@ -111,11 +117,16 @@ export class Connection {
   clientPort: number;
   /** The balancer's address when a PROXY header named the real client. */
   via: string | null = null;
-  /** Per-client table key this connection holds a count on (set and released by the owner). */
+  // Leases: counts this connection holds, each taken once by its owner's admission and given back
+  // once by connectionClosed (the owner sets and clears them; nothing else touches them).
+  /** Per-client table key this connection holds a count on. */
   clientKey: string | null = null;
-  /** Whatever the owner tracks per connection (its slot, route count): released in connectionClosed. */
+  /** Holds one of the listener's worker slots (and one of the global pool). */
   holdsSlot = false;
-  countedRoute: Route | null = null;
+  /** Its place in the listener's queue: the FIFO ticket, 0 when not queued. */
+  ticket = 0;
+  /** The shared count index of the route it is counted on; -1 when none. */
+  routeIndex = -1;
 
   route: Route | null = null;
   sni: string | null = null;
@@ -152,13 +163,14 @@ export class Connection {
   private timer: NodeJS.Timeout | null = null;
   private timerAt = 0;
 
-  constructor(owner: ConnectionOwner, client: net.Socket, expectProxyHeader: boolean) {
+  constructor(owner: ConnectionOwner, settings: ConnectionSettings, client: net.Socket, expectProxyHeader: boolean) {
     this.owner = owner;
+    this.settings = settings;
     this.client = client;
     this.acceptedAt = Date.now();
     this.clientAddress = client.remoteAddress ?? '';
     this.clientPort = client.remotePort ?? 0;
-    this.phase = expectProxyHeader ? Phase.ProxyHeader : owner.proxyAccept !== null ? Phase.SpoofCheck : Phase.Route;
+    this.phase = expectProxyHeader ? Phase.ProxyHeader : settings.proxyAccept !== null ? Phase.SpoofCheck : Phase.Route;
     const owned = client as OwnedSocket;
     owned[kConn] = this;
     client.on('error', onClientError);
@@ -181,14 +193,14 @@ export class Connection {
     this.setState('handshake');
     this.queueDeadline = 0;
     const now = Date.now();
-    const { clientHelloMs, maxLifetimeMs, maxLifetimeJitterPct } = this.owner.timeouts;
+    const { clientHelloMs, maxLifetimeMs, maxLifetimeJitterPct } = this.settings.timeouts;
     if (maxLifetimeMs > 0) {
       // Jitter shortens each lifetime by up to N %, so connections opened together end apart.
       const jitter = maxLifetimeJitterPct > 0 ? (Math.random() * maxLifetimeJitterPct * maxLifetimeMs) / 100 : 0;
       this.lifetimeDeadline = now + Math.max(1, Math.round(maxLifetimeMs - jitter));
     }
-    if (this.phase === Phase.Route && !this.owner.routes.needsPeek) {
-      this.routeTo(this.owner.routes.defaultRoute);
+    if (this.phase === Phase.Route && !this.settings.routes.needsPeek) {
+      this.routeTo(this.settings.routes.defaultRoute);
       return;
     }
     this.clientHelloDeadline = now + clientHelloMs;
@@ -226,7 +238,7 @@ export class Connection {
     client.off('end', onClientEnd);
     client.off('drain', onClientDrain);
     const refused = before === 'queued' || before === 'handshake';
-    if (refused && this.owner.rejectStyle === 'reset' && !client.destroyed) client.resetAndDestroy();
+    if (refused && this.settings.rejectStyle === 'reset' && !client.destroyed) client.resetAndDestroy();
     else client.destroy();
     const backend = this.backend;
     if (backend !== null) {
@@ -273,7 +285,7 @@ export class Connection {
       const buf = this.inbound === null ? EMPTY : this.inbound.subarray(0, this.inboundLength);
       if (this.phase === Phase.ProxyHeader || this.phase === Phase.SpoofCheck) {
         const trusted = this.phase === Phase.ProxyHeader;
-        const result = parseProxyHeader(buf, trusted ? this.owner.proxyAccept! : 'any');
+        const result = parseProxyHeader(buf, trusted ? this.settings.proxyAccept! : 'any');
         if (result.kind === 'need-more') {
           // From an untrusted source a whole signature is already a spoof: refused now, not at client_hello.
           if (!trusted && startsWithProxySignature(buf)) this.close('proxy_untrusted');
@@ -286,7 +298,7 @@ export class Connection {
         }
         if (result.kind === 'malformed') return this.close('proxy_header_invalid');
         if (result.kind === 'not-proxy') {
-          if (this.owner.proxyRequired) return this.close('proxy_header_invalid');
+          if (this.settings.proxyRequired) return this.close('proxy_header_invalid');
           // No header: the balancer is the client, with the checks accept() left to this point.
           const refusal = this.owner.admitRealClient(this);
           if (refusal !== null) return this.close(refusal);
@@ -297,10 +309,10 @@ export class Connection {
         if (this.state === 'closed') return;
         this.consumeInbound(result.consumed);
         this.phase = Phase.Route;
-        if (this.inboundLength === 0 && this.owner.routes.needsPeek) return;
+        if (this.inboundLength === 0 && this.settings.routes.needsPeek) return;
         continue;
       }
-      if (!this.owner.routes.needsPeek) return this.routeTo(this.owner.routes.defaultRoute);
+      if (!this.settings.routes.needsPeek) return this.routeTo(this.settings.routes.defaultRoute);
       this.hello ??= new ClientHelloReader();
       const hello = this.hello.read(buf);
       if (hello.kind !== 'need-more') this.hello = null;
@@ -310,10 +322,10 @@ export class Connection {
         case 'malformed':
           return this.close('client_hello_malformed');
         case 'not-tls':
-          return this.routeTo(this.owner.routes.defaultRoute);
+          return this.routeTo(this.settings.routes.defaultRoute);
         case 'tls':
           this.sni = hello.sni;
-          return this.routeTo(this.owner.routes.match(hello.sni));
+          return this.routeTo(this.settings.routes.match(hello.sni));
       }
     }
   }
@@ -397,7 +409,7 @@ export class Connection {
     socket.once('connect', onBackendConnect);
     this.backend = socket;
     this.backendAddress = target;
-    this.connectDeadline = Date.now() + this.owner.timeouts.connectMs;
+    this.connectDeadline = Date.now() + this.settings.timeouts.connectMs;
     this.armTimer();
   }
 
@@ -501,7 +513,7 @@ export class Connection {
 
   private halfClosed(): void {
     if (this.state === 'relaying') this.setState('closing');
-    const { halfCloseMs } = this.owner.timeouts;
+    const { halfCloseMs } = this.settings.timeouts;
     if (this.halfCloseDeadline === 0 && halfCloseMs > 0) {
       this.halfCloseDeadline = Date.now() + halfCloseMs;
       this.armTimer();
@@ -540,7 +552,7 @@ export class Connection {
     if (this.halfCloseDeadline > 0 && this.halfCloseDeadline < next) next = this.halfCloseDeadline;
     if (this.lifetimeDeadline > 0 && this.lifetimeDeadline < next) next = this.lifetimeDeadline;
     if (this.removalDeadline > 0 && this.removalDeadline < next) next = this.removalDeadline;
-    const { idleMs } = this.owner.timeouts;
+    const { idleMs } = this.settings.timeouts;
     if (idleMs > 0 && this.lastActivity > 0) {
       const idleAt = this.lastActivity + idleMs;
       if (idleAt < next) next = idleAt;
@@ -575,7 +587,7 @@ export class Connection {
       this.dialFailed('ETIMEDOUT');
       if ((this.state as ConnectionState) === 'closed') return;
     }
-    const { idleMs } = this.owner.timeouts;
+    const { idleMs } = this.settings.timeouts;
     if (idleMs > 0 && this.lastActivity > 0 && now - this.lastActivity >= idleMs) return this.close('idle_timeout');
     this.armTimer();
   }

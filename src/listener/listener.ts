@@ -1,22 +1,36 @@
-// One configured listener: its listening sockets, its worker slots and queue, its per-client
-// table. It outlives config generations: a reload swaps `generation` (routes, limits, timeouts)
-// and keeps the sockets, the counts and the queue.
+// One configured listener in one event-loop thread: its listening sockets, its queue of this
+// thread's waiting connections, and every admission decision about its connections. It outlives
+// config generations: a reload swaps `generation` (routes, limits, timeouts) and keeps the
+// sockets and the queue. The counts themselves (workers busy, queue places, per-client, routes)
+// live in shared memory, the same numbers for every thread (governance/shared-counts.ts).
+//
+// Admission, every refusal in this file, in the order README documents:
+//   accept():          draining -> firewall -> per-client (ip_limit, ip_rate, ip_table_full,
+//                      fair_share) -> worker slot, else a queue place (queue_full)
+//   admitRealClient(): after a PROXY header (or its absence) from a trusted balancer: firewall
+//                      and per-client on the client it names, or on the balancer itself
+//   admitRoute():      after SNI: removed route, route firewall, route limit
+// Each count taken is a lease on the Connection (holdsSlot, ticket, clientKey, routeIndex),
+// given back once, in connectionClosed, the single release point.
 //
 // Accept path, one call per arrow:
-//   socket -> admit (draining, firewall, per-client, fair share) -> new Connection
-//          -> slot free ? start() : queue (FIFO, queue_timeout) -> ... -> close(reason)
-//          -> connectionClosed: release slot, client count, route count -> slots.handOver (a loop)
+//   socket -> accept (admission) -> new Connection
+//          -> slot ? start() : queue (FIFO across threads, queue_timeout) -> ... -> close(reason)
+//          -> connectionClosed: give back every lease -> slots.handOver (a loop)
 //
 // Listener states: ready <-> full (all workers busy or the global pool exhausted: new connections
 // queue) -> draining (removed or shutting down: accepts nothing, established ones finish).
 import net from 'node:net';
 import type { HostPort, OnRemoval } from '../config/types.ts';
-import { Connection, type ConnectionState } from '../connection/connection.ts';
+import { Connection, type ConnectionOwner, type ConnectionState } from '../connection/connection.ts';
 import { isRejection, type CloseReason, type RejectReason } from '../connection/reasons.ts';
 import type { Registry } from '../connection/registry.ts';
-import { ClientTable } from '../governance/client-table.ts';
+import type { HostPort as Backend } from '../config/types.ts';
+import type { ClientTable, SharedClientTable } from '../governance/client-table.ts';
 import { clientKey } from '../governance/client-key.ts';
 import { fairShareRefuses } from '../governance/fair-share.ts';
+import type { CountIndexes, SharedCounts } from '../governance/shared-counts.ts';
+import type { Route } from '../routing/route-table.ts';
 import { RejectionLog } from '../governance/rejection-log.ts';
 import type { Logger } from '../logging/logger.ts';
 import type { ListenerMetrics, Metrics } from '../metrics.ts';
@@ -35,26 +49,44 @@ export class BindError extends Error {
   }
 }
 
+/** How this thread binds: SO_REUSEPORT (several threads), and the port of an address another thread resolved. */
+export interface BindOptions {
+  readonly reusePort: boolean;
+  portFor(listener: string, address: string): number | undefined;
+}
+
+const NO_BIND_OPTIONS: BindOptions = { reusePort: false, portFor: () => undefined };
+
+/** What every thread shares: the counts, the per-client table, and which thread this is. */
+export interface SharedState {
+  readonly counts: SharedCounts;
+  readonly clients: SharedClientTable;
+  readonly indexes: CountIndexes;
+  /** This event loop's number, 0-based, and how many there are. */
+  readonly thread: number;
+  readonly threads: number;
+}
+
 export interface ListenerDeps {
   readonly registry: Registry;
   readonly slots: SlotPool;
   readonly log: Logger;
   readonly metrics: Metrics;
-  readonly maxTrackedIps: number;
+  readonly shared: SharedState;
   readonly rejectionSummaryIntervalMs: number;
 }
 
-export class Listener implements SlotWaiter {
+export class Listener implements SlotWaiter, ConnectionOwner {
   readonly name: string;
   generation: ListenerGeneration;
-  /** Worker slots in use by this listener's connections. */
-  busy = 0;
-  /** Connections waiting for a slot, oldest first (a Set keeps insertion order and deletes in O(1)). */
+  /** This thread's connections waiting for a slot, oldest first (insertion order = ticket order). */
   readonly queue = new Set<Connection>();
   readonly clients: ClientTable;
-  /** Active connections per route name; survives reloads so route limits stay true. */
-  readonly routeActive = new Map<string, number>();
   readonly rejections: RejectionLog;
+  readonly registry: Registry;
+  readonly log: Logger;
+  /** Index of this listener's counts in the shared counts. */
+  readonly countIndex: number;
   /**
    * Routes that reloads removed (by name; a later reload that adds the name back deletes it), so
    * a connection still in its handshake at that reload, routing later through its older
@@ -68,6 +100,7 @@ export class Listener implements SlotWaiter {
   onIdle: (() => void) | null = null;
   private readonly servers = new Map<string, net.Server>();
   private readonly deps: ListenerDeps;
+  private readonly counts: SharedCounts;
   private readonly metrics: ListenerMetrics;
   private lastAcceptWarning = 0;
   private suppressedAcceptErrors = 0;
@@ -78,8 +111,12 @@ export class Listener implements SlotWaiter {
     this.name = generation.name;
     this.generation = generation;
     this.deps = deps;
+    this.registry = deps.registry;
+    this.log = deps.log;
+    this.countIndex = generation.countIndex;
+    this.counts = deps.shared.counts;
     this.metrics = deps.metrics.forListener(this.name);
-    this.clients = new ClientTable({ maxTrackedIps: deps.maxTrackedIps });
+    this.clients = deps.shared.clients.view(this.countIndex);
     this.rejections = new RejectionLog({
       listener: this.name,
       intervalMs: deps.rejectionSummaryIntervalMs,
@@ -94,12 +131,12 @@ export class Listener implements SlotWaiter {
   }
 
   /** Binds every address of the generation not bound yet. On failure, nothing new stays bound. */
-  async bind(addresses: readonly HostPort[]): Promise<void> {
+  async bind(addresses: readonly HostPort[], options: BindOptions = NO_BIND_OPTIONS): Promise<void> {
     const opened: string[] = [];
     try {
       for (const address of addresses) {
         if (this.servers.has(address.text)) continue;
-        await this.bindOne(address);
+        await this.bindOne(address, options);
         opened.push(address.text);
       }
     } catch (err) {
@@ -108,7 +145,7 @@ export class Listener implements SlotWaiter {
     }
   }
 
-  private bindOne(address: HostPort): Promise<void> {
+  private bindOne(address: HostPort, options: BindOptions): Promise<void> {
     // No `noDelay` here: it would cost a setsockopt on every connection, refused ones included.
     const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true });
     return new Promise((resolve, reject) => {
@@ -119,7 +156,11 @@ export class Listener implements SlotWaiter {
       server.once('error', onListenError);
       // ipv6Only as nginx does: `[::]:443` and `0.0.0.0:443` can be bound side by side.
       const backlog = listenBacklog(this.generation.config.workers, this.generation.config.queue);
-      server.listen({ host: address.host, port: address.port, backlog, ipv6Only: address.host.includes(':') }, () => {
+      // With several threads every thread binds every address with SO_REUSEPORT and the kernel
+      // spreads new connections; an address given as port 0 takes the port the first thread got.
+      const port = options.portFor(this.name, address.text) ?? address.port;
+      const listenOptions = { host: address.host, port, backlog, ipv6Only: address.host.includes(':'), ...(options.reusePort ? { reusePort: true } : {}) };
+      server.listen(listenOptions, () => {
         server.off('error', onListenError);
         if (this.draining) {
           // Shutdown began while a host name resolved: this socket must not outlive it.
@@ -196,7 +237,11 @@ export class Listener implements SlotWaiter {
 
   // ---- admission ----
 
-  /** The accept path. Every check happens before anything is counted, so a refusal costs nobody quota. */
+  /**
+   * The accept path. Every check is asked before anything is counted, so a refusal costs nobody
+   * quota; the counts are then taken with compare-and-swap (or under the client table's lock),
+   * so two threads can never both take the last place.
+   */
   accept(socket: net.Socket): void {
     const gen = this.generation;
     const address = socket.remoteAddress;
@@ -205,62 +250,134 @@ export class Listener implements SlotWaiter {
       socket.destroy(); // already gone
       return;
     }
+    if (this.draining) return this.refuse(socket, address, 'draining');
+    // A trusted balancer is judged by the client it names (or as the client itself) once its
+    // PROXY phase is over: admitRealClient.
     const trustedBalancer = gen.proxyTrusted !== null && gen.proxyTrusted.allows(address);
     let key: string | null = null;
-    if (this.draining) return this.refuse(socket, address, 'draining');
-    // A trusted balancer is judged by the client it names, once its PROXY header arrives.
     if (!trustedBalancer) {
       if (!gen.admitsAddress(address)) return this.refuse(socket, address, 'firewall');
       key = clientKey(address, gen.ipv6Prefix);
-      const verdict = this.checkClient(key);
+      // Asked first so that a client over its limits hears that, not queue_full.
+      const verdict = this.checkClient(key, 0);
       if (verdict !== null) return this.refuse(socket, address, verdict);
     }
-    const slotFree = this.slotFree();
-    if (!slotFree && this.queue.size >= gen.config.queue) return this.refuse(socket, address, 'queue_full');
+    // A slot only when nobody of this listener waits in any thread: the queue is FIFO.
+    const { config } = gen;
+    const idx = this.countIndex;
+    let slot = false;
+    let ticket = 0;
+    if (this.counts.queued(idx) === 0 && this.counts.takeSlot(idx, config.workers, gen.globalMaxConnections)) slot = true;
+    else {
+      ticket = this.counts.enqueue(idx, config.queue);
+      if (ticket === 0) return this.refuse(socket, address, 'queue_full');
+    }
+    if (key !== null) {
+      // The same checks again, now taking the count, atomically over every thread.
+      const verdict = this.takeClient(key, 1);
+      if (verdict !== null) {
+        if (slot) this.giveBackSlot();
+        else this.counts.dequeue(idx);
+        return this.refuse(socket, address, verdict);
+      }
+    }
 
     socket.setNoDelay(true); // a relay forwards what it has at once
-    const conn = new Connection(gen, socket, trustedBalancer);
+    const conn = new Connection(this, gen, socket, trustedBalancer);
+    conn.clientKey = key;
     this.open++;
-    if (key !== null) this.holdClient(conn, key);
+    this.counts.addOpen(idx, 1);
     this.metrics.accepted();
-    if (slotFree) {
-      this.takeSlot(conn);
+    if (slot) {
+      conn.holdsSlot = true;
       conn.start();
     } else {
+      conn.ticket = ticket;
       this.queue.add(conn);
-      conn.enqueue(gen.config.queueTimeoutMs);
+      if (this.queue.size === 1) this.counts.setHead(idx, this.deps.shared.thread, ticket);
+      conn.enqueue(config.queueTimeoutMs);
     }
   }
 
-  /** Per-client concurrency, rate and fair share, in that order; null = admitted. */
-  checkClient(key: string): RejectReason | null {
-    const gen = this.generation;
-    const verdict = this.clients.check(key, gen.config.limits);
+  /**
+   * Per-client concurrency, rate and fair share, in that order, without counting; null =
+   * admitted. `own` is what the asking connection already holds of the listener's capacity.
+   */
+  private checkClient(key: string, own: number): RejectReason | null {
+    const limits = this.generation.config.limits;
+    const verdict = this.clients.check(key, limits);
     if (verdict !== 'ok') return verdict;
-    const capacity = gen.config.workers + gen.config.queue;
-    const refused = fairShareRefuses({
-      occupancy: this.busy + this.queue.size,
-      capacity,
+    return this.fairShareRefuses(this.clients.activeOf(key), this.clients.distinctActive, own) ? 'fair_share' : null;
+  }
+
+  /** The per-client checks and the count, in one step under the table's lock; null = taken. */
+  private takeClient(key: string, own: number): RejectReason | null {
+    const verdict = this.clients.admit(key, this.generation.config.limits, (active, distinct) => this.fairShareRefuses(active, distinct, own));
+    return verdict === 'ok' ? null : verdict;
+  }
+
+  private fairShareRefuses(clientActive: number, distinctClients: number, own: number): boolean {
+    const gen = this.generation;
+    const idx = this.countIndex;
+    return fairShareRefuses({
+      occupancy: this.counts.busy(idx) + this.counts.queued(idx) - own,
+      capacity: gen.config.workers + gen.config.queue,
       fairShareAbove: gen.config.limits.fairShareAbove,
-      clientActive: this.clients.activeOf(key),
-      distinctClients: this.clients.distinctActive,
+      clientActive,
+      distinctClients,
     });
-    return refused ? 'fair_share' : null;
   }
 
-  holdClient(conn: Connection, key: string): void {
-    this.clients.acquire(key, this.generation.config.limits);
+  /** ConnectionOwner: see the header (admission after the PROXY phase). */
+  admitRealClient(conn: Connection): RejectReason | null {
+    const gen = conn.settings as ListenerGeneration;
+    const address = conn.clientAddress;
+    if (!gen.admitsAddress(address)) return 'firewall';
+    const key = clientKey(address, gen.ipv6Prefix);
+    const refusal = this.takeClient(key, 1);
+    if (refusal !== null) return refusal;
     conn.clientKey = key;
+    return null;
   }
 
-  private slotFree(): boolean {
-    return this.busy < this.generation.config.workers && !this.deps.slots.full;
+  /**
+   * ConnectionOwner: after SNI, a route a later reload removed (a connection still in its
+   * handshake at that reload routes through its older generation), then the route's firewall,
+   * then its connection limit (a count over every thread).
+   */
+  admitRoute(conn: Connection, route: Route): CloseReason | null {
+    const removal = this.removedRoutes.size === 0 ? undefined : this.removedRoutes.get(route.name);
+    if (removal !== undefined) {
+      if (removal.policy === 'close') return 'removed';
+      if (removal.policy === 'drain') conn.closeAtRemovalDeadline(removal.closeAt);
+    }
+    if (!route.firewall.allows(conn.clientAddress)) return 'route_firewall';
+    if (!this.counts.takeRoute(route.countIndex, route.config.limits.maxConnections)) return 'route_limit';
+    conn.routeIndex = route.countIndex;
+    this.metrics.routed(route.name);
+    return null;
   }
 
-  private takeSlot(conn: Connection): void {
-    conn.holdsSlot = true;
-    this.busy++;
-    this.deps.slots.busy++;
+  /** Active connections per route name of this listener, over every thread (0s left out). */
+  get routeActive(): Map<string, number> {
+    const active = new Map<string, number>();
+    const prefix = `${this.name}\u0000`;
+    for (const [key, index] of this.deps.shared.indexes.routes) {
+      if (!key.startsWith(prefix)) continue;
+      const n = this.counts.routeActive(index);
+      if (n !== 0) active.set(key.slice(prefix.length), n);
+    }
+    return active;
+  }
+
+  /** Worker slots in use by this listener in every thread. */
+  get busy(): number {
+    return this.counts.busy(this.countIndex);
+  }
+
+  /** Connections of this listener queued in every thread. */
+  get queued(): number {
+    return this.counts.queued(this.countIndex);
   }
 
   /** Refuses before any Connection exists: no byte read, no backend dialled, one RST (or FIN). */
@@ -276,20 +393,51 @@ export class Listener implements SlotWaiter {
     this.metrics.rejected(reason);
   }
 
-  /** SlotWaiter: starts the oldest queued connection if a slot is free. Called by SlotPool.handOver only. */
+  /**
+   * SlotWaiter: starts this thread's oldest queued connection if it is the oldest of the
+   * listener in every thread and a slot is free. Called by SlotPool.handOver only.
+   */
   promoteOne(): boolean {
-    if (!this.slotFree()) return false;
-    for (const conn of this.queue) {
-      this.queue.delete(conn);
-      this.takeSlot(conn);
-      conn.start();
-      return true;
+    const head = this.queue.values().next();
+    if (head.done === true) return false;
+    const conn = head.value;
+    const gen = this.generation;
+    const { thread, threads } = this.deps.shared;
+    const idx = this.countIndex;
+    if (threads > 1 && !this.counts.isOldest(idx, thread, conn.ticket, threads)) return false;
+    if (!this.counts.takeSlot(idx, gen.config.workers, gen.globalMaxConnections)) return false;
+    this.leaveQueue(conn);
+    conn.holdsSlot = true;
+    conn.start();
+    return true;
+  }
+
+  /** True when a connection of this listener queued in another thread could take a free slot now. */
+  othersWaiting(): boolean {
+    const gen = this.generation;
+    const idx = this.countIndex;
+    return this.counts.queued(idx) > this.queue.size && this.counts.slotFree(idx, gen.config.workers, gen.globalMaxConnections);
+  }
+
+  /** Gives back the queue place and publishes this thread's new oldest ticket. */
+  private leaveQueue(conn: Connection): void {
+    const wasHead = this.queue.values().next().value === conn;
+    this.queue.delete(conn);
+    this.counts.dequeue(this.countIndex);
+    conn.ticket = 0;
+    if (wasHead) {
+      const next = this.queue.values().next();
+      this.counts.setHead(this.countIndex, this.deps.shared.thread, next.done === true ? 0 : next.value.ticket);
     }
-    return false;
+  }
+
+  private giveBackSlot(): void {
+    this.counts.releaseSlot(this.countIndex);
+    this.deps.slots.handOver(this);
   }
 
   /** A backend dial failed: counted always, warned at most once per 10 s per backend. */
-  backendFailed(conn: Connection, backend: HostPort, code: string): void {
+  backendFailed(conn: Connection, backend: Backend, code: string): void {
     const route = conn.route?.name ?? '';
     this.metrics.backendFailed(route, backend.text, code);
     const now = Date.now();
@@ -305,36 +453,31 @@ export class Listener implements SlotWaiter {
     this.backendWarnings.set(backend.text, { last: now, suppressed: 0 });
   }
 
-  routed(route: string): void {
-    this.metrics.routed(route);
-  }
-
   // ---- the single release point, called from Connection.close() only ----
 
   connectionClosed(conn: Connection, reason: CloseReason, before: ConnectionState): void {
-    if (before === 'queued') this.queue.delete(conn);
+    if (conn.ticket !== 0) this.leaveQueue(conn);
     if (conn.clientKey !== null) {
       this.clients.release(conn.clientKey);
       conn.clientKey = null;
     }
-    if (conn.countedRoute !== null) {
-      const name = conn.countedRoute.name;
-      const left = (this.routeActive.get(name) ?? 1) - 1;
-      if (left === 0) this.routeActive.delete(name);
-      else this.routeActive.set(name, left);
-      conn.countedRoute = null;
+    if (conn.routeIndex >= 0) {
+      this.counts.releaseRoute(conn.routeIndex);
+      conn.routeIndex = -1;
     }
     if (isRejection(reason)) this.recordRejection(reason, conn.clientAddress);
     this.metrics.closed(conn, reason);
     const log = this.deps.log;
     if (log.isLevelEnabled('debug')) log.debug({ conn: conn.uniqueId, reason, ...conn.describe() }, 'connection closed');
+    this.open--;
+    this.counts.addOpen(this.countIndex, -1);
     if (conn.holdsSlot) {
       conn.holdsSlot = false;
-      this.busy--;
-      this.deps.slots.busy--;
+      this.giveBackSlot();
+    } else if (this.deps.shared.threads > 1 && before === 'queued') {
+      // This thread's oldest may have been what held another thread's queue back.
       this.deps.slots.handOver(this);
     }
-    this.open--;
     if (this.open === 0 && this.draining && this.onIdle !== null) {
       const onIdle = this.onIdle;
       this.onIdle = null;
@@ -346,7 +489,7 @@ export class Listener implements SlotWaiter {
   closeAll(reason: CloseReason): number {
     let closed = 0;
     for (const conn of [...this.deps.registry.values()]) {
-      if (conn.owner.listener === this) {
+      if (conn.owner === this) {
         conn.close(reason);
         closed++;
       }

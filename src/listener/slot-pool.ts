@@ -1,29 +1,30 @@
-// `[limits] max_connections`: the worker slots of all listeners together. When it is reached a
-// listener treats its own workers as busy, so new connections queue (and time out) as usual.
+// Hands freed worker slots to queued connections: this thread's listeners through one loop, and
+// the other threads' by waking them. `[limits] max_connections` (the global pool) and each
+// listener's `workers` are counts in shared memory (governance/shared-counts.ts); when the global
+// pool is exhausted a listener treats its own workers as busy, so new connections queue (and
+// time out) as usual.
+import type { SharedCounts } from '../governance/shared-counts.ts';
 
 /** Something that can hand a freed slot to the oldest connection it has queued. */
 export interface SlotWaiter {
-  /** Starts its oldest queued connection if it can; true when it took the slot (even if that
+  /** Starts its oldest queued connection if it can; true when it took a slot (even if that
    * connection was then refused and gave the slot back). */
   promoteOne(): boolean;
+  /** True when a connection queued in another thread could take a free slot now. */
+  othersWaiting(): boolean;
 }
 
 export class SlotPool {
-  /** 0 = unlimited. Replaced on reload. */
-  max: number;
-  busy = 0;
   private readonly waiters = new Set<SlotWaiter>();
   /** handOver is running (a nested call only sets `again`). */
   private handingOver = false;
   private again = false;
+  private waking = false;
 
-  constructor(max: number) {
-    this.max = max;
-  }
-
-  get full(): boolean {
-    return this.max > 0 && this.busy >= this.max;
-  }
+  constructor(
+    private readonly counts: SharedCounts,
+    private readonly threads: number,
+  ) {}
 
   register(waiter: SlotWaiter): void {
     this.waiters.add(waiter);
@@ -40,6 +41,8 @@ export class SlotPool {
    * loop (the nested call only asks for another pass), so a queue of any length that refuses
    * synchronously costs one stack frame (issue 13, defect 2: 1,300 such connections recursed
    * through close -> release -> promote -> start -> close and overflowed the stack).
+   * With several threads, a slot this thread cannot use (the oldest queued connection is in
+   * another thread) wakes the others.
    */
   handOver(first: SlotWaiter | null): void {
     if (this.handingOver) {
@@ -54,9 +57,39 @@ export class SlotPool {
         for (const waiter of this.waiters) {
           if (waiter !== first) while (waiter.promoteOne()) this.again = true;
         }
-      } while (this.again && !this.full);
+      } while (this.again);
     } finally {
       this.handingOver = false;
     }
+    if (this.threads > 1) {
+      for (const waiter of this.waiters) {
+        if (waiter.othersWaiting()) {
+          this.counts.wakeOthers();
+          break;
+        }
+      }
+    }
+  }
+
+  /**
+   * With several threads: runs handOver each time another thread wakes this one, until stop().
+   * Waiting costs nothing while nobody wakes (Atomics.waitAsync); the timeout only re-checks.
+   */
+  startWaking(): void {
+    if (this.threads <= 1 || this.waking) return;
+    this.waking = true;
+    const loop = async (): Promise<void> => {
+      while (this.waking) {
+        const seen = this.counts.wakeSequence;
+        this.handOver(null);
+        const wait = this.counts.waitForWake(seen, 1000);
+        if (wait !== null) await wait;
+      }
+    };
+    void loop();
+  }
+
+  stop(): void {
+    this.waking = false;
   }
 }

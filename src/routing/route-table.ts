@@ -8,9 +8,12 @@ export class Route {
   readonly config: RouteConfig;
   readonly backends: readonly HostPort[];
   readonly firewall: Firewall;
+  /** Index of this route's connection count in the shared counts (stable across reloads). */
+  readonly countIndex: number;
   private cursor = 0;
 
-  constructor(config: RouteConfig) {
+  constructor(config: RouteConfig, countIndex: number) {
+    this.countIndex = countIndex;
     this.name = config.name;
     this.config = config;
     this.backends = config.backends;
@@ -34,8 +37,9 @@ export class RouteTable {
   /** Keyed by the suffix after "*." (`example.org` for `*.example.org`). */
   private readonly wildcard = new Map<string, Route>();
 
-  constructor(listener: ListenerConfig) {
-    this.routes = listener.routes.map((r) => new Route(r));
+  /** `countIndex` gives each route's index in the shared counts (tests may leave it out). */
+  constructor(listener: ListenerConfig, countIndex: (route: RouteConfig) => number = () => 0) {
+    this.routes = listener.routes.map((r) => new Route(r, countIndex(r)));
     let fallback: Route | null = null;
     for (const route of this.routes) {
       if (route.config.isDefault) fallback = route;
