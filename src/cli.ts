@@ -1,4 +1,6 @@
 // Command-line wiring only: parses arguments, calls one function, sets the exit code.
+// First: refuses an older Node.js before any other module is evaluated.
+import './runtime-check.ts';
 import { Command, Option } from 'commander';
 import { formatIssue, loadConfig } from './config/load.ts';
 import { VERSION } from './metrics.ts';
