@@ -1,10 +1,12 @@
 // Command-line wiring only: parses arguments, calls one function, sets the exit code.
 // First: refuses an older Node.js before any other module is evaluated.
 import './runtime-check.ts';
+import { isMainThread } from 'node:worker_threads';
 import { Command, Option } from 'commander';
 import { formatIssue, loadConfig } from './config/load.ts';
 import { VERSION } from './metrics.ts';
 import { serve } from './serve.ts';
+import { runThread } from './thread.ts';
 import { status } from './admin/status.ts';
 
 const program = new Command();
@@ -47,4 +49,6 @@ program
     process.exitCode = await status(opts);
   });
 
-await program.parseAsync(process.argv);
+// The same entry script starts the event-loop threads (event-loops.ts spawns it as a Worker).
+if (isMainThread) await program.parseAsync(process.argv);
+else await runThread();

@@ -3,6 +3,8 @@
 // (with their per-client tables and queues) and the metrics.
 import type { Config } from './config/types.ts';
 import { Registry } from './connection/registry.ts';
+import type { ConnectionInfo } from './connection/connection.ts';
+import { daemonStats, type DaemonStats } from './admin/stats.ts';
 import { compileGeneration, type Generation } from './generation.ts';
 import { Listener, type BindOptions, type ListenerDeps, type SharedState } from './listener/listener.ts';
 import { SharedClientTable } from './governance/client-table.ts';
@@ -67,7 +69,7 @@ export class Daemon {
   private readonly slots: SlotPool;
   private generation: Generation;
   /** Bind options every listener of this thread uses (reusePort and the port each address got). */
-  private readonly bindOptions: BindOptions;
+  private bindOptions: BindOptions;
   private readonly sweepTimer: NodeJS.Timeout | null;
   private stopping: Promise<ShutdownResult> | null = null;
   /** Connections a second, immediate shutdown closed while draining: reported as cut. */
@@ -121,17 +123,42 @@ export class Daemon {
     return this.shared.counts.globalBusy;
   }
 
-  /** The ports every bound address got (after port 0 was resolved), for the other threads to bind. */
-  boundPorts(): Array<{ listener: string; address: string; port: number }> {
-    const out: Array<{ listener: string; address: string; port: number }> = [];
-    for (const listener of this.listeners.values()) {
-      for (const address of listener.boundAddresses) out.push({ listener: listener.name, address, port: listener.portOf(address) });
-    }
-    return out;
+  /**
+   * The ports bound addresses got (port 0 resolved), for the other threads to bind the same:
+   * every address, or those a prepared reload bound.
+   */
+  boundPorts(prepared?: PreparedReload): Array<{ listener: string; address: string; port: number }> {
+    const pairs: Array<[Listener, string]> = prepared?.bound ?? [...this.listeners.values()].flatMap((l) => l.boundAddresses.map((a): [Listener, string] => [l, a]));
+    return pairs.map(([listener, address]) => ({ listener: listener.name, address, port: listener.portOf(address) }));
+  }
+
+  /** Where a thread other than the first finds the port another thread resolved (see Listener.bind). */
+  setPortLookup(portFor: BindOptions['portFor']): void {
+    this.bindOptions = { ...this.bindOptions, portFor };
   }
 
   get config(): Config {
     return this.generation.config;
+  }
+
+  // ---- the admin API's views (AdminSource) ----
+
+  async metricsText(): Promise<{ contentType: string; body: string }> {
+    return { contentType: this.metrics.registry.contentType, body: await this.metrics.exposition() };
+  }
+
+  async stats(): Promise<DaemonStats> {
+    return daemonStats(this);
+  }
+
+  async connections(limit: number): Promise<{ total: number; connections: ConnectionInfo[] }> {
+    const now = Date.now();
+    const connections: ConnectionInfo[] = [];
+    for (const conn of this.registry.values()) {
+      if (connections.length >= limit) break;
+      connections.push(conn.describe(now));
+    }
+    return { total: this.registry.size, connections };
   }
 
   private createListener(name: string): Listener {

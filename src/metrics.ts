@@ -24,8 +24,9 @@ function packageVersion(): string {
 export interface MetricsSource {
   listeners(): Iterable<{
     readonly name: string;
+    /** Shared over every thread, like `queued` and `clients.size`. */
     readonly busy: number;
-    readonly queue: { readonly size: number };
+    readonly queued: number;
     readonly clients: { readonly size: number };
   }>;
   connections(): Iterable<Connection>;
@@ -48,15 +49,25 @@ export class Metrics {
   /** Per listener name; kept across reloads so counters never restart. */
   private readonly listenerViews = new Map<string, ListenerMetrics>();
 
-  constructor(opts: { defaultMetrics?: boolean } = {}) {
+  /**
+   * `role`: 'all' in a daemon that is the process's only event loop (tests); with threads, the
+   * main thread is 'process' (build info, reloads, Node's process metrics) and each event-loop
+   * thread 'thread' (connections). The main thread sums the threads' series at scrape time
+   * (prom-client's AggregatorRegistry): one message per thread per scrape, none per connection.
+   * Gauges read from the shared counts are the same in every thread and aggregate by max.
+   */
+  constructor(opts: { defaultMetrics?: boolean; role?: 'all' | 'process' | 'thread' } = {}) {
     const registers = [this.registry];
-    if (opts.defaultMetrics !== false) client.collectDefaultMetrics({ register: this.registry, prefix: 'smartproxy_' });
+    const role = opts.role ?? 'all';
+    const processRegisters = role === 'thread' ? [] : registers;
+    if (opts.defaultMetrics !== false && role !== 'thread') client.collectDefaultMetrics({ register: this.registry, prefix: 'smartproxy_' });
     const self = this;
     new client.Gauge({
       name: 'smartproxy_build_info',
       help: 'Always 1; labels carry the version of smartproxy and of Node.js.',
       labelNames: ['version', 'node'],
-      registers,
+      registers: processRegisters,
+      aggregator: 'max',
       collect() {
         this.set({ version: VERSION, node: process.versions.node }, 1);
       },
@@ -102,12 +113,13 @@ export class Metrics {
       name: 'smartproxy_config_reloads_total',
       help: 'Configuration reloads by result.',
       labelNames: ['result'],
-      registers,
+      registers: processRegisters,
     });
     this.lastReload = new client.Gauge({
       name: 'smartproxy_config_last_reload_timestamp_seconds',
       help: 'When the configuration was last loaded successfully (start or reload).',
-      registers,
+      registers: processRegisters,
+      aggregator: 'max',
     });
     this.families = {
       accepted: this.acceptedTotal,
@@ -155,6 +167,7 @@ export class Metrics {
       help: 'Worker slots in use, per listener.',
       labelNames: ['listener'],
       registers,
+      aggregator: 'max',
       collect() {
         this.reset();
         for (const l of self.source?.listeners() ?? []) this.set({ listener: l.name }, l.busy);
@@ -165,9 +178,10 @@ export class Metrics {
       help: 'Connections waiting for a worker slot, per listener.',
       labelNames: ['listener'],
       registers,
+      aggregator: 'max',
       collect() {
         this.reset();
-        for (const l of self.source?.listeners() ?? []) this.set({ listener: l.name }, l.queue.size);
+        for (const l of self.source?.listeners() ?? []) this.set({ listener: l.name }, l.queued);
       },
     });
     new client.Gauge({
@@ -175,6 +189,7 @@ export class Metrics {
       help: 'Entries in the per-client table (concurrency and rate windows), per listener.',
       labelNames: ['listener'],
       registers,
+      aggregator: 'max',
       collect() {
         this.reset();
         for (const l of self.source?.listeners() ?? []) this.set({ listener: l.name }, l.clients.size);

@@ -1,8 +1,12 @@
 // `smartproxy serve`: load, bind, run until a signal. SIGHUP reloads, SIGTERM/SIGINT drain and
-// exit 0, a second SIGTERM/SIGINT closes everything at once.
+// exit 0, a second SIGTERM/SIGINT closes everything at once. This is the main thread: it owns the
+// config, the signals, reload, drain and the admin API; the listeners and their connections run
+// in `[process] threads` event-loop threads (event-loops.ts, thread.ts).
 import { formatIssue, loadConfig } from './config/load.ts';
 import type { AdminListen, Config } from './config/types.ts';
-import { Daemon, ShuttingDownError } from './daemon.ts';
+import { ShuttingDownError } from './daemon.ts';
+import { EventLoops } from './event-loops.ts';
+import { VERSION } from './metrics.ts';
 import { MAX_TIMER_MS } from './config/units.ts';
 import { BindError } from './listener/listener.ts';
 import { createLogger, type LogFormat, type LogLevel, type Logger } from './logging/logger.ts';
@@ -24,8 +28,10 @@ export async function serve(opts: ServeOptions): Promise<number> {
     return 1;
   }
   const config = loaded.config;
-  const log = createLogger({ level: opts.logLevel ?? config.logging.level, format: opts.logFormat });
+  const logFormat: LogFormat = opts.logFormat ?? (process.stdout.isTTY ? 'pretty' : 'json');
+  const log = createLogger({ level: opts.logLevel ?? config.logging.level, format: logFormat });
   installCrashHandlers(log);
+  log.info({ version: VERSION, node: process.version, config: config.file, threads: EventLoops.threadsFor(config) }, 'starting');
   // Until the real handlers are installed below, a SIGHUP (default action: terminate; systemd
   // does not restart after it) or a SIGTERM during start-up would kill the process: hold them
   // and replay them once running.
@@ -36,9 +42,9 @@ export async function serve(opts: ServeOptions): Promise<number> {
   };
   for (const signal of STOP_AND_RELOAD) process.on(signal, hold);
 
-  let daemon: Daemon;
+  let daemon: EventLoops;
   try {
-    daemon = await Daemon.start(config, log);
+    daemon = await EventLoops.start(config, log, { logLevel: opts.logLevel ?? config.logging.level, logFormat });
   } catch (err) {
     if (err instanceof BindError) {
       log.error({ listener: err.listener, address: err.address, code: err.code }, err.message);
@@ -66,7 +72,7 @@ export async function serve(opts: ServeOptions): Promise<number> {
     }
   }
 
-  const running: Running = { daemon, admin, log, logLevelFromCli: opts.logLevel !== undefined, cutShort: null };
+  const running: Running = { daemon, threads: config.process.threads, admin, log, logLevelFromCli: opts.logLevel !== undefined, cutShort: null };
   let reloading = Promise.resolve();
   const onHangup = (): void => {
     // Reloads run one after another; ten HUPs in a second end in the last file's config.
@@ -104,7 +110,9 @@ const STOP_AND_RELOAD = ['SIGHUP', 'SIGTERM', 'SIGINT'] as const;
 
 /** What the signal handlers share while the daemon runs. */
 interface Running {
-  readonly daemon: Daemon;
+  readonly daemon: EventLoops;
+  /** [process] threads as it was at start (a reload cannot change it). */
+  readonly threads: number | 'auto';
   admin: AdminServer | null;
   readonly log: Logger;
   /** --log-level given: it wins over [logging] level, at start and on every reload. */
@@ -117,7 +125,7 @@ async function stop(running: Running, signal: string): Promise<void> {
   const { daemon, log } = running;
   const { shutdownDelayMs, drainTimeoutMs } = daemon.config.shutdown;
   daemon.accepting = false; // /healthz says 503 from now on
-  log.info({ signal, shutdownDelayMs, drainTimeoutMs, open: daemon.registry.size }, 'stopping');
+  log.info({ signal, shutdownDelayMs, drainTimeoutMs, open: daemon.openConnections }, 'stopping');
   if (shutdownDelayMs > 0) {
     await new Promise<void>((resolve) => {
       const timer = setTimeout(resolve, Math.min(shutdownDelayMs, MAX_TIMER_MS));
@@ -154,7 +162,10 @@ async function reload(running: Running, file: string): Promise<void> {
     log.error({ err: err instanceof Error ? err.message : String(err) }, 'reload failed; the previous configuration stays in force');
     return;
   }
-  if (!running.logLevelFromCli) log.level = config.logging.level;
+  if (!running.logLevelFromCli) await daemon.setLogLevel(config.logging.level);
+  if (config.process.threads !== running.threads) {
+    log.warn({ threads: config.process.threads, running: running.threads }, '[process] threads applies at start only; restart to change it');
+  }
   await reapplyAdmin(running, config);
   log.info(changes, 'configuration reloaded');
 }

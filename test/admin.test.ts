@@ -208,6 +208,8 @@ test('/connections?limit=N and /stats show a live connection with its client, ro
       rejections: stats.listeners[0]!.rejections,
       routes: [{ name: 'echo', active: 2 }],
       topClients: [{ client: CLIENT_IP, active: 2 }],
+      activeClients: 1,
+      routedActive: 2,
     },
   ]);
   assert.equal(Object.values(stats.listeners[0]!.rejections).reduce((a, b) => a + b, 0), 0);

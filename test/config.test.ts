@@ -107,6 +107,7 @@ describe('resolution', () => {
       firewall: { allow: [], block: [] },
       logging: { level: 'info', rejectionSummaryIntervalMs: 10_000 },
       admin: null,
+      process: { threads: 'auto' },
       shutdown: { drainTimeoutMs: 30_000, shutdownDelayMs: 0 },
       listeners: [{
         name: 'tcp',

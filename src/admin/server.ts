@@ -3,8 +3,18 @@
 import { lstatSync, unlinkSync } from 'node:fs';
 import http from 'node:http';
 import type { AdminListen } from '../config/types.ts';
-import type { Daemon } from '../daemon.ts';
-import { daemonStats } from './stats.ts';
+import type { ConnectionInfo } from '../connection/connection.ts';
+import type { Logger } from '../logging/logger.ts';
+import type { DaemonStats } from './stats.ts';
+
+/** What the admin API reads: a Daemon (one event loop) or EventLoops (several threads). */
+export interface AdminSource {
+  readonly accepting: boolean;
+  readonly log: Logger;
+  metricsText(): Promise<{ contentType: string; body: string }>;
+  stats(): Promise<DaemonStats>;
+  connections(limit: number): Promise<{ total: number; connections: ConnectionInfo[] }>;
+}
 
 export interface AdminServer {
   /** As configured (a reload compares it with the new [admin] listen). */
@@ -15,7 +25,7 @@ export interface AdminServer {
   close(): Promise<void>;
 }
 
-export async function startAdminServer(listen: AdminListen, daemon: Daemon): Promise<AdminServer> {
+export async function startAdminServer(listen: AdminListen, daemon: AdminSource): Promise<AdminServer> {
   const server = http.createServer((req, res) => {
     handle(daemon, req, res).catch((err: unknown) => {
       daemon.log.error({ err }, 'admin request failed');
@@ -76,26 +86,20 @@ function removeStaleSocket(path: string): void {
   if (stat.isSocket()) unlinkSync(path);
 }
 
-async function handle(daemon: Daemon, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+async function handle(daemon: AdminSource, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
   const url = new URL(req.url ?? '/', 'http://admin');
   if (req.method !== 'GET' && req.method !== 'HEAD') return send(res, 405, 'text/plain', 'method not allowed\n');
   switch (url.pathname) {
     case '/healthz':
       return daemon.accepting ? send(res, 200, 'text/plain', 'ok\n') : send(res, 503, 'text/plain', 'draining\n');
-    case '/metrics':
-      return send(res, 200, daemon.metrics.registry.contentType, await daemon.metrics.exposition());
-    case '/stats':
-      return sendJson(res, daemonStats(daemon));
-    case '/connections': {
-      const limit = clampLimit(url.searchParams.get('limit'));
-      const now = Date.now();
-      const list = [];
-      for (const conn of daemon.registry.values()) {
-        if (list.length >= limit) break;
-        list.push(conn.describe(now));
-      }
-      return sendJson(res, { total: daemon.registry.size, connections: list });
+    case '/metrics': {
+      const { contentType, body } = await daemon.metricsText();
+      return send(res, 200, contentType, body);
     }
+    case '/stats':
+      return sendJson(res, await daemon.stats());
+    case '/connections':
+      return sendJson(res, await daemon.connections(clampLimit(url.searchParams.get('limit'))));
     default:
       return send(res, 404, 'text/plain', 'not found: try /healthz, /metrics, /stats, /connections?limit=N\n');
   }

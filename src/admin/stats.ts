@@ -1,4 +1,6 @@
-// GET /stats: the daemon's state as JSON (also what `smartproxy status` prints).
+// GET /stats: the daemon's state as JSON (also what `smartproxy status` prints). Counts are read
+// from the shared counts, so they cover every event-loop thread; `rejections` and the top-level
+// `active` are this thread's own (the main thread sums them over threads: event-loops.ts).
 import type { Daemon } from '../daemon.ts';
 import { VERSION } from '../metrics.ts';
 
@@ -29,8 +31,10 @@ export interface DaemonStats {
   readonly accepting: boolean;
   readonly active: number;
   readonly maxConnections: number;
-  /** Worker slots taken from the process-wide pool (`limits.max_connections`); null if unreadable. */
+  /** Worker slots taken from the process-wide pool (`limits.max_connections`) by every thread. */
   readonly slotsBusy?: number | null;
+  /** Event-loop threads (`[process] threads`); absent from an in-process daemon. */
+  readonly threads?: number;
   readonly listeners: ListenerStats[];
 }
 
@@ -45,8 +49,8 @@ export function daemonStats(daemon: Daemon): DaemonStats {
       workers: gen.config.workers,
       busy: listener.busy,
       queue: gen.config.queue,
-      queued: listener.queue.size,
-      active: listener.activeCount(),
+      queued: listener.queued,
+      active: daemon.shared.counts.open(listener.countIndex),
       trackedClients: listener.clients.size,
       rejections: listener.rejections.totals(),
       routes: gen.config.routes.map((r) => ({ name: r.name, active: listener.routeActive.get(r.name) ?? 0 })),
@@ -62,17 +66,7 @@ export function daemonStats(daemon: Daemon): DaemonStats {
     accepting: daemon.accepting,
     active: daemon.registry.size,
     maxConnections: daemon.config.limits.maxConnections,
-    slotsBusy: slotsBusy(daemon),
+    slotsBusy: daemon.slotsBusy,
     listeners,
   };
-}
-
-/**
- * The global slot pool's own count, which must equal the sum of the listeners' `busy` and return
- * to 0. The pool is private to the Daemon; it is read here, defensively, so /stats can show it
- * without widening the Daemon's interface.
- */
-function slotsBusy(daemon: Daemon): number | null {
-  const pool = (daemon as unknown as { slots?: { busy?: unknown } }).slots;
-  return typeof pool?.busy === 'number' ? pool.busy : null;
 }

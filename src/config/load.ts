@@ -97,6 +97,7 @@ function resolveConfig(file: ConfigFile, absolutePath: string): Config {
     firewall: { allow: file.firewall.allow, block: file.firewall.block },
     logging: { level: file.logging.level, rejectionSummaryIntervalMs: file.logging.rejection_summary_interval },
     admin: file.admin?.listen ?? null,
+    process: { threads: file.process.threads },
     shutdown: { drainTimeoutMs: file.shutdown.drain_timeout, shutdownDelayMs: file.shutdown.shutdown_delay },
     listeners: file.listeners.map((listener, index) =>
       resolveListener(listener, index, { timeouts, limits, onRemoval: file.reload.on_removal })),

@@ -7,6 +7,7 @@ import * as z from 'zod';
 import { formatValue, wrongTypeMessage } from './issues.ts';
 import { isUnitError, parseCidr, parseDuration, parseHostPort, parseSniPattern } from './units.ts';
 import type { AdminListen, HostPort } from './types.ts';
+import { MAX_THREADS } from '../governance/shared-counts.ts';
 
 // Error param for a schema: our wording when the value has the wrong type or is missing.
 function expecting(description: string) {
@@ -253,6 +254,16 @@ export const configFileSchema = z.strictObject({
     )
     .prefault({}),
   reload: z.strictObject({ on_removal: onRemoval().default('keep') }, table('[reload]')).prefault({}),
+  process: z
+    .strictObject(
+      {
+        threads: z
+          .union([z.literal('auto'), z.int().min(1).max(MAX_THREADS)], expecting(`"auto" or a number of threads from 1 to ${MAX_THREADS}`))
+          .default('auto'),
+      },
+      table('[process]'),
+    )
+    .prefault({}),
   listeners: z
     .array(listener, {
       error: (issue) => (issue.input === undefined ? `missing: ${NO_LISTENERS}` : wrongTypeMessage(issue.input, '[[listeners]] tables')),

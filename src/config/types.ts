@@ -120,6 +120,10 @@ export interface Config {
     readonly rejectionSummaryIntervalMs: number;
   };
   readonly admin: AdminListen | null;
+  readonly process: {
+    /** Event-loop threads running listeners; "auto" = os.availableParallelism(). Start-only. */
+    readonly threads: number | 'auto';
+  };
   readonly shutdown: {
     readonly drainTimeoutMs: number;
     readonly shutdownDelayMs: number;

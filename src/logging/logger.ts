@@ -12,12 +12,14 @@ export interface LoggerOptions {
   readonly format?: LogFormat;
   /** Where lines go; tests pass a stream to read them back. */
   readonly destination?: NodeJS.WritableStream;
+  /** Fields on every line besides pid (an event-loop thread adds its number). */
+  readonly base?: Record<string, unknown>;
 }
 
 /** Builds the one logger the daemon passes down. Synchronous writes: a crash never loses its last line. */
 export function createLogger(opts: LoggerOptions): Logger {
   const format = opts.format ?? (process.stdout.isTTY ? 'pretty' : 'json');
-  const base = { level: opts.level, base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime };
+  const base = { level: opts.level, base: { pid: process.pid, ...opts.base }, timestamp: pino.stdTimeFunctions.isoTime };
   if (format === 'pretty') {
     return pino(base, pretty({ colorize: process.stdout.isTTY === true, sync: true, destination: opts.destination ?? 1 }));
   }

@@ -31,6 +31,16 @@ export interface CliProxy {
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 }
 
+/**
+ * The event-loop threads a test daemon runs: `[process] threads` as the file says, else
+ * SMARTPROXY_TEST_THREADS (default 1; `npm test` also runs the threads suite with 4).
+ */
+export const TEST_THREADS = Number(process.env.SMARTPROXY_TEST_THREADS ?? '1');
+
+function withThreads(toml: string): string {
+  return /^\[process\]/m.test(toml) ? toml : `${toml}\n[process]\nthreads = ${TEST_THREADS}\n`;
+}
+
 /** A fresh temp directory removed after the test. */
 export function tempDir(t: TestContext): string {
   const dir = mkdtempSync(path.join(tmpdir(), 'smartproxy-test-'));
@@ -52,7 +62,7 @@ export async function startCli(
   const configFile = path.join(dir, 'proxy.toml');
   const write = (text: string): void => {
     const tmp = `${configFile}.tmp`;
-    writeFileSync(tmp, text.replaceAll('{{dir}}', dir));
+    writeFileSync(tmp, withThreads(text).replaceAll('{{dir}}', dir));
     renameSync(tmp, configFile);
   };
   write(toml);

@@ -1,0 +1,281 @@
+// The main thread's side of `[process] threads`: starts N event-loop threads (src/thread.ts), each
+// binding every listener address with SO_REUSEPORT, and speaks for them to serve.ts and the admin
+// API. Owns what is process-wide: the shared counts and per-client table (handed to every thread
+// at start), the count indexes of listener and route names, and the config in force.
+//
+// A reload is applied to every thread or to none: all threads prepare (bind new addresses; the
+// first thread resolves port 0 and the others bind the port it got), then all commit, or all
+// abort if any failed. Shutdown drains every thread with the same deadline. An uncaught exception
+// in a thread is a bug: the thread's error reaches the main thread, which logs it with its stack
+// and exits 70 (systemd restarts the unit).
+import { availableParallelism } from 'node:os';
+import v8 from 'node:v8';
+import { Worker } from 'node:worker_threads';
+import client from 'prom-client';
+import type { DaemonStats } from './admin/stats.ts';
+import type { Config } from './config/types.ts';
+import type { ConnectionInfo } from './connection/connection.ts';
+import { ShuttingDownError, type ReloadResult, type ShutdownResult } from './daemon.ts';
+import { SharedClientTable } from './governance/client-table.ts';
+import { CountIndexes, SharedCounts } from './governance/shared-counts.ts';
+import { BindError } from './listener/listener.ts';
+import type { LogFormat, LogLevel, Logger } from './logging/logger.ts';
+import { Metrics } from './metrics.ts';
+import type { Ports, ThreadData, ThreadError, ThreadRequest } from './thread.ts';
+
+/**
+ * V8 heap flags for the event-loop threads (README, "Memory"): a small young generation and room
+ * in the old one. Set here, in the main thread, before any thread is created, so they apply to
+ * every thread however the daemon was started (`node dist/smartproxy.js`, the shebang, systemd).
+ */
+const THREAD_V8_FLAGS = ['--max-semi-space-size=2', '--initial-old-space-size=64'];
+
+/** Distributive Omit, so each member of the request union keeps its own fields. */
+type RequestBody = ThreadRequest extends infer R ? (R extends unknown ? Omit<R, 'id'> : never) : never;
+
+interface Reply {
+  readonly id: number;
+  readonly ok: boolean;
+  readonly error?: ThreadError;
+  readonly [field: string]: unknown;
+}
+
+/** One event-loop thread as the main thread sees it. */
+class LoopThread {
+  private nextId = 1;
+  private readonly pending = new Map<number, { resolve: (reply: Reply) => void }>();
+
+  constructor(
+    readonly index: number,
+    readonly worker: Worker,
+  ) {
+    worker.on('message', (reply: Reply) => {
+      const waiter = this.pending.get(reply.id);
+      if (waiter === undefined) return;
+      this.pending.delete(reply.id);
+      waiter.resolve(reply);
+    });
+  }
+
+  /** Sends a request; resolves with the reply (rejects with the thread's error when not ok). */
+  async call(body: RequestBody): Promise<Reply> {
+    const id = this.nextId++;
+    const reply = await new Promise<Reply>((resolve) => {
+      this.pending.set(id, { resolve });
+      this.worker.postMessage({ ...body, id });
+    });
+    if (!reply.ok) throw toError(reply.error!);
+    return reply;
+  }
+}
+
+function toError(error: ThreadError): Error {
+  if (error.bind) {
+    return new BindError(error.listener ?? '?', error.address ?? '?', Object.assign(new Error(error.message), { code: error.code }));
+  }
+  if (error.code === 'ESHUTTINGDOWN') return new ShuttingDownError();
+  return Object.assign(new Error(error.message), { code: error.code });
+}
+
+export interface EventLoopsOptions {
+  readonly logLevel: LogLevel;
+  readonly logFormat: LogFormat;
+}
+
+export class EventLoops {
+  readonly log: Logger;
+  readonly metrics: Metrics;
+  readonly threads: number;
+  private readonly loops: LoopThread[] = [];
+  private readonly counts: SharedCounts;
+  private readonly clients: SharedClientTable;
+  private readonly indexes = new CountIndexes();
+  private current: Config;
+  private stopping: Promise<ShutdownResult> | null = null;
+  private reloading = false;
+  /** False once shutdown began: /healthz answers 503. */
+  accepting = true;
+
+  private constructor(config: Config, log: Logger, threads: number) {
+    this.current = config;
+    this.log = log;
+    this.threads = threads;
+    this.metrics = new Metrics({ role: 'process' });
+    this.counts = new SharedCounts();
+    this.clients = new SharedClientTable({ maxTrackedIps: config.limits.maxTrackedIps });
+  }
+
+  /** How many threads `[process] threads` asks for on this machine. */
+  static threadsFor(config: Config): number {
+    const wanted = config.process.threads;
+    return wanted === 'auto' ? Math.max(1, availableParallelism()) : wanted;
+  }
+
+  /**
+   * Starts every thread and binds every listener in each; on a bind failure nothing stays bound,
+   * every thread is stopped and the BindError is thrown.
+   */
+  static async start(config: Config, log: Logger, opts: EventLoopsOptions): Promise<EventLoops> {
+    const loops = new EventLoops(config, log, EventLoops.threadsFor(config));
+    const full = loops.indexes.assign(config.listeners);
+    if (full !== null) throw new Error(full);
+    for (const flag of THREAD_V8_FLAGS) v8.setFlagsFromString(flag);
+    for (let i = 0; i < loops.threads; i++) loops.loops.push(loops.spawn(i, opts));
+    try {
+      const first = await loops.loops[0]!.call({ type: 'start', config, indexes: loops.indexes.toJSON(), ports: [] });
+      const ports = first.ports as Ports;
+      await Promise.all(loops.loops.slice(1).map((loop) => loop.call({ type: 'start', config, indexes: loops.indexes.toJSON(), ports })));
+    } catch (err) {
+      await loops.terminate();
+      throw err;
+    }
+    loops.metrics.reloaded(true);
+    log.info({ threads: loops.threads }, 'event-loop threads started');
+    return loops;
+  }
+
+  private spawn(index: number, opts: EventLoopsOptions): LoopThread {
+    const data: ThreadData = {
+      smartproxyThread: true,
+      thread: index,
+      threads: this.threads,
+      counts: this.counts.buffer,
+      clients: this.clients.buffer,
+      maxTrackedIps: this.current.limits.maxTrackedIps,
+      logLevel: opts.logLevel,
+      logFormat: opts.logFormat,
+    };
+    // The entry script (src/cli.ts under tsx, or the bundle) starts a thread when it is not the
+    // main thread; workers inherit the main thread's execArgv (tsx's loader included).
+    const worker = new Worker(process.argv[1]!, { workerData: data, argv: [], stdout: false, stderr: false });
+    worker.on('error', (err) => {
+      this.log.fatal({ err, thread: index }, 'uncaught exception in an event-loop thread (bug)');
+      process.exit(70);
+    });
+    worker.on('exit', (code) => {
+      if (this.stopping === null) {
+        this.log.fatal({ thread: index, code }, 'an event-loop thread exited (bug)');
+        process.exit(70);
+      }
+    });
+    return new LoopThread(index, worker);
+  }
+
+  get config(): Config {
+    return this.current;
+  }
+
+  /** Connections open in every thread (queued included). */
+  get openConnections(): number {
+    let open = 0;
+    for (const index of this.indexes.listeners.values()) open += this.counts.open(index);
+    return open;
+  }
+
+  /** Applies `config` to every thread or to none (see the header). */
+  async reload(config: Config): Promise<ReloadResult> {
+    if (this.stopping !== null) throw new ShuttingDownError();
+    if (this.reloading) throw new Error('bug: reloads overlap');
+    this.reloading = true;
+    try {
+      const full = this.indexes.assign(config.listeners);
+      if (full !== null) throw new Error(full);
+      const indexes = this.indexes.toJSON();
+      const prepared: LoopThread[] = [];
+      try {
+        const [first, ...rest] = this.loops;
+        const reply = await first!.call({ type: 'prepare', config, indexes, ports: [] });
+        prepared.push(first!);
+        const ports = reply.ports as Ports;
+        const results = await Promise.allSettled(rest.map(async (loop) => {
+          await loop.call({ type: 'prepare', config, indexes, ports });
+          prepared.push(loop);
+        }));
+        const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+        if (failed !== undefined) throw failed.reason;
+        if (this.stopping !== null) throw new ShuttingDownError();
+      } catch (err) {
+        await Promise.all(prepared.map((loop) => loop.call({ type: 'abort' })));
+        throw err;
+      }
+      const replies = await Promise.all(this.loops.map((loop) => loop.call({ type: 'commit' })));
+      this.current = config;
+      this.metrics.reloaded(true);
+      return replies[0]!.result as ReloadResult;
+    } finally {
+      this.reloading = false;
+    }
+  }
+
+  /** Every thread's log level (a reload of [logging] level). */
+  async setLogLevel(level: LogLevel): Promise<void> {
+    this.log.level = level;
+    await Promise.all(this.loops.map((loop) => loop.call({ type: 'log-level', level })));
+  }
+
+  /**
+   * Graceful stop of every thread: refuse new connections, let established ones finish for
+   * `drainTimeoutMs`, then close what remains. A second call with `immediate` closes everything
+   * at once in every thread.
+   */
+  shutdown(opts: { drainTimeoutMs?: number; immediate?: boolean } = {}): Promise<ShutdownResult> {
+    const drainTimeoutMs = opts.drainTimeoutMs ?? this.current.shutdown.drainTimeoutMs;
+    const immediate = opts.immediate ?? false;
+    if (this.stopping !== null) {
+      if (immediate) for (const loop of this.loops) void loop.call({ type: 'shutdown', drainTimeoutMs: 0, immediate: true }).catch(() => undefined);
+      return this.stopping;
+    }
+    this.accepting = false;
+    this.stopping = (async () => {
+      const replies = await Promise.all(this.loops.map((loop) => loop.call({ type: 'shutdown', drainTimeoutMs, immediate })));
+      await this.terminate();
+      let drained = 0;
+      let cut = 0;
+      for (const reply of replies) {
+        const result = reply.result as ShutdownResult;
+        drained += result.drained;
+        cut += result.cut;
+      }
+      return { drained, cut };
+    })();
+    return this.stopping;
+  }
+
+  private async terminate(): Promise<void> {
+    this.stopping ??= Promise.resolve({ drained: 0, cut: 0 });
+    await Promise.all(this.loops.map((loop) => loop.worker.terminate()));
+  }
+
+  // ---- the admin API's views, gathered from every thread ----
+
+  /** The Prometheus text: the main thread's own series plus every thread's, summed. */
+  async metricsText(): Promise<{ contentType: string; body: string }> {
+    const replies = await Promise.all(this.loops.map((loop) => loop.call({ type: 'metrics' })));
+    const all = [await this.metrics.registry.getMetricsAsJSON(), ...replies.map((r) => r.metrics as client.MetricObjectWithValues<client.MetricValue<string>>[])];
+    const registry = client.AggregatorRegistry.aggregate(all as Parameters<typeof client.AggregatorRegistry.aggregate>[0]);
+    return { contentType: registry.contentType, body: await registry.metrics() };
+  }
+
+  /** /stats: the first thread's view (counts are shared), with per-thread numbers summed. */
+  async stats(): Promise<DaemonStats> {
+    const replies = await Promise.all(this.loops.map((loop) => loop.call({ type: 'stats' })));
+    const views = replies.map((r) => r.stats as DaemonStats);
+    const first = views[0]!;
+    const listeners = first.listeners.map((listener) => {
+      const rejections: Record<string, number> = {};
+      for (const view of views) {
+        const same = view.listeners.find((l) => l.name === listener.name && l.draining === listener.draining);
+        for (const [reason, n] of Object.entries(same?.rejections ?? {})) rejections[reason] = (rejections[reason] ?? 0) + n;
+      }
+      return { ...listener, rejections };
+    });
+    return { ...first, active: views.reduce((n, v) => n + v.active, 0), accepting: this.accepting, threads: this.threads, listeners };
+  }
+
+  /** /connections: up to `limit` connections of every thread, and how many there are in all. */
+  async connections(limit: number): Promise<{ total: number; connections: ConnectionInfo[] }> {
+    const replies = await Promise.all(this.loops.map((loop) => loop.call({ type: 'connections', limit })));
+    const connections = replies.flatMap((r) => r.connections as ConnectionInfo[]).slice(0, limit);
+    return { total: replies.reduce((n, r) => n + (r.total as number), 0), connections };
+  }
+}
