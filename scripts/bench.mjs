@@ -11,11 +11,11 @@ import { tmpdir } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { describeMachine, INSTALL_LINE, pinSelf } from './bench/machine.mjs';
+import { describeMachine, INSTALL_LINE, pinSelf, placement } from './bench/machine.mjs';
 import { removeOnExit, runToCompletion, stopAllChildren } from './bench/processes.mjs';
 import { describeFlood, floodRunEstimateSeconds, runFloodScenario } from './bench/flood-scenario.mjs';
-import { CONTENDER_NAMES, GOVERNED_CONTENDER_NAMES, describeContender, whyUnavailable } from './bench/proxies.mjs';
-import { printFloodSummary, printSummary, summarizeFlood, summarizeIdle, summarizeRate } from './bench/report.mjs';
+import { CONTENDER_NAMES, GOVERNED_CONTENDER_NAMES, PROJECT_NODE, describeContender, parseVariant, whyUnavailable } from './bench/proxies.mjs';
+import { printFloodSummary, printScaling, printSummary, summarizeFlood, summarizeIdle, summarizeRate } from './bench/report.mjs';
 import { DEFAULT_SCENARIO_NAMES, RATE_SCENARIOS, SCENARIO_NAMES, runIdleScenario, runRateScenario } from './bench/scenarios.mjs';
 
 const REPO_ROOT = new URL('../', import.meta.url).pathname;
@@ -38,7 +38,17 @@ const USAGE = `usage: npm run bench -- [options]
   --idle-settle S       seconds between opening the idle connections and sampling RSS (default 1;
                         25 lets V8's memory reducer collect the garbage of opening them)
   --json FILE           also write every raw run to FILE
-  --node-flags="FLAGS"  V8/Node flags for smartproxy instead of the bundle's shebang ones (A/B runs)
+  --threads N           smartproxy [process] threads = N, haproxy nbthread N, nginx worker_processes N
+                        (default 1). The proxy is pinned to min(N, cores - 1) cores, the load to the rest
+  --scaling LIST        also run the rate scenarios once per k in LIST (e.g. 1,2,4) with threads = k and
+                        the proxy on k cores, and print a scaling table; k must leave a core for the load
+  --variant NAME=SPEC   another smartproxy contender in the same run (repeatable); SPEC is comma-separated
+                        node=PATH (default: node_modules/.bin/node), entry=PATH (another build's
+                        dist/smartproxy.js), flags=FLAGS (node command line), env.VAR=VALUE, and
+                        no-threads-key (a build before [process] threads). Not in the flood scenario
+  --node-flags="FLAGS"  Node/V8 flags on smartproxy's command line (default none; A/B runs). They reach
+                        every thread, except the heap flags the daemon sets itself before it starts its
+                        threads (src/event-loops.ts THREAD_V8_FLAGS), which win there
   --no-build            do not run \`npm run build\` before starting smartproxy
 
 Tools: ${INSTALL_LINE}`;
@@ -56,6 +66,9 @@ function parseOptions() {
       json: { type: 'string' },
       'no-build': { type: 'boolean', default: false },
       'node-flags': { type: 'string' },
+      threads: { type: 'string', default: '1' },
+      scaling: { type: 'string' },
+      variant: { type: 'string', multiple: true, default: [] },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -74,13 +87,27 @@ function parseOptions() {
     if (!Number.isInteger(n) || n < (allowZero ? 0 : 1)) throw new UsageError(`${what} must be a ${allowZero ? 'non-negative' : 'positive'} integer (got ${text})`);
     return n;
   };
+  const variants = new Map();
+  for (const text of values.variant) {
+    try {
+      const [name, runtime] = parseVariant(text);
+      if (variants.has(name)) throw new Error(`--variant ${name} given twice`);
+      variants.set(name, runtime);
+    } catch (err) {
+      throw new UsageError(err.message);
+    }
+  }
+  const contenderNames = [...CONTENDER_NAMES, ...variants.keys()];
   return {
     runs: positive(values.runs, '--runs'),
     duration: positive(values.duration, '--duration'),
     warmup: positive(values.warmup, '--warmup', { allowZero: true }),
     // Always in the canonical order, whatever order --only lists them in.
     scenarios: values.only ? SCENARIO_NAMES.filter((name) => list(values.only, SCENARIO_NAMES, 'scenario').includes(name)) : DEFAULT_SCENARIO_NAMES,
-    contenders: values.proxies ? list(values.proxies, CONTENDER_NAMES, 'contender') : CONTENDER_NAMES,
+    contenders: values.proxies ? list(values.proxies, contenderNames, 'contender') : contenderNames,
+    variants,
+    threads: positive(values.threads, '--threads'),
+    scaling: values.scaling ? [...new Set(values.scaling.split(',').map((n) => positive(n.trim(), '--scaling')))].sort((a, b) => a - b) : null,
     idleSizes: values['idle-conns'].split(',').map((n) => positive(n, '--idle-conns')),
     idleSettleSeconds: positive(values['idle-settle'], '--idle-settle', { allowZero: true }),
     json: values.json ?? null,
@@ -105,6 +132,28 @@ async function prepareSmartproxy(options) {
   } catch (err) {
     return `npm run build failed: ${String(err.message).split('\n').slice(0, 3).join(' ')}`;
   }
+}
+
+function describePinning(machine) {
+  if (!machine.pinned) return 'pinning: OFF (needs >= 2 cores and taskset); proxy and load share the cores, CPU figures are noisier';
+  const shared = machine.threads > machine.proxyCoreCount ? ` (${machine.threads} threads share ${machine.proxyCoreCount} core(s): one core stays with the load)` : '';
+  return `pinning: proxy under test on core(s) ${machine.proxyCores}${shared}; backends and load generators on core(s) ${machine.loadCores}`;
+}
+
+/**
+ * The k of --scaling that fit this machine (the proxy on k cores, at least one core left for the
+ * load) and the rate scenarios they run.
+ */
+function scalingPlan(options, machine, scenarios) {
+  if (!options.scaling) return { ks: [], skipped: [], scenarios: [] };
+  const fits = (k) => machine.pinned && k <= machine.cores - 1;
+  const ks = options.scaling.filter(fits);
+  const skipped = options.scaling.filter((k) => !fits(k));
+  out(
+    `scaling: k = ${ks.join(', ') || 'none'}` +
+      (skipped.length ? `; k = ${skipped.join(', ')} SKIPPED (this machine has ${machine.cores} cores${machine.pinned ? '' : ' and no pinning'}: the proxy on k cores needs k + 1)` : ''),
+  );
+  return { ks, skipped, scenarios: ks.length ? scenarios.filter((name) => RATE_SCENARIOS[name]) : [] };
 }
 
 /** Seconds the whole plan should take; the watchdog allows twice that plus slack. */
@@ -140,23 +189,20 @@ async function machineBusyFraction() {
 
 async function main() {
   const options = parseOptions();
-  const machine = describeMachine();
+  const machine = describeMachine({ threads: options.threads });
   pinSelf(machine);
   const tmpDir = mkdtempSync(join(tmpdir(), 'smartproxy-bench-'));
   removeOnExit(tmpDir);
-  const ctx = { machine, tmpDir, smartproxySkip: null, smartproxyNodeFlags: options.nodeFlags };
+  const ctx = { machine, tmpDir, smartproxySkip: null, smartproxyNodeFlags: options.nodeFlags, variants: options.variants };
 
   out('smartproxy benchmark');
   out(`machine: ${machine.cores} cores, ${machine.cpuModel}, kernel ${machine.kernel}`);
   out(
-    `versions: node ${machine.versions.node}, haproxy ${machine.versions.haproxy ?? '-'}, nginx ${machine.versions.nginx ?? '-'}, ` +
+    `versions: node ${machine.versions.node} (bench), ${PROJECT_NODE} for smartproxy and node-pipe, haproxy ${machine.versions.haproxy ?? '-'}, nginx ${machine.versions.nginx ?? '-'}, ` +
       `wrk ${machine.versions.wrk ?? '-'}, iperf3 ${machine.versions.iperf3 ?? '-'}, openssl ${machine.versions.openssl ?? '-'}`,
   );
-  out(
-    machine.pinned
-      ? `pinning: proxy under test on core ${machine.proxyCores}; backends and load generators on core(s) ${machine.loadCores}`
-      : 'pinning: OFF (needs >= 2 cores and taskset); proxy and load share the cores, CPU figures are noisier',
-  );
+  out(`threads: ${options.threads} (smartproxy [process] threads, haproxy nbthread, nginx worker_processes)`);
+  out(describePinning(machine));
   out(
     machine.fdLimit >= machine.wantedFdLimit
       ? `fd limit: ${machine.fdLimit} for every child`
@@ -193,8 +239,10 @@ async function main() {
     else scenarios.push(name);
   }
 
-  const budgetSeconds = estimateSeconds(options, scenarios, contenders) * 2 + 120;
-  out(`time budget: about ${Math.ceil(estimateSeconds(options, scenarios, contenders) / 60)} min (hard stop after ${Math.ceil(budgetSeconds / 60)} min)`);
+  const scaling = scalingPlan(options, machine, scenarios);
+  const estimate = estimateSeconds(options, scenarios, contenders) + scaling.ks.length * estimateSeconds(options, scaling.scenarios, contenders);
+  const budgetSeconds = estimate * 2 + 120;
+  out(`time budget: about ${Math.ceil(estimate / 60)} min (hard stop after ${Math.ceil(budgetSeconds / 60)} min)`);
   const watchdog = setTimeout(() => abort(`time budget of ${budgetSeconds} s exceeded`), budgetSeconds * 1000);
 
   const rateSections = [];
@@ -228,11 +276,25 @@ async function main() {
       rateSections.push({ scenario, rows: summarizeRate(scenario, results) });
     }
   }
+  const scalingSections = [];
+  for (const k of scaling.ks) {
+    Object.assign(machine, placement(machine, k));
+    pinSelf(machine);
+    log(`scaling k = ${k}: ${describePinning(machine)}`);
+    for (const name of scaling.scenarios) {
+      const scenario = RATE_SCENARIOS[name];
+      log(`scenario ${name} (k = ${k}): ${scenario.what}`);
+      const { results } = await runRateScenario(ctx, scenario, contenders, { runs: options.runs, duration: options.duration, warmup: options.warmup, log });
+      (raw.scaling ??= {})[`${name}@${k}`] = Object.fromEntries(results);
+      scalingSections.push({ k, scenario, rows: summarizeRate(scenario, results) });
+    }
+  }
   clearTimeout(watchdog);
   raw.machineBusyBefore = busyBefore;
 
   printSummary(rateSections, idleSections, out);
   if (floodSection) printFloodSummary(floodSection, out);
+  if (options.scaling) printScaling(scalingSections, scaling.skipped, machine.cores, out);
   if (options.json) {
     raw.summary = { rates: rateSections.map(({ scenario, rows }) => ({ scenario: scenario.name, rows })), idle: idleSections, flood: floodSection?.rows ?? null };
     writeFileSync(options.json, JSON.stringify(raw, null, 2) + '\n');

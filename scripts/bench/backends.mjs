@@ -32,7 +32,7 @@ export async function freePort() {
  * @param {string} body  the config after the main-context lines we always set: `http {...}` or
  *   `stream {...}` (which loads the stream module first when this nginx has it as a module)
  */
-export function startNginx(ctx, name, prefix, body) {
+export function startNginx(ctx, name, prefix, body, { workerProcesses = 1 } = {}) {
   const dir = join(ctx.tmpDir, name);
   mkdirSync(dir, { recursive: true });
   const configFile = join(dir, 'nginx.conf');
@@ -41,7 +41,7 @@ export function startNginx(ctx, name, prefix, body) {
     ...(body.startsWith('stream') && nginxStreamModule ? [`load_module ${nginxStreamModule};`] : []),
     'daemon off;',
     'master_process on;',
-    'worker_processes 1;',
+    `worker_processes ${workerProcesses};`,
     `worker_rlimit_nofile ${fdLimit};`,
     `pid ${join(dir, 'nginx.pid')};`,
     'error_log stderr warn;',

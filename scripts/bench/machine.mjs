@@ -48,8 +48,8 @@ function nginxStreamModule(nginx) {
   return existsSync(file) ? file : null;
 }
 
-/** Probes the machine once; everything the scenarios and contenders need to decide what runs. */
-export function describeMachine() {
+/** Probes the machine once; `threads` sets where the proxy and the load run (see placement()). */
+export function describeMachine({ threads = 1 } = {}) {
   const tools = {
     haproxy: findTool('haproxy'),
     nginx: findTool('nginx'),
@@ -71,28 +71,46 @@ export function describeMachine() {
     openssl: tools.openssl ? versionOf([tools.openssl, 'version'], /OpenSSL (\S+)/) : null,
   };
 
-  // The proxy under test gets core 0 alone; backends and load generators share the rest.
-  const pinned = cores >= 2 && tools.taskset !== null;
-  const proxyCores = '0';
-  const loadCores = cores >= 3 ? `1-${cores - 1}` : '1';
   const fdLimit = raisableFdLimit(tools.prlimit);
-  const fdPrefix = tools.prlimit ? [tools.prlimit, `--nofile=${fdLimit}:${fdLimit}`] : [];
-
-  return {
+  const machine = {
     tools,
     cores,
     cpuModel,
     kernel,
     versions,
-    pinned,
-    proxyCores: pinned ? proxyCores : null,
-    loadCores: pinned ? loadCores : null,
     /** The open-files limit every child gets (soft = hard). */
     fdLimit,
     wantedFdLimit: WANTED_FD_LIMIT,
     /** See nginxStreamModule(). */
     nginxStreamModule: tools.nginx ? nginxStreamModule(tools.nginx) : null,
-    /** Prefix for the proxy under test: its core, and descriptors for the idle scenario. */
+  };
+  return Object.assign(machine, placement(machine, threads));
+}
+
+/**
+ * Where the proxy under test and the load run when the proxy has `threads` threads (or worker
+ * processes): the proxy alone on cores 0..k-1 with k = min(threads, cores - 1), the backends and
+ * load generators on the others. At least one core always stays with the load, so on a 2-core
+ * machine the proxy gets core 0 whatever `threads` is, and its threads share that core.
+ * @param {{ cores: number, tools: Record<string, string | null>, fdLimit: number }} machine
+ * @param {number} threads
+ */
+export function placement(machine, threads) {
+  const { cores, tools, fdLimit } = machine;
+  const pinned = cores >= 2 && tools.taskset !== null;
+  const proxyCoreCount = pinned ? Math.max(1, Math.min(threads, cores - 1)) : cores;
+  const range = (from, to) => (from === to ? String(from) : `${from}-${to}`);
+  const proxyCores = range(0, proxyCoreCount - 1);
+  const loadCores = range(proxyCoreCount, cores - 1);
+  const fdPrefix = tools.prlimit ? [tools.prlimit, `--nofile=${fdLimit}:${fdLimit}`] : [];
+  return {
+    pinned,
+    threads,
+    /** Cores the proxy under test may use (all of them when not pinned). */
+    proxyCoreCount,
+    proxyCores: pinned ? proxyCores : null,
+    loadCores: pinned ? loadCores : null,
+    /** Prefix for the proxy under test: its cores, and descriptors for the idle scenario. */
     proxyPrefix: [...(pinned ? [tools.taskset, '-c', proxyCores] : []), ...fdPrefix],
     /** Prefix for backends and load generators: the other cores. */
     loadPrefix: [...(pinned ? [tools.taskset, '-c', loadCores] : []), ...fdPrefix],

@@ -23,13 +23,15 @@ const OUTPUT_TAIL_CHARS = 4000;
  * report progress); stderr and stdout tails are kept for error messages.
  * @param {string} name
  * @param {string[]} argv
- * @param {{ onLine?: (line: string) => void, cwd?: string, stdin?: 'pipe'|'ignore' }} [options]
+ * @param {{ onLine?: (line: string) => void, cwd?: string, stdin?: 'pipe'|'ignore', env?: Record<string, string> }} [options]
  * @returns {Child & { stdin: import('node:stream').Writable | null }}
  */
 export function spawnChild(name, argv, options = {}) {
   const proc = spawn(argv[0], argv.slice(1), {
     detached: true,
     cwd: options.cwd,
+    // `env` adds to (or overrides in) this process's environment.
+    env: options.env ? { ...process.env, ...options.env } : process.env,
     stdio: [options.stdin ?? 'ignore', 'pipe', 'pipe'],
   });
   let tail = '';

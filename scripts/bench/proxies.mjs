@@ -2,7 +2,8 @@
 // a plain TCP relay to one backend, or, in the tls scenario, a relay chosen by the ClientHello's
 // SNI (except node-pipe, which cannot read SNI and shows the floor of a Node relay). In the flood
 // scenario the contenders that can limit per client (smartproxy, haproxy) get the same limits.
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { freePort, startNginx, TLS_SERVER_NAME } from './backends.mjs';
 import { spawnChild, waitForListen } from './processes.mjs';
@@ -21,16 +22,63 @@ export const GOVERNED_CONTENDER_NAMES = ['smartproxy', 'haproxy'];
 const REPO_ROOT = new URL('../../', import.meta.url).pathname;
 export const SMARTPROXY_ENTRY = join(REPO_ROOT, 'dist/smartproxy.js');
 const PLAIN_PROXY = join(REPO_ROOT, 'scripts/plain-proxy.mjs');
+/** The Node the project carries (the `node` package); the orchestrator's own node otherwise. */
+export const PROJECT_NODE = existsSync(join(REPO_ROOT, 'node_modules/.bin/node')) ? join(REPO_ROOT, 'node_modules/.bin/node') : process.execPath;
 
 /**
- * The V8 flags smartproxy runs with: those of the bundle's `#!/usr/bin/env -S node ...` line, which
- * `npm start` and the systemd unit repeat, unless `--node-flags` overrides them for an A/B run.
- * @param {{ smartproxyNodeFlags?: string[] | null }} ctx
+ * How one smartproxy contender runs: `smartproxy` itself (this checkout's dist/ under the node the
+ * project carries, with `--node-flags` on its command line), or a variant from `--variant`: another
+ * build, another node, other flags or environment, in the same run.
+ * @typedef {{ node: string, nodeVersion: string, entry: string, flags: string[], env: Record<string, string>,
+ *   threadsKey: boolean }} SmartproxyRuntime
  */
-export function smartproxyNodeFlags(ctx) {
-  if (ctx.smartproxyNodeFlags) return ctx.smartproxyNodeFlags;
-  const shebang = readFileSync(SMARTPROXY_ENTRY, 'utf8').split('\n', 1)[0];
-  return shebang.replace(/^#!\S*env -S node\s*|^#!.*/, '').split(/\s+/).filter(Boolean);
+
+/** `node --version` of a node binary, or 'unknown'. */
+export function nodeVersionOf(node) {
+  const result = spawnSync(node, ['--version'], { encoding: 'utf8', timeout: 10000 });
+  return /v\d+\.\d+\.\d+/.exec(result.stdout ?? '')?.[0] ?? 'unknown';
+}
+
+/**
+ * Parses `--variant NAME=KEY=VALUE,KEY=VALUE,...` (keys: node, entry, flags, env.VAR, and the bare
+ * `no-threads-key` for builds that predate `[process] threads`).
+ * @param {string} text
+ * @returns {[string, SmartproxyRuntime]}
+ */
+export function parseVariant(text) {
+  const eq = text.indexOf('=');
+  const name = eq === -1 ? text : text.slice(0, eq);
+  if (!/^[a-z0-9][a-z0-9_.-]*$/i.test(name) || CONTENDER_NAMES.includes(name)) {
+    throw new Error(`--variant ${text}: the name before "=" must be new and plain (letters, digits, - _ .)`);
+  }
+  const runtime = { node: PROJECT_NODE, nodeVersion: '', entry: SMARTPROXY_ENTRY, flags: [], env: {}, threadsKey: true };
+  for (const item of eq === -1 ? [] : text.slice(eq + 1).split(',').filter(Boolean)) {
+    const at = item.indexOf('=');
+    const key = at === -1 ? item : item.slice(0, at);
+    const value = at === -1 ? '' : item.slice(at + 1);
+    if (key === 'node') runtime.node = value;
+    else if (key === 'entry') runtime.entry = value;
+    else if (key === 'flags') runtime.flags = value.split(/\s+/).filter(Boolean);
+    else if (key.startsWith('env.') && key.length > 4) runtime.env[key.slice(4)] = value;
+    else if (key === 'no-threads-key' && at === -1) runtime.threadsKey = false;
+    else throw new Error(`--variant ${text}: unknown key "${key}" (known: node, entry, flags, env.VAR, no-threads-key)`);
+  }
+  runtime.nodeVersion = nodeVersionOf(runtime.node);
+  return [name, runtime];
+}
+
+/**
+ * The runtime of smartproxy contender `name`, or null when `name` is not one.
+ * @param {{ smartproxyNodeFlags?: string[] | null, variants?: Map<string, SmartproxyRuntime> }} ctx
+ * @returns {SmartproxyRuntime | null}
+ */
+export function smartproxyRuntime(ctx, name) {
+  if (name === 'smartproxy') {
+    ctx.projectNodeVersion ??= nodeVersionOf(PROJECT_NODE);
+    // No V8 flags by default: the daemon sets its threads' heap flags itself (src/event-loops.ts).
+    return { node: PROJECT_NODE, nodeVersion: ctx.projectNodeVersion, entry: SMARTPROXY_ENTRY, flags: ctx.smartproxyNodeFlags ?? [], env: {}, threadsKey: true };
+  }
+  return ctx.variants?.get(name) ?? null;
 }
 
 /** Idle connections must outlive a whole idle run; every proxy gets the same generous timeout. */
@@ -42,14 +90,19 @@ const IDLE_TIMEOUT = '10m';
  * @param {string} name
  */
 export function whyUnavailable(ctx, name) {
+  const runtime = smartproxyRuntime(ctx, name);
+  if (runtime) {
+    if (name === 'smartproxy' && ctx.smartproxySkip) return ctx.smartproxySkip;
+    if (!existsSync(runtime.entry)) return `${runtime.entry} not built`;
+    if (runtime.nodeVersion === 'unknown') return `${runtime.node} does not run`;
+    return null;
+  }
   switch (name) {
     case 'haproxy':
       return ctx.machine.tools.haproxy ? null : 'haproxy not installed';
     case 'nginx':
       if (!ctx.machine.tools.nginx) return 'nginx not installed';
       return ctx.machine.nginxStreamModule === null ? 'this nginx has no stream module (apt-get install -y libnginx-mod-stream)' : null;
-    case 'smartproxy':
-      return ctx.smartproxySkip ?? (existsSync(SMARTPROXY_ENTRY) ? null : 'dist/smartproxy.js not built');
     default:
       return null;
   }
@@ -57,18 +110,24 @@ export function whyUnavailable(ctx, name) {
 
 /** Label with version, for the header of the report. @param {import('./backends.mjs').BenchContext} ctx */
 export function describeContender(ctx, name) {
-  const { versions } = ctx.machine;
+  const { versions, threads } = ctx.machine;
+  const runtime = smartproxyRuntime(ctx, name);
+  if (runtime) {
+    const env = Object.entries(runtime.env).map(([key, value]) => `${key}=${JSON.stringify(value)} `).join('');
+    const entry = runtime.entry === SMARTPROXY_ENTRY ? 'dist/smartproxy.js' : runtime.entry;
+    return `${env}node ${runtime.nodeVersion} ${[...runtime.flags, entry].join(' ')} serve --log-level warn, ` +
+      (runtime.threadsKey ? `[process] threads = ${threads}` : 'one event loop (a build before [process] threads)');
+  }
   switch (name) {
     case 'direct':
       return 'no proxy: the load goes straight to the backend';
-    case 'smartproxy':
-      return `node ${versions.node} ${smartproxyNodeFlags(ctx).join(' ')} dist/smartproxy.js serve --log-level warn`;
     case 'haproxy':
-      return `HAProxy ${versions.haproxy}, nbthread 1, mode tcp`;
+      return `HAProxy ${versions.haproxy}, nbthread ${threads}, mode tcp`;
     case 'nginx':
-      return `nginx ${versions.nginx} stream, worker_processes 1`;
+      return `nginx ${versions.nginx} stream, worker_processes ${threads}`;
     case 'node-pipe':
-      return `node ${versions.node} scripts/plain-proxy.mjs (net + pipe(), no SNI routing)`;
+      ctx.projectNodeVersion ??= nodeVersionOf(PROJECT_NODE);
+      return `node ${ctx.projectNodeVersion} scripts/plain-proxy.mjs (net + pipe(), no SNI routing, one event loop whatever --threads is)`;
     default:
       return name;
   }
@@ -97,23 +156,25 @@ export async function startContender(ctx, name, { backendPort, routeBySni, limit
 function spawnProxy(ctx, name, port, backendPort, routeBySni, limits, adminPort) {
   const { machine, tmpDir } = ctx;
   const prefix = machine.proxyPrefix;
+  const runtime = smartproxyRuntime(ctx, name);
+  if (runtime) {
+    const file = join(tmpDir, `${name}-${port}.toml`);
+    const processSection = runtime.threadsKey ? `[process]\nthreads = ${machine.threads}\n\n` : '';
+    writeFileSync(file, processSection + (limits ? smartproxyFloodConfig(port, backendPort, limits, adminPort) : smartproxyConfig(port, backendPort, routeBySni)));
+    // `node dist/smartproxy.js serve`, as the systemd unit starts it; the daemon applies its threads' V8 flags itself.
+    return spawnChild(name, [...prefix, runtime.node, ...runtime.flags, runtime.entry, 'serve', '-c', file, '--log-level', limits ? 'info' : 'warn'], { env: runtime.env });
+  }
   switch (name) {
-    case 'smartproxy': {
-      const file = join(tmpDir, `smartproxy-${port}.toml`);
-      writeFileSync(file, limits ? smartproxyFloodConfig(port, backendPort, limits, adminPort) : smartproxyConfig(port, backendPort, routeBySni));
-      // Started as the systemd unit and `npm start` start it (V8 flags included).
-      return spawnChild(name, [...prefix, process.execPath, ...smartproxyNodeFlags(ctx), SMARTPROXY_ENTRY, 'serve', '-c', file, '--log-level', limits ? 'info' : 'warn']);
-    }
     case 'haproxy': {
       const file = join(tmpDir, `haproxy-${port}.cfg`);
-      writeFileSync(file, limits ? haproxyFloodConfig(port, backendPort, limits, machine.fdLimit) : haproxyConfig(port, backendPort, routeBySni, machine.fdLimit));
+      writeFileSync(file, limits ? haproxyFloodConfig(port, backendPort, limits, machine.fdLimit, machine.threads) : haproxyConfig(port, backendPort, routeBySni, machine.fdLimit, machine.threads));
       // -db: stay in the foreground, so the pid we hold is the one doing the work.
       return spawnChild(name, [...prefix, machine.tools.haproxy, '-db', '-f', file]);
     }
     case 'nginx':
-      return startNginx(ctx, `nginx-proxy-${port}`, prefix, nginxStreamConfig(port, backendPort, routeBySni));
+      return startNginx(ctx, `nginx-proxy-${port}`, prefix, nginxStreamConfig(port, backendPort, routeBySni), { workerProcesses: machine.threads });
     case 'node-pipe':
-      return spawnChild(name, [...prefix, process.execPath, PLAIN_PROXY, '--listen', String(port), '--backend', String(backendPort)]);
+      return spawnChild(name, [...prefix, PROJECT_NODE, PLAIN_PROXY, '--listen', String(port), '--backend', String(backendPort)]);
     default:
       throw new Error(`unknown contender ${name}`);
   }
@@ -184,7 +245,7 @@ function haproxyMaxconn(fdLimit) {
   return Math.min(50000, Math.floor((fdLimit - 200) / 2));
 }
 
-function haproxyConfig(port, backendPort, routeBySni, fdLimit) {
+function haproxyConfig(port, backendPort, routeBySni, fdLimit, threads) {
   const maxconn = haproxyMaxconn(fdLimit);
   const routing = routeBySni
     ? `  tcp-request inspect-delay 5s
@@ -192,7 +253,7 @@ function haproxyConfig(port, backendPort, routeBySni, fdLimit) {
   use_backend backend if { req_ssl_sni -i ${TLS_SERVER_NAME} }`
     : '  default_backend backend';
   return `global
-  nbthread 1
+  nbthread ${threads}
   maxconn ${maxconn}
 
 defaults
@@ -223,10 +284,10 @@ backend backend
  * info.
  * @param {FloodLimits} limits
  */
-function haproxyFloodConfig(port, backendPort, limits, fdLimit) {
+function haproxyFloodConfig(port, backendPort, limits, fdLimit, threads) {
   const maxconn = haproxyMaxconn(fdLimit);
   return `global
-  nbthread 1
+  nbthread ${threads}
   maxconn ${maxconn}
 
 defaults

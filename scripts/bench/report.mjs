@@ -316,3 +316,43 @@ export function printSummary(rateSections, idleSections, write) {
     notes.forEach((text, i) => write(`[${i + 1}] ${text}`));
   }
 }
+
+/**
+ * The scaling table: per scenario and contender, the rate and proxy CPU per operation with the
+ * proxy on k cores (threads = k), and the rate as a multiple of k = 1.
+ * @param {{ k: number, scenario: import('./scenarios.mjs').RateScenario, rows: any[] }[]} sections
+ * @param {number[]} skipped  k that did not fit this machine
+ * @param {number} cores
+ * @param {(line: string) => void} write
+ */
+export function printScaling(sections, skipped, cores, write) {
+  write('');
+  write('Scaling: the proxy on k cores with threads = k (haproxy nbthread k, nginx worker_processes k), the load on the');
+  write('other cores. rate (x = multiple of k = 1) / PROXY CPU per operation; medians of the runs.');
+  if (skipped.length) write(`k = ${skipped.join(', ')} not run: this machine has ${cores} cores and the proxy on k cores needs k + 1.`);
+  const ks = [...new Set(sections.map((section) => section.k))].sort((a, b) => a - b);
+  if (!ks.length) return;
+  write('');
+  const body = [];
+  for (const name of [...new Set(sections.map((section) => section.scenario.name))]) {
+    const contenders = [...new Set(sections.filter((s) => s.scenario.name === name).flatMap((s) => s.rows.map((row) => row.contender)))];
+    contenders.forEach((contender, i) => {
+      const cells = [i === 0 ? name : '', contender];
+      let base = null;
+      for (const k of ks) {
+        const section = sections.find((s) => s.k === k && s.scenario.name === name);
+        const row = section?.rows.find((r) => r.contender === contender);
+        if (!row || row.rate === undefined) {
+          cells.push('FAILED');
+          continue;
+        }
+        base ??= k === ks[0] ? row.rate : null;
+        const times = base ? ` x${(row.rate / base).toFixed(2)}` : '';
+        const cpu = row.cpuPerOp === null ? '' : ` / ${formatNumber(row.cpuPerOp)} ${section.scenario.cpuUnit}`;
+        cells.push(`${formatNumber(row.rate)} ${section.scenario.rateUnit}${times}${cpu}`);
+      }
+      body.push(cells);
+    });
+  }
+  printTable(['scenario', 'contender', ...ks.map((k) => `k = ${k}`)], body, write);
+}
