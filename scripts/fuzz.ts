@@ -1,10 +1,11 @@
-// npm run fuzz -- [--seed N] [--minutes M | --count K] [--budget MS] [--flood P] [--slack MS] [--plan FILE]
+// npm run fuzz -- [--seed N] [--minutes M | --count K] [--budget MS] [--flood P] [--no-moves] [--slack MS] [--plan FILE]
 //
 // Runs the adversarial layer (test/support/adversary.ts) locally: seeds N, N+1, ... each against
 // a fresh daemon, until M minutes have passed (default 5) or K seeds have run. Every failing seed
 // is printed with its invariants, the daemon's last log lines and its replayable plan (also saved
 // as JSON under the system temp directory); the exit code is 1 if any seed failed.
-// --plan FILE replays a saved (possibly hand-trimmed) plan instead of generating one.
+// --plan FILE replays a saved (possibly hand-trimmed) plan instead of generating one; --no-moves
+// generates reloads that never hand an address straight from one listener to another.
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -20,12 +21,13 @@ const { values } = parseArgs({
     flood: { type: 'string' },
     slack: { type: 'string' },
     plan: { type: 'string' },
+    'no-moves': { type: 'boolean' },
     help: { type: 'boolean', short: 'h' },
   },
 });
 
 if (values.help) {
-  process.stdout.write(readFileSync(new URL(import.meta.url), 'utf8').split('\n').slice(0, 7).map((l) => l.replace(/^\/\/ ?/, '')).join('\n') + '\n');
+  process.stdout.write(readFileSync(new URL(import.meta.url), 'utf8').split('\n').slice(0, 9).map((l) => l.replace(/^\/\/ ?/, '')).join('\n') + '\n');
   process.exit(0);
 }
 
@@ -77,7 +79,7 @@ if (values.plan !== undefined) {
 } else {
   const stopAt = Date.now() + minutes * 60_000;
   for (let seed = firstSeed; ran < count && Date.now() < stopAt; seed++) {
-    if (!(await runOne(generatePlan(seed, { budgetMs, floodChance })))) failed++;
+    if (!(await runOne(generatePlan(seed, { budgetMs, floodChance, moveBinds: values['no-moves'] !== true })))) failed++;
     ran++;
   }
 }

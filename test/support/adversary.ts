@@ -28,7 +28,7 @@ import { once } from 'node:events';
 import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import net from 'node:net';
 import type { TestContext } from 'node:test';
-import { writeProxyHeaderV1, writeProxyHeaderV2 } from '../../src/proxy-protocol/write.ts';
+import { writeProxyHeaderV1, writeProxyHeaderV2, writeProxyHeaderV2Local } from '../../src/proxy-protocol/write.ts';
 import { startBlackhole } from './blackhole.ts';
 import { adminGet, listeningPorts, startCli, type CliProxy } from './cli.ts';
 import { closedPort, echo, startBackend } from './harness.ts';
@@ -132,13 +132,20 @@ export interface ConfigVersion {
   readonly valid: boolean;
   readonly maxConnections: number;
   readonly listeners: readonly ListenerSpec[];
+  /**
+   * Final SIGHUP only: a block list this long (10.100.0.0 upwards, no client of ours) makes the
+   * reload take a few hundred ms, and an extra listener binds "localhost:P" (a lookup on the
+   * thread pool), so a SIGTERM sent meanwhile arrives while the reload is in flight.
+   */
+  readonly slow?: { readonly blockList: number };
 }
 
 export type HelloForm = 'whole' | 'records1' | 'tiny' | 'truncated' | 'malformed';
 
 export type ClientOp =
   | { readonly op: 'connect'; readonly target: number; readonly src: string; readonly halfOpen: boolean }
-  | { readonly op: 'proxy'; readonly version: 'v1' | 'v2'; readonly form: 'valid' | 'truncated' | 'malformed'; readonly source: string; readonly tiny: boolean; readonly variant: number }
+  /** `unnamed`: a well-formed header that names no client (v1 UNKNOWN, v2 LOCAL): the balancer is the client. */
+  | { readonly op: 'proxy'; readonly version: 'v1' | 'v2'; readonly form: 'valid' | 'unnamed' | 'truncated' | 'malformed'; readonly source: string; readonly tiny: boolean; readonly variant: number }
   | { readonly op: 'hello'; readonly sni: string | null; readonly form: HelloForm; readonly pad: number; readonly variant: number }
   | { readonly op: 'bytes'; readonly n: number; readonly pieces: number }
   | { readonly op: 'garbage'; readonly n: number; readonly variant: number }
@@ -163,8 +170,11 @@ export interface Plan {
   readonly addresses: number;
   readonly configs: readonly ConfigVersion[];
   readonly steps: readonly Step[];
-  /** After the counts returned to 0: open `openAtTerm` clients, optionally SIGHUP to `hupVersion`, then SIGTERM at once. */
-  readonly final: { readonly openAtTerm: number; readonly hupVersion: number | null };
+  /**
+   * After the counts returned to 0: open `openAtTerm` clients, optionally SIGHUP to `hupVersion`,
+   * then SIGTERM `termAfterMs` later.
+   */
+  readonly final: { readonly openAtTerm: number; readonly hupVersion: number | null; readonly termAfterMs: number };
 }
 
 export interface GenerateOptions {
@@ -172,6 +182,11 @@ export interface GenerateOptions {
   readonly budgetMs?: number;
   /** Probability that the plan contains a queue flood (thousands of queued clients). */
   readonly floodChance?: number;
+  /**
+   * false: a reload never hands an address from one listener to another in one step (it stays or
+   * goes free first), to look past failures of that kind. Default true.
+   */
+  readonly moveBinds?: boolean;
 }
 
 const ADDRESSES = 6;
@@ -206,9 +221,11 @@ class Generator {
   private readonly active: Array<{ client: number; ops: ClientOp[] }> = [];
   elapsed = 0;
   flooded = false;
+  readonly moveBinds: boolean;
 
-  constructor(seed: number) {
+  constructor(seed: number, moveBinds: boolean) {
     this.rng = new Rng(seed);
+    this.moveBinds = moveBinds;
     const names: Array<[string, ListenerKind]> = [['a', 'sni'], ['b', 'pp'], ['c', 'plain']];
     if (this.rng.chance(0.5)) names.push([this.freshName(), this.rng.pick(['sni', 'pp', 'plain'] as const)]);
     const listeners = names.map(([name, kind]) => this.makeListener(name, kind, []));
@@ -270,25 +287,33 @@ class Generator {
   /**
    * Gives every listener at least one address: each address stays with its previous owner
    * (when that listener is kept) with probability 0.6, else moves to a random listener or to none.
+   * Without moveBinds an address only stays or goes free, and a new listener that finds no address
+   * that was free before is left out of this version.
    */
   assignBinds(listeners: ListenerSpec[], previous: Map<number, string>): ListenerSpec[] {
     const r = this.rng;
     const owner = new Map<number, string | null>();
-    const names = listeners.map((l) => l.name);
+    let names = listeners.map((l) => l.name);
+    const mayTake = (a: number, name: string): boolean => this.moveBinds || previous.get(a) === undefined || previous.get(a) === name;
     for (let a = 0; a < ADDRESSES; a++) {
       const before = previous.get(a);
       if (before !== undefined && names.includes(before) && r.chance(0.6)) owner.set(a, before);
-      else owner.set(a, r.chance(0.25) ? null : r.pick(names));
+      else {
+        const to = r.chance(0.25) ? null : r.pick(names);
+        owner.set(a, to !== null && mayTake(a, to) ? to : null);
+      }
     }
     const held = (name: string): number[] => [...owner].filter(([, o]) => o === name).map(([a]) => a);
-    for (const name of names) {
+    for (const name of [...names]) {
       if (held(name).length > 0) continue;
-      const free = [...owner].filter(([, o]) => o === null).map(([a]) => a);
-      const donor = names.find((n) => held(n).length >= 2);
-      const take = free.length > 0 ? r.pick(free) : r.pick(held(donor!));
-      owner.set(take, name);
+      const free = [...owner].filter(([a, o]) => o === null && mayTake(a, name)).map(([a]) => a);
+      // With moves, 6 addresses for at most 5 listeners: some address is free or some listener has two.
+      const donor = this.moveBinds ? names.find((n) => held(n).length >= 2) : undefined;
+      if (free.length > 0) owner.set(r.pick(free), name);
+      else if (donor !== undefined) owner.set(r.pick(held(donor)), name);
+      else names = names.filter((n) => n !== name);
     }
-    return listeners.map((l) => ({ ...l, binds: held(l.name) }));
+    return listeners.filter((l) => names.includes(l.name)).map((l) => ({ ...l, binds: held(l.name) }));
   }
 
   /** The next config: listeners kept (possibly changed), removed, added; binds moved. */
@@ -307,8 +332,9 @@ class Generator {
         listeners.push(r.chance(0.5) ? { ...l, routes: fresh.routes } : { ...fresh, routes: l.routes, proxy: l.proxy });
       }
     }
+    // At least one listener is kept, so that without moveBinds some listener still has an address.
+    if (listeners.length === 0) listeners.push(prev.listeners[0]!);
     if (listeners.length < 5 && r.chance(0.3)) listeners.push(this.makeListener(this.freshName(), r.pick(['sni', 'pp', 'plain'] as const), []));
-    if (listeners.length === 0) listeners.push(this.makeListener(this.freshName(), 'sni', []));
     if (opts.flood) {
       const i = listeners.findIndex((l) => l.kind === 'sni');
       const flood = this.makeListener(i >= 0 ? listeners[i]!.name : this.freshName(), 'sni', [], true);
@@ -402,20 +428,20 @@ class Generator {
     return {
       op: 'proxy',
       version: r.pick(['v1', 'v2'] as const),
-      form: r.weighted([['valid', 7], ['truncated', 1.5], ['malformed', 1.5]] as const),
+      form: r.weighted([['valid', 6], ['unnamed', 1.5], ['truncated', 1.5], ['malformed', 1.5]] as const),
       source: r.pick(REAL_CLIENTS),
       tiny: r.chance(0.2),
       variant: r.int(0, 9),
     };
   }
 
-  helloOp(sni?: string | null, form?: HelloForm): ClientOp {
+  helloOp(sni?: string | null, form?: HelloForm, pad?: number): ClientOp {
     const r = this.rng;
     return {
       op: 'hello',
       sni: sni !== undefined ? sni : r.pick(SNI_CHOICES),
       form: form ?? r.weighted([['whole', 40], ['tiny', 15], ['records1', 15], ['truncated', 15], ['malformed', 15]] as const),
-      pad: r.chance(0.1) ? r.int(200, 6000) : 0,
+      pad: pad ?? (r.chance(0.1) ? r.int(200, 6000) : 0),
       variant: r.int(0, 99),
     };
   }
@@ -462,11 +488,15 @@ class Generator {
       [[this.helloOp(null, 'malformed'), { op: 'end' }], 1],
       [[this.helloOp('echo.test', 'whole'), { op: 'end' }], 1],
       [[{ op: 'bytes', n: r.int(1, 100), pieces: 1 }, { op: 'wait', ms: r.int(50, 400) }, { op: 'reset' }], 1],
+      // More than routing reads (16 KB) while queued, then more bytes (and maybe FIN) later.
+      [[this.helloOp(r.pick(SNI_CHOICES), r.pick(['records1', 'malformed'] as const), r.int(2800, 6000)), { op: 'wait', ms: r.int(100, 400) }, { op: 'bytes', n: 4096, pieces: 1 }, ...(r.chance(0.5) ? [{ op: 'end' } as const] : [])], 1],
     ];
     let script = r.weighted(menu);
     if (kind === 'pp' && r.chance(0.6)) {
-      // Balancers sending the same real client: its per-client limit must hold.
-      script = [{ op: 'proxy', version: r.pick(['v1', 'v2'] as const), form: 'valid', source: r.pick(REAL_CLIENTS), tiny: false, variant: 0 }, ...script];
+      // Balancers naming the same real client, or none (then the balancer is the client): the
+      // per-client limit must hold either way.
+      const form = r.weighted([['valid', 3], ['unnamed', 1]] as const);
+      script = [{ op: 'proxy', version: r.pick(['v1', 'v2'] as const), form, source: r.pick(REAL_CLIENTS), tiny: false, variant: 0 }, ...script];
     }
     const sources = kind === 'pp' && r.chance(0.6) ? [r.pick(TRUSTED)] : r.shuffle([...SOURCES]).slice(0, r.int(1, 3));
     const count = r.int(3, 24);
@@ -486,7 +516,8 @@ class Generator {
     let listener = this.current.listeners.find((l) => l.queue >= 1000);
     if (listener === undefined) {
       this.reload(this.nextConfig({ flood: true }), true);
-      listener = this.current.listeners.find((l) => l.queue >= 1000)!;
+      listener = this.current.listeners.find((l) => l.queue >= 1000);
+      if (listener === undefined) return; // without moveBinds the flood listener may find no address
     }
     const target = listener.binds[0]!;
     const holder = this.newClientId();
@@ -506,7 +537,7 @@ class Generator {
 /** The plan for `seed`: the same seed always gives the same plan. */
 export function generatePlan(seed: number, opts: GenerateOptions = {}): Plan {
   const budget = opts.budgetMs ?? 2500;
-  const g = new Generator(seed);
+  const g = new Generator(seed, opts.moveBinds ?? true);
   const r = g.rng;
   const floodAt = r.chance(opts.floodChance ?? 0.3) ? r.int(0, budget - 500) : -1;
   while (g.elapsed < budget) {
@@ -528,7 +559,7 @@ export function generatePlan(seed: number, opts: GenerateOptions = {}): Plan {
     else {
       // Two reloads back to back, the first not waited for. The daemon reads the file when each
       // reload runs, so the first may load either file: both are valid.
-      const quick = r.chance(0.15);
+      const quick = g.moveBinds && r.chance(0.15); // (the daemon may skip the first file: a move)
       const invalid = !quick && r.chance(0.12);
       if (quick) g.reload(g.nextConfig(), false);
       const next = g.nextConfig();
@@ -540,9 +571,12 @@ export function generatePlan(seed: number, opts: GenerateOptions = {}): Plan {
     else g.advance();
   }
   let hupVersion: number | null = null;
+  let termAfterMs = 0;
   if (r.chance(0.3)) {
-    g.configs.push(g.nextConfig());
+    const slow = r.chance(0.5);
+    g.configs.push(slow ? { ...g.nextConfig(), slow: { blockList: 20_000 } } : g.nextConfig());
     hupVersion = g.configs.length - 1;
+    termAfterMs = r.pick([0, 0, 5, 20, 50]);
   }
   return {
     format: 1,
@@ -550,7 +584,7 @@ export function generatePlan(seed: number, opts: GenerateOptions = {}): Plan {
     addresses: ADDRESSES,
     configs: g.configs,
     steps: g.steps,
-    final: { openAtTerm: r.chance(0.4) ? r.int(1, 3) : 0, hupVersion },
+    final: { openAtTerm: r.chance(0.4) ? r.int(1, 3) : 0, hupVersion, termAfterMs },
   };
 }
 
@@ -645,6 +679,7 @@ export function proxyBytes(op: Extract<ClientOp, { op: 'proxy' }>): Buffer {
   const fields = { source: { address: op.source, port: 40000 + op.variant }, destination: { address: '127.0.0.11', port: 443 } };
   const valid = op.version === 'v1' ? writeProxyHeaderV1(fields) : writeProxyHeaderV2(fields);
   if (op.form === 'valid') return valid;
+  if (op.form === 'unnamed') return op.version === 'v1' ? Buffer.from('PROXY UNKNOWN\r\n', 'latin1') : writeProxyHeaderV2Local();
   if (op.form === 'truncated') return valid.subarray(0, 1 + (op.variant * 7) % (valid.length - 1));
   if (op.version === 'v1') {
     const lines = ['PROXY TCP4 10.0.0.1 127.0.0.11 99999 443\r\n', 'PROXY TCP4 1.2.3 4.5.6.7 1 2\r\n', `PROXY ${'A'.repeat(120)}\r\n`, 'PROXY TCP6 10.0.0.1 127.0.0.11 1 2\r\n', 'PROXY UNKNOWN\n'];
@@ -706,6 +741,8 @@ export class Cleanups implements Scope {
 
 interface Env {
   readonly binds: readonly string[];
+  /** The port of the "localhost" listener of a slow final reload. */
+  readonly latePort: number;
   readonly adminPort: number;
   readonly backends: Readonly<Record<BackendName, string>>;
 }
@@ -784,6 +821,7 @@ async function prepareEnv(scope: Scope, plan: Plan): Promise<Env> {
   }
   return {
     binds,
+    latePort: await freePort('127.0.0.1'),
     adminPort: await freePort('127.0.0.1'),
     backends: {
       echo: `127.0.0.1:${echoServer.port}`,
@@ -815,6 +853,12 @@ export function renderConfig(config: ConfigVersion, env: Env): string {
     '[shutdown]',
     `drain_timeout = "${TIMEOUTS.drainMs}ms"`,
   ];
+  if (config.slow !== undefined) {
+    const n = config.slow.blockList;
+    const blocked = Array.from({ length: n }, (_, i) => `"10.${100 + ((i >> 16) & 127)}.${(i >> 8) & 255}.${i & 255}"`);
+    out.push('[firewall]', `block = [${blocked.join(', ')}]`);
+    out.push('[[listeners]]', 'name = "late"', `bind = ["localhost:${env.latePort}"]`, '  [[listeners.routes]]', '  name = "fallback"', '  default = true', `  backends = [${q(env.backends.echo)}]`);
+  }
   config.listeners.forEach((l, i) => {
     out.push(
       '',
@@ -981,6 +1025,8 @@ class Run {
   private readonly closingSeen = new Map<number, number>();
   private endings = '';
   private samples = 0;
+  /** Listeners and routes a reload removed under on_removal "close" or "drain" (in every version that had them). */
+  private readonly removals: Array<{ listener: string; route: string | null; at: number; policy: 'close' | 'drain' }> = [];
 
   constructor(plan: Plan, opts: RunOptions) {
     this.plan = plan;
@@ -1247,7 +1293,13 @@ class Run {
     this.proxy!.writeConfig(renderConfig(config, this.env!));
     this.reloadsSent.push({ version, valid: config.valid });
     process.kill(this.pid, 'SIGHUP');
-    if (!wait || !this.reloadTracking) return;
+    if (!wait) {
+      // A SIGHUP sent while the previous one is still pending would merge into it (standard
+      // signals do not queue): the next step waits until the kernel has delivered this one.
+      await this.untilDelivered(1);
+      return;
+    }
+    if (!this.reloadTracking) return;
     const deadline = Date.now() + 8000;
     const firstNew = this.outcomes.length;
     while (this.outcomes.length < this.reloadsSent.length) {
@@ -1261,6 +1313,7 @@ class Run {
       await delay(20);
     }
     if (this.exitedEarly) return;
+    const before = this.inForce;
     // Reloads sent back to back (only the last one waited for) may each have read any file of the
     // group; the generator makes such groups all valid.
     const last = this.outcomes.length - 1;
@@ -1274,7 +1327,53 @@ class Run {
       else if (sent.valid) this.fail(`${which} (a valid file) failed: ${JSON.stringify(outcome.err ?? outcome.msg)}`);
       else if (ok) this.fail(`${which} (an invalid file) was accepted`);
     }
+    if (this.inForce !== before) this.recordRemovals(before, this.inForce, Date.now());
     await this.checkListening(`after the reload to version ${version}`);
+  }
+
+  /** What a reload from `before` to `after` removed, for the on_removal check of the sampler. */
+  private recordRemovals(before: ConfigVersion, after: ConfigVersion, at: number): void {
+    for (const l of before.listeners) {
+      const kept = after.listeners.find((x) => x.name === l.name);
+      const removed = kept === undefined ? [null] : l.routes.filter((r) => !kept.routes.some((x) => x.name === r.name)).map((r) => r.name);
+      for (const route of removed) {
+        const policy = this.uniformPolicy(l.name, route);
+        if (policy === 'close' || policy === 'drain') this.removals.push({ listener: l.name, route, at, policy });
+      }
+    }
+  }
+
+  /**
+   * The on_removal of a route (route = null: of a whole listener) when every version of the plan
+   * that has it agrees, else null: a connection keeps the policy of the version that admitted it,
+   * which the sampler cannot tell apart.
+   */
+  private uniformPolicy(listener: string, route: string | null): Removal | null {
+    const seen = new Set<Removal>();
+    for (const config of this.plan.configs) {
+      const l = config.valid ? config.listeners.find((x) => x.name === listener) : undefined;
+      if (l === undefined) continue;
+      if (route === null) seen.add(l.onRemoval);
+      for (const r of l.routes) if (route === null || r.name === route) seen.add(r.onRemoval ?? l.onRemoval);
+    }
+    return seen.size === 1 ? [...seen][0]! : null;
+  }
+
+  /** Waits (at most 1 s) until signal `signo` is no longer pending for the daemon (Linux /proc). */
+  private async untilDelivered(signo: number): Promise<void> {
+    const bit = 1n << BigInt(signo - 1);
+    const deadline = Date.now() + 1000;
+    while (Date.now() < deadline) {
+      let status: string;
+      try {
+        status = readFileSync(`/proc/${this.pid}/status`, 'utf8');
+      } catch {
+        return;
+      }
+      const masks = [...status.matchAll(/^(?:ShdPnd|SigPnd):\s*([0-9a-f]+)$/gm)].map((m) => BigInt(`0x${m[1]}`));
+      if (masks.every((mask) => (mask & bit) === 0n)) return;
+      await delay(1);
+    }
   }
 
   private collectOutcomes(): void {
@@ -1287,6 +1386,7 @@ class Run {
 
   /** The daemon listens on exactly the binds of the version in force (and the admin API). */
   private async checkListening(when: string): Promise<void> {
+    if (!this.reloadTracking) return; // which version is in force is no longer known
     const env = this.env!;
     const expected = new Map(this.inForce.listeners.map((l) => [l.name, l.binds.map((b) => env.binds[b]!).sort()]));
     let stats: Stats;
@@ -1367,6 +1467,13 @@ class Run {
         const since = this.closingSeen.get(c.id) ?? at;
         this.closingSeen.set(c.id, since);
         if (at - since > TIMEOUTS.halfCloseMs + slack) this.fail(`${where} half-closed for ${at - since} ms (half_close = ${TIMEOUTS.halfCloseMs} ms)`, `half:${c.id}`);
+      }
+      for (const rm of this.removals) {
+        if (c.listener !== rm.listener || (rm.route !== null && c.route !== rm.route) || at - c.ageMs >= rm.at) continue;
+        const bound = rm.policy === 'close' ? 0 : TIMEOUTS.drainMs;
+        if (at > rm.at + bound + slack) {
+          this.fail(`${where}, admitted before its ${rm.route === null ? 'listener' : 'route'} was removed with on_removal = "${rm.policy}", is still open ${at - rm.at} ms after that reload`, `removal:${c.id}`);
+        }
       }
       const ip = c.client.replace(/:\d+$/, '').replace(/^\[|\]$/g, '');
       // A trusted balancer's connection has no client of its own until its PROXY header names one.
@@ -1509,13 +1616,15 @@ class Run {
     if (hupVersion !== null) {
       proxy.writeConfig(renderConfig(this.plan.configs[hupVersion]!, this.env!));
       process.kill(this.pid, 'SIGHUP');
+      if (this.plan.final.termAfterMs > 0) await delay(this.plan.final.termAfterMs);
     }
     this.sigtermSent = true;
     process.kill(this.pid, 'SIGTERM');
     const bound = TIMEOUTS.drainMs + 4000 + this.slack;
     const exit = await within(proxy.exited, bound, null);
     if (exit === null) {
-      this.fail(`the daemon was still running ${bound} ms after SIGTERM${hupVersion !== null ? ' (sent right after a SIGHUP)' : ''}${openAtTerm > 0 ? ` with ${openAtTerm} connection(s) open` : ''}`);
+      const hup = hupVersion === null ? '' : ` (sent ${this.plan.final.termAfterMs} ms after a SIGHUP${this.plan.configs[hupVersion]!.slow !== undefined ? ' to a slow file binding localhost' : ''})`;
+      this.fail(`the daemon was still running ${bound} ms after SIGTERM${hup}${openAtTerm > 0 ? ` with ${openAtTerm} connection(s) open` : ''}`);
       process.kill(this.pid, 'SIGKILL');
       await proxy.exited;
     } else if (exit.code !== 0) {
@@ -1598,4 +1707,36 @@ export function formatFailure(plan: Plan, result: RunResult): string {
     'plan:',
     planToJson(plan),
   ].join('\n');
+}
+
+/** What a plan exercises, as a phrase for a test name: "13 reloads (17 binds moved), a flood of 1,418, ...". */
+export function describePlan(plan: Plan): string {
+  const reloads = plan.steps.filter((s): s is Extract<Step, { kind: 'reload' }> => s.kind === 'reload');
+  let moved = 0;
+  for (let i = 1; i < plan.configs.length; i++) {
+    const [before, after] = [plan.configs[i - 1]!, plan.configs[i]!];
+    if (!before.valid || !after.valid) continue;
+    for (const l of after.listeners) {
+      for (const b of l.binds) {
+        const owner = before.listeners.find((o) => o.binds.includes(b));
+        if (owner !== undefined && owner.name !== l.name) moved++;
+      }
+    }
+  }
+  const clients = plan.steps.reduce((n, s) => n + (s.kind === 'burst' ? s.count : s.kind === 'client' && s.do.op === 'connect' ? 1 : 0), 0);
+  const flood = plan.steps.find((s) => s.kind === 'burst' && s.count > 100);
+  const parts = [`${clients.toLocaleString('en')} hostile clients`];
+  const invalid = reloads.filter((r) => !plan.configs[r.version]!.valid).length;
+  const quick = reloads.filter((r) => !r.await).length;
+  if (reloads.length > 0) {
+    const extras = [moved > 0 ? `${moved} binds moved` : '', invalid > 0 ? `${invalid} invalid` : '', quick > 0 ? `${quick} back to back` : ''].filter((x) => x !== '');
+    parts.push(`${reloads.length} reloads${extras.length > 0 ? ` (${extras.join(', ')})` : ''}`);
+  }
+  if (flood !== undefined && flood.kind === 'burst') parts.push(`a flood of ${flood.count.toLocaleString('en')} queued clients`);
+  if (plan.final.openAtTerm > 0) parts.push(`SIGTERM with ${plan.final.openAtTerm} open`);
+  if (plan.final.hupVersion !== null) {
+    const slow = plan.configs[plan.final.hupVersion]!.slow !== undefined ? 'a slow ' : '';
+    parts.push(plan.final.termAfterMs === 0 ? `${slow}SIGHUP then SIGTERM at once` : `${slow}SIGHUP then SIGTERM ${plan.final.termAfterMs} ms later`);
+  }
+  return parts.join(', ');
 }
