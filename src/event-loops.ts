@@ -43,31 +43,44 @@ interface Reply {
 /** One event-loop thread as the main thread sees it. */
 class LoopThread {
   private nextId = 1;
-  private readonly pending = new Map<number, { resolve: (reply: Reply) => void }>();
+  private readonly pending = new Map<number, (reply: Reply) => void>();
+  private exited = false;
 
   constructor(
     readonly index: number,
     readonly worker: Worker,
   ) {
     worker.on('message', (reply: Reply) => {
-      const waiter = this.pending.get(reply.id);
-      if (waiter === undefined) return;
+      const resolve = this.pending.get(reply.id);
+      if (resolve === undefined) return;
       this.pending.delete(reply.id);
-      waiter.resolve(reply);
+      resolve(reply);
+    });
+    // A request still waiting when the thread ends (terminated after a shutdown) is answered
+    // "shutting down", so no caller waits forever (a reload racing SIGTERM once left the main
+    // thread's top-level await unsettled: exit 13).
+    worker.on('exit', () => {
+      this.exited = true;
+      for (const [id, resolve] of this.pending) resolve({ id, ok: false, error: GONE });
+      this.pending.clear();
     });
   }
 
   /** Sends a request; resolves with the reply (rejects with the thread's error when not ok). */
   async call(body: RequestBody): Promise<Reply> {
     const id = this.nextId++;
-    const reply = await new Promise<Reply>((resolve) => {
-      this.pending.set(id, { resolve });
-      this.worker.postMessage({ ...body, id });
-    });
+    const reply = this.exited
+      ? { id, ok: false, error: GONE }
+      : await new Promise<Reply>((resolve) => {
+          this.pending.set(id, resolve);
+          this.worker.postMessage({ ...body, id });
+        });
     if (!reply.ok) throw toError(reply.error!);
     return reply;
   }
 }
+
+const GONE: ThreadError = { message: 'the event-loop thread has stopped', code: 'ESHUTTINGDOWN', bind: false };
 
 function toError(error: ThreadError): Error {
   if (error.bind) {
@@ -195,7 +208,7 @@ export class EventLoops {
         if (failed !== undefined) throw failed.reason;
         if (this.stopping !== null) throw new ShuttingDownError();
       } catch (err) {
-        await Promise.all(prepared.map((loop) => loop.call({ type: 'abort' })));
+        await Promise.all(prepared.map((loop) => loop.call({ type: 'abort' }).catch(() => undefined)));
         throw err;
       }
       const replies = await Promise.all(this.loops.map((loop) => loop.call({ type: 'commit' })));

@@ -336,6 +336,30 @@ test('with reject = "close" a refused client sees a clean end, not a reset, and 
   await assertQuiescent(proxy);
 });
 
+test('with reject = "close" the firewall refuses before a socket exists (net.Server blockList), counted; with "reset" it refuses in accept with a RST', { timeout: 10_000 }, async (t) => {
+  const backend = await startBackend(t, hold);
+  for (const reject of ['close', 'reset'] as const) {
+    const proxy = await startProxy(t, tcpListener(backend, `reject = "${reject}"\n[listeners.firewall]\nblock = ["127.0.0.3"]`));
+    const l = listenerOf(proxy, 'tcp');
+    let accepted = 0;
+    const accept = l.accept.bind(l);
+    l.accept = (socket: net.Socket): void => {
+      accepted++;
+      accept(socket);
+    };
+    const refusal = await probe(proxy.port('tcp'), { localAddress: '127.0.0.3' });
+    assert.equal(refusal.stillOpen, false);
+    assert.equal(refusal.code, reject === 'close' ? null : 'ECONNRESET', reject);
+    assert.equal(accepted, reject === 'close' ? 0 : 1, `${reject}: accept() ran for the blocked address`);
+    assert.deepEqual(rejections(l), { firewall: 1 });
+    assert.equal(await rejectionMetric(proxy.daemon, 'tcp', 'firewall'), 1);
+    const ok = await admitted(proxy, 'tcp', backend, { localAddress: '127.0.0.2' });
+    assert.equal(accepted, reject === 'close' ? 1 : 2, 'an allowed address goes through accept()');
+    await hangUp(ok);
+    await assertQuiescent(proxy);
+  }
+});
+
 // ---- per route, after SNI ----
 
 test('a route max_connections admits exactly N TLS clients of that SNI and resets the next; closing one admits another', { timeout: 10_000 }, async (t) => {

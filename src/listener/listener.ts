@@ -34,6 +34,7 @@ import type { Route } from '../routing/route-table.ts';
 import { RejectionLog } from '../governance/rejection-log.ts';
 import type { Logger } from '../logging/logger.ts';
 import type { ListenerMetrics, Metrics } from '../metrics.ts';
+import { FirewallGate, type GateOwner } from './firewall-gate.ts';
 import type { ListenerGeneration } from './listener-generation.ts';
 import type { SlotPool, SlotWaiter } from './slot-pool.ts';
 
@@ -76,9 +77,9 @@ export interface ListenerDeps {
   readonly rejectionSummaryIntervalMs: number;
 }
 
-export class Listener implements SlotWaiter, ConnectionOwner {
+export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
   readonly name: string;
-  generation: ListenerGeneration;
+  #generation: ListenerGeneration;
   /** This thread's connections waiting for a slot, oldest first (insertion order = ticket order). */
   readonly queue = new Set<Connection>();
   readonly clients: ClientTable;
@@ -99,6 +100,7 @@ export class Listener implements SlotWaiter, ConnectionOwner {
   /** Called once a draining listener has no connection left (the daemon disposes it). */
   onIdle: (() => void) | null = null;
   private readonly servers = new Map<string, net.Server>();
+  private readonly gate = new FirewallGate(this);
   private readonly deps: ListenerDeps;
   private readonly counts: SharedCounts;
   private readonly metrics: ListenerMetrics;
@@ -109,7 +111,7 @@ export class Listener implements SlotWaiter, ConnectionOwner {
 
   constructor(generation: ListenerGeneration, deps: ListenerDeps) {
     this.name = generation.name;
-    this.generation = generation;
+    this.#generation = generation;
     this.deps = deps;
     this.registry = deps.registry;
     this.log = deps.log;
@@ -123,6 +125,32 @@ export class Listener implements SlotWaiter, ConnectionOwner {
       log: (level, obj, msg) => deps.log[level]({ listener: this.name, ...obj }, msg),
     });
     deps.slots.register(this);
+  }
+
+  /** The config generation new connections get (a reload swaps it). */
+  get generation(): ListenerGeneration {
+    return this.#generation;
+  }
+
+  set generation(next: ListenerGeneration) {
+    this.#generation = next;
+    for (const server of this.servers.values()) this.setGate(server);
+  }
+
+  /** The firewall gate on a listening socket, only with reject = "close" (see firewall-gate.ts). */
+  private setGate(server: net.Server): void {
+    // `blockList` is read by net.Server for every accepted connection (Node >= 22.13); @types/node
+    // declares it only as a constructor option.
+    (server as net.Server & { blockList?: net.BlockList }).blockList = this.#generation.config.reject === 'close' ? this.gate : undefined;
+  }
+
+  /** GateOwner: the accept-time firewall, for the gate; counts the refusal. */
+  refusesAtGate(address: string): boolean {
+    const gen = this.#generation;
+    if (this.draining || (gen.proxyTrusted !== null && gen.proxyTrusted.allows(address))) return false;
+    if (gen.admitsAddress(address)) return false;
+    this.recordRejection('firewall', address);
+    return true;
   }
 
   /** The addresses currently bound, as written in the config. */
@@ -180,6 +208,7 @@ export class Listener implements SlotWaiter, ConnectionOwner {
     server.removeAllListeners('connection');
     server.on('error', (err: NodeJS.ErrnoException) => this.onServerError(err));
     server.on('connection', (socket: net.Socket) => this.accept(socket));
+    this.setGate(server);
     this.servers.set(text, server);
   }
 
