@@ -88,6 +88,7 @@ export class Daemon {
     metrics.attach({
       listeners: () => this.allListeners(),
       connections: () => this.registry.values(),
+      capacity: () => ({ maxConnections: this.config.limits.maxConnections, maxTrackedIps: shared.clients.maxTrackedIps }),
     });
     // Idle per-client entries whose window has passed are deleted a few per admission; this
     // coarse sweep (one thread does it) keeps the table tidy while no traffic comes.
@@ -114,7 +115,7 @@ export class Daemon {
       await daemon.releaseAll();
       throw err;
     }
-    daemon.metrics.reloaded(true);
+    daemon.metrics.started();
     return daemon;
   }
 

@@ -142,7 +142,7 @@ export class EventLoops {
       await loops.terminate();
       throw err;
     }
-    loops.metrics.reloaded(true);
+    loops.metrics.started();
     log.info({ threads: loops.threads }, 'event-loop threads started');
     return loops;
   }

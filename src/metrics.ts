@@ -2,10 +2,14 @@
 // connection); gauges are read at scrape time from the owners of the numbers (registry size,
 // listener queues), never kept as parallel counters that could drift.
 // Label cardinality is bounded by the config: listener, route, backend, reason. Never a client IP.
+// Every series an alert needs exists from start-up at 0 (each listener's counters for every reason,
+// its routes' active gauges): a series that appears with its first event hides that event from
+// `increase()`. The zeros are filled at scrape time from the listeners in force, so a listener a
+// reload adds has them at once and one whose reload was aborted never appears.
 import { readFileSync } from 'node:fs';
 import client from 'prom-client';
 import type { Connection } from './connection/connection.ts';
-import { isRejection, type CloseReason, type RejectReason } from './connection/reasons.ts';
+import { END_REASONS, isRejection, REJECT_REASONS, type CloseReason, type RejectReason } from './connection/reasons.ts';
 
 declare const SMARTPROXY_VERSION: string | undefined;
 /** Set by esbuild in the bundle; read from package.json when running from source. */
@@ -20,17 +24,37 @@ function packageVersion(): string {
   }
 }
 
+/** One listener as the metrics read it at scrape time. */
+export interface ListenerSource {
+  readonly name: string;
+  /** Shared over every thread, like `queued` and `clients.size`. */
+  readonly busy: number;
+  readonly queued: number;
+  readonly clients: { readonly size: number };
+  /** The generation new connections get: configured capacity and routes. */
+  readonly generation: {
+    readonly config: { readonly workers: number; readonly queue: number; readonly routes: ReadonlyArray<{ readonly name: string }> };
+  };
+}
+
 /** What the metrics read at scrape time. */
 export interface MetricsSource {
-  listeners(): Iterable<{
-    readonly name: string;
-    /** Shared over every thread, like `queued` and `clients.size`. */
-    readonly busy: number;
-    readonly queued: number;
-    readonly clients: { readonly size: number };
-  }>;
+  /** Listeners in force first, then those a reload removed that are still draining. */
+  listeners(): Iterable<ListenerSource>;
   connections(): Iterable<Connection>;
+  /** Process-wide capacity in force: `limits.max_connections` (0 = unlimited) and the per-client table's size. */
+  capacity(): { readonly maxConnections: number; readonly maxTrackedIps: number };
 }
+
+/** Every reason a connection of a listener can end with (refusals after admission included). */
+const CLOSE_REASONS: readonly CloseReason[] = [...REJECT_REASONS, ...END_REASONS];
+
+/**
+ * prom-client's default gauges whose names end in `_total`, which the exposition format reserves
+ * for counters (`promtool check metrics` fails on them). Each is the sum over `type` of the gauge
+ * of the same name without the suffix (`nodejs_active_handles{type}`...), so nothing is lost.
+ */
+const MISNAMED_DEFAULTS = ['smartproxy_nodejs_active_handles_total', 'smartproxy_nodejs_active_requests_total', 'smartproxy_nodejs_active_resources_total'];
 
 const DURATION_BUCKETS = [0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400];
 
@@ -45,6 +69,7 @@ export class Metrics {
   private readonly duration: client.Histogram<'listener'>;
   private readonly reloadsTotal: client.Counter<'result'>;
   private readonly lastReload: client.Gauge;
+  private readonly lastReloadSuccess: client.Gauge;
   private readonly families: Families;
   /** Per listener name; kept across reloads so counters never restart. */
   private readonly listenerViews = new Map<string, ListenerMetrics>();
@@ -54,13 +79,19 @@ export class Metrics {
    * main thread is 'process' (build info, reloads, Node's process metrics) and each event-loop
    * thread 'thread' (connections). The main thread sums the threads' series at scrape time
    * (prom-client's AggregatorRegistry): one message per thread per scrape, none per connection.
-   * Gauges read from the shared counts are the same in every thread and aggregate by max.
+   * Gauges read from the shared counts or from the config are the same in every thread and
+   * aggregate by max; counters (zeros included) and the registry's gauges sum.
    */
   constructor(opts: { defaultMetrics?: boolean; role?: 'all' | 'process' | 'thread' } = {}) {
-    const registers = [this.registry];
     const role = opts.role ?? 'all';
-    const processRegisters = role === 'thread' ? [] : registers;
-    if (opts.defaultMetrics !== false && role !== 'thread') client.collectDefaultMetrics({ register: this.registry, prefix: 'smartproxy_' });
+    /** Process-wide series: build info, reloads, Node's process metrics. */
+    const processRegisters = role === 'thread' ? [] : [this.registry];
+    /** Connection series: in each event loop (the main thread of a threaded daemon has none). */
+    const registers = role === 'process' ? [] : [this.registry];
+    if (opts.defaultMetrics !== false && role !== 'thread') {
+      client.collectDefaultMetrics({ register: this.registry, prefix: 'smartproxy_' });
+      for (const name of MISNAMED_DEFAULTS) this.registry.removeSingleMetric(name);
+    }
     const self = this;
     new client.Gauge({
       name: 'smartproxy_build_info',
@@ -77,24 +108,36 @@ export class Metrics {
       help: 'Connections admitted at accept (started or queued), per listener.',
       labelNames: ['listener'],
       registers,
+      collect() {
+        for (const l of self.listeners()) this.inc({ listener: l.name }, 0);
+      },
     });
     this.routedTotal = new client.Counter({
       name: 'smartproxy_route_connections_total',
       help: 'Connections that chose a route, per listener and route.',
       labelNames: ['listener', 'route'],
       registers,
+      collect() {
+        for (const l of self.listeners()) for (const r of l.generation.config.routes) this.inc({ listener: l.name, route: r.name }, 0);
+      },
     });
     this.rejectionsTotal = new client.Counter({
       name: 'smartproxy_rejections_total',
       help: 'Connections refused, per listener and reason.',
       labelNames: ['listener', 'reason'],
       registers,
+      collect() {
+        for (const l of self.listeners()) for (const reason of REJECT_REASONS) this.inc({ listener: l.name, reason }, 0);
+      },
     });
     this.closedTotal = new client.Counter({
       name: 'smartproxy_connections_closed_total',
       help: 'Admitted connections that ended, per listener and reason (refusals after admission included).',
       labelNames: ['listener', 'reason'],
       registers,
+      collect() {
+        for (const l of self.listeners()) for (const reason of CLOSE_REASONS) this.inc({ listener: l.name, reason }, 0);
+      },
     });
     this.backendFailuresTotal = new client.Counter({
       name: 'smartproxy_backend_connect_failures_total',
@@ -108,16 +151,27 @@ export class Metrics {
       labelNames: ['listener'],
       buckets: DURATION_BUCKETS,
       registers,
+      collect() {
+        for (const l of self.listeners()) self.forListener(l.name).seedDuration();
+      },
     });
     this.reloadsTotal = new client.Counter({
       name: 'smartproxy_config_reloads_total',
-      help: 'Configuration reloads by result.',
+      help: 'Configuration reloads (start-up not counted) by result.',
       labelNames: ['result'],
       registers: processRegisters,
     });
+    this.reloadsTotal.inc({ result: 'success' }, 0);
+    this.reloadsTotal.inc({ result: 'failure' }, 0);
     this.lastReload = new client.Gauge({
       name: 'smartproxy_config_last_reload_timestamp_seconds',
       help: 'When the configuration was last loaded successfully (start or reload).',
+      registers: processRegisters,
+      aggregator: 'max',
+    });
+    this.lastReloadSuccess = new client.Gauge({
+      name: 'smartproxy_config_last_reload_success',
+      help: '1 if the last reload succeeded (or none was tried since start-up), 0 if it failed and the previous configuration stays in force.',
       registers: processRegisters,
       aggregator: 'max',
     });
@@ -136,6 +190,10 @@ export class Metrics {
       registers,
       collect() {
         this.reset();
+        for (const l of self.listeners()) {
+          this.set({ listener: l.name, route: '' }, 0);
+          for (const r of l.generation.config.routes) this.set({ listener: l.name, route: r.name }, 0);
+        }
         for (const conn of self.source?.connections() ?? []) {
           this.inc({ listener: conn.owner.name, route: conn.route?.name ?? '' });
         }
@@ -195,6 +253,66 @@ export class Metrics {
         for (const l of self.source?.listeners() ?? []) this.set({ listener: l.name }, l.clients.size);
       },
     });
+    new client.Gauge({
+      name: 'smartproxy_listener_workers',
+      help: 'Configured worker slots (workers), per listener: the capacity smartproxy_workers_busy fills.',
+      labelNames: ['listener'],
+      registers,
+      aggregator: 'max',
+      collect() {
+        this.reset();
+        for (const l of self.listenersByName()) this.set({ listener: l.name }, l.generation.config.workers);
+      },
+    });
+    new client.Gauge({
+      name: 'smartproxy_listener_queue_size',
+      help: 'Configured queue places (queue), per listener: the capacity smartproxy_queue_depth fills; 0 = no queue.',
+      labelNames: ['listener'],
+      registers,
+      aggregator: 'max',
+      collect() {
+        this.reset();
+        for (const l of self.listenersByName()) this.set({ listener: l.name }, l.generation.config.queue);
+      },
+    });
+    new client.Gauge({
+      name: 'smartproxy_max_connections',
+      help: 'Worker slots of all listeners together (limits.max_connections); 0 = unlimited.',
+      registers,
+      aggregator: 'max',
+      collect() {
+        const capacity = self.source?.capacity();
+        if (capacity !== undefined) this.set(capacity.maxConnections);
+      },
+    });
+    new client.Gauge({
+      name: 'smartproxy_max_tracked_ips',
+      help: 'Entries the process-wide per-client table holds (limits.max_tracked_ips, start-only): the capacity the sum of smartproxy_tracked_clients over listeners fills.',
+      registers,
+      aggregator: 'max',
+      collect() {
+        const capacity = self.source?.capacity();
+        if (capacity !== undefined) this.set(capacity.maxTrackedIps);
+      },
+    });
+  }
+
+  /** Every listener with connections: those in force and those draining after a reload removed them. */
+  private listeners(): Iterable<ListenerSource> {
+    return this.source?.listeners() ?? [];
+  }
+
+  /**
+   * Each listener name once, the one in force first: a removed listener still draining under a
+   * name a later reload reused does not report its old capacity.
+   */
+  private *listenersByName(): Iterable<ListenerSource> {
+    const seen = new Set<string>();
+    for (const l of this.listeners()) {
+      if (seen.has(l.name)) continue;
+      seen.add(l.name);
+      yield l;
+    }
   }
 
   attach(source: MetricsSource): void {
@@ -211,8 +329,16 @@ export class Metrics {
     return view;
   }
 
+  /** The first config is in force (start-up): not a reload, but the config's load time. */
+  started(): void {
+    this.lastReloadSuccess.set(1);
+    this.lastReload.setToCurrentTime();
+  }
+
+  /** A reload (SIGHUP) ended: counted by result. */
   reloaded(ok: boolean): void {
     this.reloadsTotal.inc({ result: ok ? 'success' : 'failure' });
+    this.lastReloadSuccess.set(ok ? 1 : 0);
     if (ok) this.lastReload.setToCurrentTime();
   }
 
@@ -240,6 +366,8 @@ export class ListenerMetrics {
   private readonly rejectedChildren = new Map<string, client.Counter.Internal>();
   private readonly closedChildren = new Map<string, client.Counter.Internal>();
   private readonly routedChildren = new Map<string, client.Counter.Internal>();
+  /** True once the duration histogram has this listener's series (observed, or zeroed at a scrape). */
+  private durationSeeded = false;
 
   constructor(
     readonly name: string,
@@ -251,6 +379,16 @@ export class ListenerMetrics {
 
   accepted(): void {
     this.acceptedChild.inc();
+  }
+
+  /**
+   * The duration histogram's series at 0 before the first observation (called at scrape time).
+   * Only then: prom-client's zero() would wipe what was observed.
+   */
+  seedDuration(): void {
+    if (this.durationSeeded) return;
+    this.durationSeeded = true;
+    this.families.duration.zero({ listener: this.name });
   }
 
   routed(route: string): void {
@@ -291,6 +429,9 @@ export class ListenerMetrics {
     }
     bytes.fromClient += conn.bytesFromClient;
     bytes.fromBackend += conn.bytesFromBackend;
-    if (!isRejection(reason)) this.durationChild.observe((Date.now() - conn.acceptedAt) / 1000);
+    if (!isRejection(reason)) {
+      this.durationSeeded = true;
+      this.durationChild.observe((Date.now() - conn.acceptedAt) / 1000);
+    }
   }
 }
