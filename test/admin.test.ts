@@ -363,7 +363,7 @@ queue = 0
   // The real process under `ulimit -n 256` logs it at start and keeps running.
   const proxy = await startCli(t, needing(200), { ready: ['tcp'], nofile: 256 });
   const logged = await proxy.waitForLine((l) => typeof l.msg === 'string' && l.msg.startsWith('open-file limit is below'), { what: 'the fd warning' });
-  assert.deepEqual({ limit: logged.limit, needed: logged.needed, level: logged.level }, { limit: 256, needed: 2 * 200 + 1 + 64, level: 40 });
+  assert.deepEqual({ limit: logged.limit, needed: logged.needed, level: logged.level }, { limit: 256, needed: 2 * 200 + 1 + 64, level: 'warn' });
   proxy.child.kill('SIGTERM');
   assert.deepEqual(await proxy.exited, { code: 0, signal: null });
 });

@@ -117,6 +117,7 @@ describe('resolution', () => {
         queue: 256,
         queueTimeoutMs: 5_000,
         reject: 'reset',
+        accessLog: true,
         timeouts: { connectMs: 5_000, clientHelloMs: 5_000, idleMs: 600_000, halfCloseMs: 30_000, maxLifetimeMs: 0, maxLifetimeJitterPct: 0 },
         limits: { maxConnectionsPerIp: 0, connectionRatePerIp: { count: 0, perMs: 10_000 }, fairShareAbove: 80 },
         firewall: { allow: [], block: [] },

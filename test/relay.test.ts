@@ -798,3 +798,54 @@ test('the longest durations a config may hold arm their timers without TimeoutOv
   await new Promise((resolve) => setImmediate(resolve));
   assert.deepEqual(warnings.filter((name) => name === 'TimeoutOverflowWarning'), []);
 });
+
+test('the access log writes one info line per relayed connection with its route, backend, timings, bytes and reason, none for a refusal, none when off', { timeout: 15_000 }, async (t) => {
+  const api = await startTlsBackend(t, 'api');
+  const other = await startTlsBackend(t, 'other');
+  const proxy = await startProxy(t, sniToml({ api: api.port, other: other.port }), { logLevel: 'info' });
+  const port = proxy.port('tls');
+  assert.equal(await tlsFirstLine(port, 'api.example.com'), 'api\n');
+  assert.match(await tlsFirstLine(port, 'unknown.example.net'), /^(error:|closed)/); // no_route: a refusal
+  await proxy.daemon.registry.whenEmpty();
+  const lines = proxy.lines.filter((l) => l.msg === 'connection closed');
+  assert.equal(lines.length, 1, 'one line, for the relayed connection only');
+  const line = lines[0]!;
+  assert.equal(line.level, 'info', 'the level by name');
+  assert.equal(line.listener, 'tls');
+  assert.equal(line.route, 'api');
+  assert.equal(line.sni, 'api.example.com');
+  assert.equal(line.backend, `127.0.0.1:${api.port}`);
+  assert.match(String(line.client), /^127\.0\.0\.1:\d+$/);
+  assert.equal(line.reason, 'done');
+  assert.equal(line.attempts, 1);
+  for (const key of ['queueMs', 'connectMs', 'durationMs'] as const) {
+    assert.ok(typeof line[key] === 'number' && line[key] >= 0, `${key} = ${String(line[key])}`);
+  }
+  assert.ok((line.durationMs as number) >= (line.queueMs as number) + (line.connectMs as number));
+  assert.ok((line.bytesFromClient as number) > 200, 'the ClientHello and the rest of the handshake');
+  assert.ok((line.bytesFromBackend as number) > 200);
+
+  const quiet = await startProxy(t, sniToml({ api: api.port, other: other.port }).replace('bind = ["127.0.0.1:0"]', 'bind = ["127.0.0.1:0"]\naccess_log = false'), { logLevel: 'info' });
+  assert.equal(await tlsFirstLine(quiet.port('tls'), 'api.example.com'), 'api\n');
+  await quiet.daemon.registry.whenEmpty();
+  assert.deepEqual(quiet.lines.filter((l) => l.msg === 'connection closed'), []);
+});
+
+test('"trying the next one" is logged only when there is a next backend to try', { timeout: 10_000 }, async (t) => {
+  const backend = await startBackend(t);
+  const dead = await closedPort();
+  const proxy = await startProxy(t, tcpToml([dead, backend.port]), { logLevel: 'warn' });
+  const client = await connect(proxy.port('tcp'));
+  const reply = readAll(client);
+  client.end('ping');
+  assert.equal((await reply).data.toString(), 'ping');
+  const onlyDead = await startProxy(t, tcpToml([dead]), { logLevel: 'warn' });
+  const refused = await connect(onlyDead.port('tcp'));
+  const ended = readAll(refused);
+  refused.end('ping');
+  assert.equal((await ended).data.length, 0, 'no backend answered');
+  await proxy.daemon.registry.whenEmpty();
+  await onlyDead.daemon.registry.whenEmpty();
+  assert.deepEqual(proxy.lines.filter((l) => String(l.msg).startsWith('backend connect failed')).map((l) => l.msg), ['backend connect failed; trying the next one']);
+  assert.deepEqual(onlyDead.lines.filter((l) => String(l.msg).startsWith('backend connect failed')).map((l) => l.msg), ['backend connect failed; no backend of the route is left to try']);
+});

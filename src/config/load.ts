@@ -127,6 +127,7 @@ function resolveListener(listener: ListenerFile, index: number, global: Inherite
     queue: listener.queue,
     queueTimeoutMs: listener.queue_timeout,
     reject: listener.reject,
+    accessLog: listener.access_log,
     timeouts: {
       connectMs: own?.connect ?? global.timeouts.connectMs,
       clientHelloMs: own?.client_hello ?? global.timeouts.clientHelloMs,

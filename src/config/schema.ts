@@ -214,6 +214,7 @@ const listener = z.strictObject(
     queue: count().default(256),
     queue_timeout: duration({ positive: true }).default(5_000),
     reject: z.enum(['reset', 'close']).default('reset'),
+    access_log: bool().default(true),
     on_removal: onRemoval().optional(),
     timeouts: listenerTimeouts.optional(),
     limits: listenerLimits.optional(),

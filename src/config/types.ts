@@ -92,6 +92,8 @@ export interface ListenerConfig {
   readonly queue: number;
   readonly queueTimeoutMs: number;
   readonly reject: RejectStyle;
+  /** One info line per finished connection (refusals stay in the de-duplicated summaries). */
+  readonly accessLog: boolean;
   readonly timeouts: Timeouts;
   readonly limits: ListenerLimits;
   readonly firewall: FirewallRules;

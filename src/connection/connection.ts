@@ -52,6 +52,8 @@ export interface ConnectionSettings {
   readonly timeouts: Timeouts;
   readonly routes: RouteTable;
   readonly rejectStyle: 'reset' | 'close';
+  /** One info line when the connection ends (access_log). */
+  readonly accessLog: boolean;
   /** PROXY protocol expectation for connections from trusted sources; null when off. */
   readonly proxyAccept: ProxyVersionAccept | null;
   readonly proxyRequired: boolean;
@@ -73,7 +75,8 @@ export interface ConnectionOwner {
   admitRealClient(conn: Connection): RejectReason | null;
   /** After SNI chose a route: a route removed by a reload, the route's firewall and limit. */
   admitRoute(conn: Connection, route: Route): CloseReason | null;
-  backendFailed(conn: Connection, backend: HostPort, code: string): void;
+  /** A dial failed; `last` when no backend is left to try. */
+  backendFailed(conn: Connection, backend: HostPort, code: string, last: boolean): void;
   /** The single release point: slot, queue place, per-client count, route count, metrics, log line. */
   connectionClosed(conn: Connection, reason: CloseReason, stateBefore: ConnectionState): void;
 }
@@ -143,7 +146,12 @@ export class Connection {
   private inbound: Buffer | null = null;
   private inboundLength = 0;
   private firstBackend = 0;
-  private attempts = 0;
+  /** Backend dials made so far (the access log's `attempts`). */
+  attempts = 0;
+  // For the access log: when a worker took it, when the first dial began, when a backend answered.
+  private startedAt = 0;
+  private dialStartedAt = 0;
+  private connectedAt = 0;
   private clientEnded = false;
   private backendEnded = false;
   private clientClosed = false;
@@ -193,6 +201,7 @@ export class Connection {
     this.setState('handshake');
     this.queueDeadline = 0;
     const now = Date.now();
+    this.startedAt = now;
     const { clientHelloMs, maxLifetimeMs, maxLifetimeJitterPct } = this.settings.timeouts;
     if (maxLifetimeMs > 0) {
       // Jitter shortens each lifetime by up to N %, so connections opened together end apart.
@@ -385,6 +394,7 @@ export class Connection {
     this.clientHelloDeadline = 0;
     this.setState('connecting');
     this.firstBackend = route.nextStart();
+    this.dialStartedAt = Date.now();
     this.dial();
   }
 
@@ -418,13 +428,14 @@ export class Connection {
     const failed = this.backend!;
     this.backend = null;
     failed.destroy();
-    this.owner.backendFailed(this, this.backendAddress!, code);
+    this.owner.backendFailed(this, this.backendAddress!, code, this.attempts >= this.route!.backends.length);
     this.connectDeadline = 0;
     this.dial();
   }
 
   onBackendConnect(): void {
     this.connectDeadline = 0;
+    this.connectedAt = Date.now();
     this.setState('relaying');
     const backend = this.backend!;
     const client = this.client;
@@ -590,6 +601,19 @@ export class Connection {
     const { idleMs } = this.settings.timeouts;
     if (idleMs > 0 && this.lastActivity > 0 && now - this.lastActivity >= idleMs) return this.close('idle_timeout');
     this.armTimer();
+  }
+
+  /**
+   * The access log's timings, in ms: waiting in the queue, dialling until a backend answered
+   * (failed attempts included), and the whole life from admission; -1 for a phase never reached.
+   */
+  timings(now = Date.now()): { queueMs: number; connectMs: number; durationMs: number; attempts: number } {
+    return {
+      queueMs: this.startedAt > 0 ? this.startedAt - this.acceptedAt : -1,
+      connectMs: this.connectedAt > 0 ? this.connectedAt - this.dialStartedAt : -1,
+      durationMs: now - this.acceptedAt,
+      attempts: this.attempts,
+    };
   }
 
   /** For the admin API and tests: the connection as plain data. */

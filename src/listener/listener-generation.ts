@@ -15,6 +15,7 @@ export class ListenerGeneration implements ConnectionSettings {
   readonly timeouts: Timeouts;
   readonly routes: RouteTable;
   readonly rejectStyle: 'reset' | 'close';
+  readonly accessLog: boolean;
   readonly ipv6Prefix: number;
   readonly proxyAccept: ProxyVersionAccept | null;
   readonly proxyRequired: boolean;
@@ -34,6 +35,7 @@ export class ListenerGeneration implements ConnectionSettings {
     this.countIndex = indexes.listener(config.name);
     this.routes = new RouteTable(config, (route) => indexes.route(config.name, route.name));
     this.rejectStyle = config.reject;
+    this.accessLog = config.accessLog;
     this.ipv6Prefix = global.limits.ipv6Prefix;
     this.globalMaxConnections = global.limits.maxConnections;
     this.globalFirewall = globalFirewall;

@@ -466,7 +466,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
   }
 
   /** A backend dial failed: counted always, warned at most once per 10 s per backend. */
-  backendFailed(conn: Connection, backend: Backend, code: string): void {
+  backendFailed(conn: Connection, backend: Backend, code: string, last: boolean): void {
     const route = conn.route?.name ?? '';
     this.metrics.backendFailed(route, backend.text, code);
     const now = Date.now();
@@ -477,7 +477,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
     }
     this.deps.log.warn(
       { listener: this.name, route, backend: backend.text, code, suppressed: seen?.suppressed ?? 0 },
-      'backend connect failed; trying the next one',
+      last ? 'backend connect failed; no backend of the route is left to try' : 'backend connect failed; trying the next one',
     );
     this.backendWarnings.set(backend.text, { last: now, suppressed: 0 });
   }
@@ -497,7 +497,14 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
     if (isRejection(reason)) this.recordRejection(reason, conn.clientAddress);
     this.metrics.closed(conn, reason);
     const log = this.deps.log;
-    if (log.isLevelEnabled('debug')) log.debug({ conn: conn.uniqueId, reason, ...conn.describe() }, 'connection closed');
+    // One line per connection: at info for a relayed one when access_log is on (the access log),
+    // else at debug. Refusals are summarised by the rejection log instead.
+    const access = conn.settings.accessLog && !isRejection(reason);
+    if (access ? log.isLevelEnabled('info') : log.isLevelEnabled('debug')) {
+      const line = { conn: conn.uniqueId, reason, ...conn.describe(), ...conn.timings() };
+      if (access) log.info(line, 'connection closed');
+      else log.debug(line, 'connection closed');
+    }
     this.open--;
     this.counts.addOpen(this.countIndex, -1);
     if (conn.holdsSlot) {

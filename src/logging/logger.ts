@@ -19,7 +19,13 @@ export interface LoggerOptions {
 /** Builds the one logger the daemon passes down. Synchronous writes: a crash never loses its last line. */
 export function createLogger(opts: LoggerOptions): Logger {
   const format = opts.format ?? (process.stdout.isTTY ? 'pretty' : 'json');
-  const base = { level: opts.level, base: { pid: process.pid, ...opts.base }, timestamp: pino.stdTimeFunctions.isoTime };
+  // The level as its name ("level":"info"), as journald readers and log shippers expect, not pino's number.
+  const base = {
+    level: opts.level,
+    base: { pid: process.pid, ...opts.base },
+    timestamp: pino.stdTimeFunctions.isoTime,
+    formatters: { level: (label: string) => ({ level: label }) },
+  };
   if (format === 'pretty') {
     return pino(base, pretty({ colorize: process.stdout.isTTY === true, sync: true, destination: opts.destination ?? 1 }));
   }

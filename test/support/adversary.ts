@@ -37,6 +37,9 @@ import { parseExposition } from './metrics.ts';
 // ---- a small seeded PRNG -----------------------------------------------------------------------
 
 /** mulberry32: 32 bits of state, good enough to pick test cases, identical on every platform. */
+
+/** pino's level numbers by the names the daemon logs. */
+const LOG_LEVELS: Record<string, number> = { trace: 10, debug: 20, info: 30, warn: 40, error: 50, fatal: 60 };
 export function mulberry32(seed: number): () => number {
   let a = seed >>> 0;
   return () => {
@@ -1646,7 +1649,7 @@ class Run {
     const proxy = this.proxy;
     if (proxy === null) return;
     for (const line of proxy.lines) {
-      const level = Number(line.level);
+      const level = typeof line.level === 'number' ? line.level : (LOG_LEVELS[String(line.level)] ?? 0);
       const msg = String(line.msg);
       const err = line.err as { stack?: string; message?: string } | undefined;
       const detail = err !== undefined ? `: ${(err.stack ?? err.message ?? JSON.stringify(err)).slice(0, 1200)}` : '';
@@ -1682,7 +1685,9 @@ class Run {
     return [`daemon log, last ${tail.length} lines:`, ...tail, stderr === '' ? 'stderr: (empty)' : `stderr:\n${stderr.slice(-3000)}`].join('\n');
   }
 
-  destroyClients(): void {
+  /** Ends whatever the run still has going (the sampler, client sockets), however it ended. */
+  stop(): void {
+    this.stopSampling = true;
     for (const c of this.clients.values()) c.socket?.destroy();
   }
 }
@@ -1696,7 +1701,7 @@ export async function runPlan(scope: Scope, plan: Plan, opts: RunOptions = {}): 
   } catch (err) {
     run.fail(`the run itself failed: ${(err as Error).stack ?? String(err)}`);
   } finally {
-    run.destroyClients();
+    run.stop();
   }
   return { seed: plan.seed, failures: run.failures, durationMs: Date.now() - started, summary: run.summary(), diagnostics: run.diagnostics() };
 }
