@@ -80,7 +80,8 @@ export class Metrics {
    * thread 'thread' (connections). The main thread sums the threads' series at scrape time
    * (prom-client's AggregatorRegistry): one message per thread per scrape, none per connection.
    * Gauges read from the shared counts or from the config are the same in every thread and
-   * aggregate by max; counters (zeros included) and the registry's gauges sum.
+   * aggregate by max; counters (their zeros included) and `connections_active` (each thread's own
+   * connections) sum.
    */
   constructor(opts: { defaultMetrics?: boolean; role?: 'all' | 'process' | 'thread' } = {}) {
     const role = opts.role ?? 'all';
