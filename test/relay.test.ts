@@ -849,3 +849,42 @@ test('"trying the next one" is logged only when there is a next backend to try',
   assert.deepEqual(proxy.lines.filter((l) => String(l.msg).startsWith('backend connect failed')).map((l) => l.msg), ['backend connect failed; trying the next one']);
   assert.deepEqual(onlyDead.lines.filter((l) => String(l.msg).startsWith('backend connect failed')).map((l) => l.msg), ['backend connect failed; no backend of the route is left to try']);
 });
+
+test('a queued client that closes without sending a byte has aborted: it leaves the queue at once, is never dialled, and its place goes to the next', { timeout: 10_000 }, async (t) => {
+  const backend = await startBackend(t);
+  const proxy = await startProxy(t, `
+[[listeners]]
+name = "tcp"
+bind = ["127.0.0.1:0"]
+workers = 1
+queue = 1
+queue_timeout = "30s"
+  [[listeners.routes]]
+  name = "echo"
+  default = true
+  backends = ["127.0.0.1:${backend.port}"]
+`, { logLevel: 'debug' });
+  const listener = proxy.daemon.listeners.get('tcp')!;
+  const holder = await connect(proxy.port('tcp'));
+  await until(() => listener.busy === 1, 2000, 'the first client to take the worker');
+  const quitter = await connect(proxy.port('tcp'), { localAddress: '127.0.0.2' });
+  quitter.on('error', () => {}); // a refusal from the queue is a reset
+  await until(() => listener.queue.size === 1, 2000, 'the quitter to queue');
+  quitter.end(); // FIN without a byte, long before queue_timeout
+  await until(() => listener.queue.size === 0, 2000, 'the quitter to leave the queue');
+  // Its place is free: the next client queues (queue = 1) and is served when the worker frees.
+  const next = await connect(proxy.port('tcp'), { localAddress: '127.0.0.3' });
+  await until(() => listener.queue.size === 1, 2000, 'the next client to queue');
+  const reply = readAll(next);
+  next.write('next');
+  holder.end();
+  await until(() => backend.accepted === 2, 5000, 'the next client to reach the backend');
+  next.end();
+  assert.equal((await reply).data.toString(), 'next');
+  holder.destroy();
+  quitter.destroy();
+  await proxy.daemon.registry.whenEmpty();
+  assert.equal(backend.accepted, 2, 'the quitter was never dialled');
+  const quitterLine = proxy.lines.find((l) => l.msg === 'connection closed' && String(l.client).startsWith('127.0.0.2:'));
+  assert.equal(quitterLine?.reason, 'client_gone');
+});
