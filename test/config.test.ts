@@ -118,6 +118,7 @@ describe('resolution', () => {
         queueTimeoutMs: 5_000,
         reject: 'reset',
         accessLog: true,
+        ipv6Only: true,
         timeouts: { connectMs: 5_000, clientHelloMs: 5_000, idleMs: 600_000, halfCloseMs: 30_000, maxLifetimeMs: 0, maxLifetimeJitterPct: 0 },
         limits: { maxConnectionsPerIp: 0, connectionRatePerIp: { count: 0, perMs: 10_000 }, fairShareAbove: 80 },
         firewall: { allow: [], block: [] },
@@ -615,5 +616,13 @@ describe('units', () => {
     for (const text of ['*', '*foo.com', 'api.*.com', '*.*.com', 'foo*.com', '', '1.2.3.4', 'a..b', 'example.com.']) {
       assert.ok(isUnitError(parseSniPattern(text)), `${JSON.stringify(text)} should be rejected`);
     }
+  });
+});
+
+describe('dual-stack binds', () => {
+  test('with ipv6_only = false, [::]:P takes IPv4 too, so 0.0.0.0:P and 127.0.0.1:P overlap it', () => {
+    const text = minimal({ listener: 'ipv6_only = false\nbind = ["[::]:8000", "0.0.0.0:8000", "127.0.0.1:8001"]' }).replace('bind = "127.0.0.1:8000"\n', '');
+    expectIssue(text, 'listeners[0].bind[1]', '"0.0.0.0:8000"', '"[::]:8000"');
+    load(minimal({ listener: 'bind = ["[::]:8000", "0.0.0.0:8000"]' }).replace('bind = "127.0.0.1:8000"\n', ''));
   });
 });

@@ -660,6 +660,24 @@ test('max_lifetime_jitter ends connections opened together at different times, e
 
 // ---- addresses: IPv4-mapped and IPv6 ----
 
+test('a dual-stack [::] bind (ipv6_only = false) takes IPv4 clients too, each counted, logged and shown as its IPv4 address', { timeout: 10_000 }, async (t) => {
+  const backend = await startBackend(t, hold);
+  const proxy = await startProxy(t, tcpListener(backend, 'ipv6_only = false\n[listeners.limits]\nmax_connections_per_ip = 1', 'tcp', '"[::]:0"'));
+  const l = listenerOf(proxy, 'tcp');
+  const port = proxy.port('tcp');
+  const v4 = await admitted(proxy, 'tcp', backend, { host: '127.0.0.1', localAddress: '127.0.0.2', address: '[::]:0' });
+  const v6 = await admitted(proxy, 'tcp', backend, { host: '::1', address: '[::]:0' });
+  // 127.0.0.2 arrives as ::ffff:127.0.0.2 and is the IPv4 client 127.0.0.2: its quota of 1 is used.
+  await refused(proxy, 'tcp', backend, 'ip_limit', { host: '127.0.0.1', localAddress: '127.0.0.2', address: '[::]:0' });
+  const clients = (await proxy.daemon.connections(10)).connections.map((c) => c.client.replace(/:\d+$/, '')).sort();
+  assert.deepEqual(clients, ['127.0.0.2', '[::1]']);
+  assert.deepEqual(l.clients.top(5).map((c) => c.key).sort(), ['127.0.0.2', '::/64']);
+  assert.ok(port > 0);
+  await hangUp(v4);
+  await hangUp(v6);
+  await assertQuiescent(proxy);
+});
+
 test('an IPv4-mapped client shares its per-IP quota and firewall rules with the same IPv4 address', { timeout: 10_000 }, async (t) => {
   const backend = await startBackend(t, hold);
   const proxy = await startProxy(t, tcpListener(backend, '[listeners.limits]\nmax_connections_per_ip = 2\n[listeners.firewall]\nblock = ["127.0.0.9"]'));

@@ -128,6 +128,7 @@ function resolveListener(listener: ListenerFile, index: number, global: Inherite
     queueTimeoutMs: listener.queue_timeout,
     reject: listener.reject,
     accessLog: listener.access_log,
+    ipv6Only: listener.ipv6_only,
     timeouts: {
       connectMs: own?.connect ?? global.timeouts.connectMs,
       clientHelloMs: own?.client_hello ?? global.timeouts.clientHelloMs,

@@ -65,6 +65,8 @@ interface Bind {
   readonly address: HostPort;
   readonly host: string;
   readonly path: Path;
+  /** `[::]` of a listener with ipv6_only = false also takes the port on every IPv4 address. */
+  readonly dualStack: boolean;
 }
 
 // "0.0.0.0:X" takes port X on every IPv4 address and "[::]:X" on every IPv6 address: listeners
@@ -75,24 +77,31 @@ function overlaps(a: Bind, b: Bind): boolean {
   // Port 0 means "any free port": two of them never collide.
   if (a.address.port !== b.address.port || a.address.port === 0) return false;
   if (a.host === b.host) return true;
-  return coversFamily(a.host, b.host) || coversFamily(b.host, a.host);
+  return covers(a, b) || covers(b, a);
 }
 
-/** True when `wildcard` is 0.0.0.0 or :: and `other` is an address literal of the same family. */
-function coversFamily(wildcard: string, other: string): boolean {
-  return (wildcard === '0.0.0.0' && ipFamily(other) === 4) || (wildcard === '::' && ipFamily(other) === 6);
+/**
+ * True when `wildcard` is 0.0.0.0 or :: and `other` an address literal it takes too: one of its
+ * own family, or (a dual-stack `[::]`) any IPv4 address, 0.0.0.0 included.
+ */
+function covers(wildcard: Bind, other: Bind): boolean {
+  const family = ipFamily(other.host);
+  if (wildcard.host === '0.0.0.0') return family === 4;
+  if (wildcard.host === '::') return family === 6 || (wildcard.dualStack && family === 4);
+  return false;
 }
 
 /** Binds that collide with an earlier one; the admin API's TCP address takes part too. */
 function bindConflicts(listeners: { table: Table; path: Path }[], admin: unknown): ConfigIssue[] {
   const issues: ConfigIssue[] = [];
   const seen: Bind[] = [];
-  const entries = listeners.flatMap(({ table, path }) => stringsIn(table.bind, [...path, 'bind']));
-  if (isTable(admin)) entries.push(...stringsIn(admin.listen, ['admin', 'listen']));
+  const entries = listeners.flatMap(({ table, path }) =>
+    stringsIn(table.bind, [...path, 'bind']).map((entry) => ({ ...entry, dualStack: table.ipv6_only === false })));
+  if (isTable(admin)) entries.push(...stringsIn(admin.listen, ['admin', 'listen']).map((entry) => ({ ...entry, dualStack: false })));
   for (const entry of entries) {
     const address = parseHostPort(entry.text, { allowPortZero: true });
     if (isUnitError(address)) continue;
-    const bind: Bind = { address, host: normalizeHost(address.host), path: entry.path };
+    const bind: Bind = { address, host: normalizeHost(address.host), path: entry.path, dualStack: entry.dualStack };
     const earlier = seen.find((other) => overlaps(other, bind));
     if (earlier !== undefined) {
       const message = earlier.host === bind.host

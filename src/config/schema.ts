@@ -215,6 +215,7 @@ const listener = z.strictObject(
     queue_timeout: duration({ positive: true }).default(5_000),
     reject: z.enum(['reset', 'close']).default('reset'),
     access_log: bool().default(true),
+    ipv6_only: bool().default(true),
     on_removal: onRemoval().optional(),
     timeouts: listenerTimeouts.optional(),
     limits: listenerLimits.optional(),

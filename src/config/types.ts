@@ -94,6 +94,8 @@ export interface ListenerConfig {
   readonly reject: RejectStyle;
   /** One info line per finished connection (refusals stay in the de-duplicated summaries). */
   readonly accessLog: boolean;
+  /** IPv6 binds take IPv6 only (default, as nginx); false: `[::]` takes IPv4 too, as ::ffff:a.b.c.d. */
+  readonly ipv6Only: boolean;
   readonly timeouts: Timeouts;
   readonly limits: ListenerLimits;
   readonly firewall: FirewallRules;

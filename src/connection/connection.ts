@@ -176,7 +176,9 @@ export class Connection {
     this.settings = settings;
     this.client = client;
     this.acceptedAt = Date.now();
-    this.clientAddress = client.remoteAddress ?? '';
+    const address = client.remoteAddress ?? '';
+    // An IPv4 client of a dual-stack `[::]` bind (::ffff:a.b.c.d) is that IPv4 client.
+    this.clientAddress = address.startsWith('::ffff:') && address.includes('.', 7) ? address.slice(7) : address;
     this.clientPort = client.remotePort ?? 0;
     this.phase = expectProxyHeader ? Phase.ProxyHeader : settings.proxyAccept !== null ? Phase.SpoofCheck : Phase.Route;
     const owned = client as OwnedSocket;

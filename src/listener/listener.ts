@@ -187,7 +187,8 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
       // With several threads every thread binds every address with SO_REUSEPORT and the kernel
       // spreads new connections; an address given as port 0 takes the port the first thread got.
       const port = options.portFor(this.name, address.text) ?? address.port;
-      const listenOptions = { host: address.host, port, backlog, ipv6Only: address.host.includes(':'), ...(options.reusePort ? { reusePort: true } : {}) };
+      const ipv6Only = address.host.includes(':') && this.generation.config.ipv6Only;
+      const listenOptions = { host: address.host, port, backlog, ipv6Only, ...(options.reusePort ? { reusePort: true } : {}) };
       server.listen(listenOptions, () => {
         server.off('error', onListenError);
         if (this.draining) {
@@ -273,7 +274,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
    */
   accept(socket: net.Socket): void {
     const gen = this.generation;
-    const address = socket.remoteAddress;
+    const address = plainAddress(socket.remoteAddress);
     if (address === undefined) {
       socket.on('error', ignoreError);
       socket.destroy(); // already gone
@@ -547,6 +548,14 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
 }
 
 function ignoreError(): void {}
+
+/**
+ * An IPv4 client of a dual-stack `[::]` bind arrives as `::ffff:a.b.c.d`: it is that IPv4 client
+ * everywhere (firewall, per-client limits, logs, admin API).
+ */
+export function plainAddress(address: string | undefined): string | undefined {
+  return address !== undefined && address.startsWith('::ffff:') && address.includes('.', 7) ? address.slice(7) : address;
+}
 
 /**
  * The kernel accept queue: at least 4096 and at least the listener's capacity, rather than Node's
