@@ -46,7 +46,7 @@ const minutes = number(values.minutes, 5, 'minutes');
 const count = values.count === undefined ? Infinity : number(values.count, 1, 'count');
 const budgetMs = number(values.budget, 4000, 'budget');
 const floodChance = number(values.flood, 0.3, 'flood');
-const slackMs = number(values.slack, 1500, 'slack');
+const slackMs = number(values.slack, 2000, 'slack');
 const outDir = path.join(tmpdir(), 'smartproxy-fuzz');
 
 async function runOne(plan: Plan): Promise<boolean> {
