@@ -167,10 +167,17 @@ workers = -1
   assert.equal(result.stdout, '');
   const lines = result.stderr.trimEnd().split('\n');
   assert.equal(lines[0], `${file}: 5 problems`);
-  const paths = ['limits.max_conections', 'timeouts.idle', 'listeners[0].bind[0]', 'listeners[0].workers', 'listeners[0].routes[0].backends[0]'];
+  // Each problem names its TOML path and the line of the file that path is written on.
+  const places = [
+    'limits.max_conections (line 3)',
+    'timeouts.idle (line 6)',
+    'listeners[0].bind[0] (line 10)',
+    'listeners[0].workers (line 11)',
+    'listeners[0].routes[0].backends[0] (line 16)',
+  ];
   assert.deepEqual(
-    lines.slice(1).map((l) => l.trim().split(':')[0]),
-    paths,
+    lines.slice(1).map((l) => l.trim().split(': ')[0]),
+    places,
   );
   assert.match(result.stderr, /"10 parsecs"/, 'the offending value is shown');
 });

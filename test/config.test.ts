@@ -5,7 +5,8 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import TOML from '@iarna/toml';
 import { formatIssue, loadConfig, parseConfigText } from '../src/config/load.ts';
-import { knownKeysAt } from '../src/config/issues.ts';
+import { formatPath, knownKeysAt } from '../src/config/issues.ts';
+import { indexLines, lineOf, parsePath, statementAt } from '../src/config/locate.ts';
 import { configFileSchema } from '../src/config/schema.ts';
 import { isUnitError, parseCidr, parseDuration, parseHostPort, parseSniPattern } from '../src/config/units.ts';
 import { parseCidr as firewallParseCidr } from '../src/governance/ip-address.ts';
@@ -325,7 +326,7 @@ bind = ["127.0.0.1:8001", "127.0.0.1:8000"]
   test('a backend port out of range names the address', () => {
     const issue = expectIssue(minimal({ route: '[[listeners.routes]]\nname = "b"\nsni = "b.example.com"\nbackends = ["127.0.0.1:1", "127.0.0.1:2", "10.0.0.1:99999"]' }),
       'listeners[0].routes[1].backends[2]', '"10.0.0.1:99999"', '1-65535');
-    assert.equal(formatIssue(issue), 'listeners[0].routes[1].backends[2]: "10.0.0.1:99999" is not host:port (port must be 1-65535)');
+    assert.equal(formatIssue(issue), 'listeners[0].routes[1].backends[2] (line 13): "10.0.0.1:99999" is not host:port (port must be 1-65535)');
   });
 
   test('a malformed duration names the value and the problem', () => {
@@ -624,5 +625,186 @@ describe('dual-stack binds', () => {
     const text = minimal({ listener: 'ipv6_only = false\nbind = ["[::]:8000", "0.0.0.0:8000", "127.0.0.1:8001"]' }).replace('bind = "127.0.0.1:8000"\n', '');
     expectIssue(text, 'listeners[0].bind[1]', '"0.0.0.0:8000"', '"[::]:8000"');
     load(minimal({ listener: 'bind = ["[::]:8000", "0.0.0.0:8000"]' }).replace('bind = "127.0.0.1:8000"\n', ''));
+  });
+});
+
+describe('positions', () => {
+  // Every construct the locator follows, with the expected line of each path in a comment.
+  const tricky = `# a comment with [brackets], [[listeners]] and key = "value"
+title = "a # is text here, and so are [x] and = y"      # 2
+[limits]                                                # 3
+connection_rate_per_ip = { count = 0, per = "10s" }     # 4
+"quoted.key" = 1                                        # 5
+a . b.'c d' = 2                                         # 6
+[[listeners]]                                           # 7
+name = 'lit # [=' # 8 ] a comment after a literal string
+bind = [                                                # 9
+  "127.0.0.1:1",  # 10, a comment holding a "quote and a ]
+  # 11: a comment line inside the array: [[listeners]]
+  "127.0.0.1:2",                                        # 12
+]
+multi = """
+line 15 [x] = "in a string"
+\\"""still the string: [[listeners]]
+"""
+after = 1                                               # 18
+  [[listeners.routes]]                                  # 19
+  name = "r0"                                           # 20
+  [listeners.routes.limits]                             # 21
+  max_connections = 1                                   # 22
+  [[listeners.routes]]                                  # 23
+  name = "r1"                                           # 24
+  nested = [ { x = 1 }, { x = [1, 2] } ]                # 25
+  literal = '''
+[[listeners]] in a literal string, line 27
+'''
+[[listeners]]                                           # 29
+when = 1979-05-27 07:32:00Z                             # 30
+  [[listeners.routes]]                                  # 31
+  backends = [[1, 2], [               # 32
+    3,                                # 33
+  ]]
+`;
+
+  test('the locator finds tables, arrays of tables, dotted and quoted keys, inline tables and multi-line array elements', () => {
+    const index = indexLines(tricky, TOML.parse(tricky));
+    const expected: Array<[string, number]> = [
+      ['title', 2], ['limits', 3], ['limits.connection_rate_per_ip', 4], ['limits.connection_rate_per_ip.per', 4],
+      ['limits."quoted.key"', 5], ['limits.a', 6], ['limits.a.b."c d"', 6],
+      ['listeners', 7], ['listeners[0]', 7], ['listeners[0].name', 8], ['listeners[0].bind', 9],
+      ['listeners[0].bind[0]', 10], ['listeners[0].bind[1]', 12], ['listeners[0].multi', 14], ['listeners[0].after', 18],
+      ['listeners[0].routes', 19], ['listeners[0].routes[0]', 19], ['listeners[0].routes[0].name', 20],
+      ['listeners[0].routes[0].limits', 21], ['listeners[0].routes[0].limits.max_connections', 22],
+      ['listeners[0].routes[1]', 23], ['listeners[0].routes[1].name', 24], ['listeners[0].routes[1].nested[1].x[1]', 25],
+      ['listeners[0].routes[1].literal', 26], ['listeners[1]', 29], ['listeners[1].when', 30], ['listeners[1].routes[0]', 31],
+      ['listeners[1].routes[0].backends[0][1]', 32], ['listeners[1].routes[0].backends[1]', 32], ['listeners[1].routes[0].backends[1][0]', 33],
+    ];
+    for (const [path, line] of expected) assert.equal(lineOf(index, path), line, path);
+  });
+
+  test('a path not written in the file falls back to the closest enclosing key or table, or to no line at all', () => {
+    const index = indexLines(tricky, TOML.parse(tricky));
+    assert.equal(lineOf(index, 'listeners[0].routes[1].backends'), 23, 'a missing key: its table');
+    assert.equal(lineOf(index, 'listeners[0].bind[7]'), 9, 'an element past the end: the array');
+    assert.equal(lineOf(index, 'listeners[0].routes[0].limits.max_connections.x'), 22);
+    assert.equal(lineOf(index, 'timeouts.idle'), undefined, 'nothing of it is in the file');
+    assert.equal(lineOf(index, '(syntax)'), undefined);
+    assert.equal(lineOf(index, ''), undefined);
+  });
+
+  test('only paths that exist in the parsed document get a line, and text the scanner cannot follow gives none', () => {
+    assert.deepEqual([...indexLines('a = 1\nb = 2\n', { a: 1 }).keys()], ['a']);
+    assert.equal(indexLines('a = 1\n= 2\n', { a: 1 }).size, 0);
+    assert.equal(indexLines('a = [1, 2', { a: [1, 2] }).size, 0);
+    assert.equal(indexLines('a = "open\n', { a: 'open' }).size, 0);
+  });
+
+  test('formatted paths parse back into their segments, quoted keys included', () => {
+    for (const segments of [['listeners', 0, 'routes', 12, 'backends', 3], ['a', 'b.c', 'd "e"', 0], ['x-y_z']]) {
+      assert.deepEqual(parsePath(formatPath(segments)), segments);
+    }
+    for (const text of ['(syntax)', '', 'a..b', '[0]a', 'a[x]']) assert.equal(parsePath(text), undefined, text);
+  });
+
+  /** Each located key is on a line that writes that key; each located array element on a line with a value. */
+  function assertLinesWriteTheirKeys(text: string, label: string): number {
+    const lines = text.split('\n');
+    const index = indexLines(text, TOML.parse(text));
+    for (const [path, line] of index) {
+      const segments = parsePath(path)!;
+      const last = segments[segments.length - 1]!;
+      const written = lines[line - 1] ?? '';
+      if (typeof last === 'string') assert.ok(written.includes(last), `${label}:${line} should write ${path}: ${written}`);
+      else assert.match(written, /[[\]"0-9]/, `${label}:${line} should hold ${path}`);
+    }
+    return index.size;
+  }
+
+  test('every line the locator gives in the shipped files is the line that writes that key or element', () => {
+    const files = ['smartproxy.example.toml', ...readdirSync(join(root, 'config')).filter((f) => f.endsWith('.toml')).map((f) => `config/${f}`)];
+    for (const file of files) assert.ok(assertLinesWriteTheirKeys(readFileSync(join(root, file), 'utf8'), file) > 10, file);
+  });
+
+  test('a semantic error names the line of its path: the value, the table of a missing key, the route of a rule', () => {
+    const text = `[timeouts]
+idle = "forever"
+[[listeners]]
+name = "tcp"
+bind = [
+  "127.0.0.1:8000",
+  "127.0.0.1:99999",
+]
+  [[listeners.routes]]
+  name = "echo"
+  default = true
+  [[listeners.routes]]
+  name = "lost"
+  backends = "127.0.0.1:9000"
+`;
+    const lines = Object.fromEntries(issuesOf(text).map((i) => [i.path, i.line]));
+    assert.deepEqual(lines, {
+      'timeouts.idle': 2,
+      'listeners[0].bind[1]': 7,
+      'listeners[0].routes[0].backends': 9,
+      'listeners[0].routes[1]': 12,
+    });
+    const missing = issuesOf('[logging]\nlevel = "info"\n');
+    assert.deepEqual(missing.map((i) => [i.path, i.line]), [['listeners', undefined]], 'a missing [[listeners]] is nowhere in the file');
+  });
+
+  test('formatIssue puts the line after the path, and leaves (syntax) and (file) issues as they are', () => {
+    assert.equal(formatIssue({ path: 'listeners[0].routes[1].backends[0]', line: 23, message: 'x' }), 'listeners[0].routes[1].backends[0] (line 23): x');
+    assert.equal(formatIssue({ path: '(syntax)', line: 3, message: 'line 3, column 1: y' }), '(syntax): line 3, column 1: y');
+  });
+
+  test('a syntax error names the line and the key or table whose statement holds it', () => {
+    const cases: Array<[string, number, string | undefined]> = [
+      ['[limits]\nmax_connections = 10\nfair_share_above = = 3\n', 3, 'limits.fair_share_above'],
+      ['[logging]\nlevel = "info"\nlevel = "debug"\n', 3, 'logging.level'],
+      ['[limits]\nmax_connections = 10\n[limits]\n', 3, 'limits'],
+      ['[[listeners]]\nname = "a"\n[[listeners]]\nbind = [\n  "127.0.0.1:1",\n  127.0.0.1:2,\n]\n', 6, 'listeners[1].bind'],
+      ['a = [1,\n2,\n\n', 4, 'a'],
+      ['[limits]\nmax_connections = 10\n?? = 1\n', 3, undefined],
+    ];
+    for (const [text, line, key] of cases) {
+      const [issue] = issuesOf(text);
+      assert.equal(issue?.path, '(syntax)');
+      assert.equal(issue?.line, line, text);
+      assert.match(issue?.message ?? '', new RegExp(`^line ${line}, column \\d+: `));
+      if (key === undefined) assert.doesNotMatch(issue?.message ?? '', /\(at /, text);
+      else assert.ok(issue?.message.endsWith(` (at ${key})`), `${issue?.message} should name ${key}`);
+      assert.equal(statementAt(text, line), key);
+    }
+  });
+
+  test('in mutated files, a located key is on a line that writes it, and no line is past the end of the file', () => {
+    const example = readFileSync(join(root, 'smartproxy.example.toml'), 'utf8');
+    let seed = 0xc0ffee;
+    const random = () => {
+      seed = (seed * 1_103_515_245 + 12_345) % 2 ** 31;
+      return seed / 2 ** 31;
+    };
+    const pieces = ['"', '[', ']', '=', '#', '\n', '{', '}', ',', '0', '"x"', "'''", '"""', '.', '-1'];
+    for (let i = 0; i < 300; i++) {
+      let text = example;
+      for (let k = 0; k < 1 + Math.floor(random() * 3); k++) {
+        const at = Math.floor(random() * text.length);
+        text = text.slice(0, at) + (pieces[Math.floor(random() * pieces.length)] ?? '') + text.slice(at + Math.floor(random() * 3));
+      }
+      let document: unknown;
+      try {
+        document = TOML.parse(text);
+      } catch {
+        document = undefined;
+      }
+      if (document !== undefined) assertLinesWriteTheirKeys(text, `mutation ${i}`);
+      const result = parseConfigText(text, 'fuzz.toml');
+      if (result.ok) continue;
+      const lineCount = text.split('\n').length;
+      for (const issue of result.issues) {
+        if (issue.line === undefined) continue;
+        assert.ok(issue.line >= 1 && issue.line <= lineCount, `${formatIssue(issue)}\n--- input ---\n${text}`);
+      }
+    }
   });
 });

@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 import { resolve as resolvePath } from 'node:path';
 import TOML from '@iarna/toml';
 import { fromZodIssues, zodMessage } from './issues.ts';
+import { indexLines, lineOf, statementAt } from './locate.ts';
 import { checkCrossFieldRules } from './rules.ts';
 import { configFileSchema, type ConfigFile } from './schema.ts';
 import type { Config, ConfigIssue, ListenerConfig, ListenerLimits, LoadResult, OnRemoval, RouteConfig, Timeouts } from './types.ts';
@@ -25,14 +26,16 @@ export function loadConfig(file: string): LoadResult {
 /** Checks config text; `file` is only recorded (resolved to an absolute path) in the Config. */
 export function parseConfigText(text: string, file: string): LoadResult {
   try {
-    const raw = parseToml(text);
+    // An editor's byte-order mark is not a TOML syntax error worth reporting.
+    const source = text.replace(/^\uFEFF/, '');
+    const raw = parseToml(source);
     if ('issue' in raw) return { ok: false, issues: [raw.issue] };
     const parsed = configFileSchema.safeParse(raw.document, { error: zodMessage });
     const issues = [
       ...(parsed.success ? [] : fromZodIssues(parsed.error.issues, configFileSchema)),
       ...checkCrossFieldRules(raw.document),
     ];
-    if (!parsed.success || issues.length > 0) return { ok: false, issues };
+    if (!parsed.success || issues.length > 0) return { ok: false, issues: withLines(issues, source, raw.document) };
     return { ok: true, config: deepFreeze(resolveConfig(parsed.data, resolvePath(file))) };
   } catch (error) {
     // Only a bug in this module gets here; report it instead of taking the daemon down.
@@ -41,9 +44,24 @@ export function parseConfigText(text: string, file: string): LoadResult {
   }
 }
 
-/** One line per issue: `path: message`, where the message shows the offending value. */
+/**
+ * One line per issue: `path (line N): message`, where the message shows the offending value.
+ * `(syntax)` and `(file)` issues carry their position in the message.
+ */
 export function formatIssue(issue: ConfigIssue): string {
-  return issue.path.length === 0 ? issue.message : `${issue.path}: ${issue.message}`;
+  if (issue.path.length === 0) return issue.message;
+  const where = issue.line === undefined || issue.path.startsWith('(') ? '' : ` (line ${issue.line})`;
+  return `${issue.path}${where}: ${issue.message}`;
+}
+
+// The line each issue's path is written on; issues whose path is nowhere in the file (a missing
+// table, say) keep none.
+function withLines(issues: readonly ConfigIssue[], source: string, document: Record<string, unknown>): ConfigIssue[] {
+  const index = indexLines(source, document);
+  return issues.map((issue) => {
+    const line = lineOf(index, issue.path);
+    return line === undefined ? issue : { ...issue, line };
+  });
 }
 
 function describeReadError(error: unknown): string {
@@ -62,14 +80,18 @@ interface TomlSyntaxError {
 
 function parseToml(text: string): { document: Record<string, unknown> } | { issue: ConfigIssue } {
   try {
-    // An editor's byte-order mark is not a TOML syntax error worth reporting.
-    return { document: TOML.parse(text.replace(/^\uFEFF/, '')) as Record<string, unknown> };
+    return { document: TOML.parse(text) as Record<string, unknown> };
   } catch (error) {
     const { message, line, col } = error as TomlSyntaxError;
     // @iarna/toml appends " at row R, col C, pos P:" and a code excerpt; we print our own position.
     const summary = String(message ?? error).split('\n')[0]?.replace(/ at row \d+, col \d+, pos \d+:$/, '') ?? 'invalid TOML';
-    const where = typeof line === 'number' && typeof col === 'number' ? `line ${line + 1}, column ${col + 1}: ` : '';
-    return { issue: { path: '(syntax)', message: `${where}${summary.charAt(0).toLowerCase()}${summary.slice(1)}` } };
+    const said = `${summary.charAt(0).toLowerCase()}${summary.slice(1)}`;
+    if (typeof line !== 'number' || typeof col !== 'number') return { issue: { path: '(syntax)', message: said } };
+    // Its messages name no key ("can't redefine existing key"): name the key or table whose
+    // statement holds the error, as nginx ends a message with "in file:12".
+    const key = statementAt(text, line + 1);
+    const at = key === undefined ? '' : ` (at ${key})`;
+    return { issue: { path: '(syntax)', line: line + 1, message: `line ${line + 1}, column ${col + 1}: ${said}${at}` } };
   }
 }
 

@@ -139,6 +139,8 @@ export interface Config {
 export interface ConfigIssue {
   readonly path: string;
   readonly message: string;
+  /** 1-based line of the file where `path` (or its closest enclosing key or table) is written. */
+  readonly line?: number;
 }
 
 export type LoadResult =
