@@ -8,6 +8,7 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, test, type TestContext } from 'node:test';
+import { loadConfig } from '../src/config/load.ts';
 import { VERSION } from '../src/metrics.ts';
 import { CLI, ROOT, listeningPorts, startCli, tempDir } from './support/cli.ts';
 import { connect, readAll, sha256, startBackend } from './support/harness.ts';
@@ -180,6 +181,65 @@ workers = -1
     places,
   );
   assert.match(result.stderr, /"10 parsecs"/, 'the offending value is shown');
+});
+
+test('check-config names the line and the key of a TOML syntax error', { timeout: 30_000 }, async (t) => {
+  const file = path.join(tempDir(t), 'syntax.toml');
+  writeFileSync(file, '[logging]\nlevel = "info"\nlevel = "debug"\n');
+  const result = await run(t, ['check-config', '-c', file]);
+  assert.equal(result.code, 1);
+  assert.equal(result.stderr, `${file}: 1 problem\n  (syntax): line 3, column 16: can't redefine existing key (at logging.level)\n`);
+});
+
+test('check-config --dump prints the effective config, which check-config accepts and which loads to the same config', { timeout: 30_000 }, async (t) => {
+  const dumped = await run(t, ['check-config', '-c', 'smartproxy.example.toml', '--dump']);
+  assert.equal(dumped.stderr, '');
+  assert.equal(dumped.code, 0);
+  assert.match(dumped.stdout, /^# smartproxy check-config --dump of .*smartproxy\.example\.toml$/m);
+  assert.match(dumped.stdout, /^ {2}\[listeners\.timeouts\]\n {2}connect = "5s"$/m, 'inherited timeouts written in the listener');
+  const file = path.join(tempDir(t), 'effective.toml');
+  writeFileSync(file, dumped.stdout);
+  const checked = await run(t, ['check-config', '-c', file]);
+  assert.equal(checked.stderr, '');
+  assert.equal(checked.code, 0);
+  assert.match(checked.stdout, /configuration ok \(2 listeners, 3 routes\)/);
+  const original = loadConfig(path.join(ROOT, 'smartproxy.example.toml'));
+  const reloaded = loadConfig(file);
+  assert.ok(original.ok && reloaded.ok);
+  assert.deepEqual({ ...reloaded.config, file: '' }, { ...original.config, file: '' });
+});
+
+test('check-config --dump of an invalid file prints nothing on stdout and the problems on stderr', { timeout: 30_000 }, async (t) => {
+  const file = path.join(tempDir(t), 'broken.toml');
+  writeFileSync(file, '[[listeners]]\nname = "a"\nbind = "127.0.0.1:1"\n  [[listeners.routes]]\n  name = "r"\n  default = true\n  backends = "nohost"\n');
+  const result = await run(t, ['check-config', '-c', file, '--dump']);
+  assert.equal(result.code, 1);
+  assert.equal(result.stdout, '');
+  assert.match(result.stderr, /^ {2}listeners\[0\]\.routes\[0\]\.backends \(line 7\): "nohost" is not host:port/m);
+});
+
+test('schema prints the JSON Schema committed as config/smartproxy.schema.json', { timeout: 30_000 }, async (t) => {
+  const result = await run(t, ['schema']);
+  assert.equal(result.stderr, '');
+  assert.equal(result.code, 0);
+  assert.equal(result.stdout, readFileSync(path.join(ROOT, 'config', 'smartproxy.schema.json'), 'utf8'));
+  assert.equal((JSON.parse(result.stdout) as { $schema: string }).$schema, 'http://json-schema.org/draft-04/schema#');
+});
+
+test('--help of every command shows its defaults and an example', { timeout: 30_000 }, async (t) => {
+  const commands = ['serve', 'check-config', 'schema', 'status'];
+  const results = await Promise.all([run(t, ['--help']), ...commands.map((command) => run(t, [command, '--help']))]);
+  const [top, ...perCommand] = results;
+  assert.equal(top!.code, 0);
+  for (const command of commands) assert.match(top!.stdout, new RegExp(`\\$ smartproxy ${command} `), `the top-level help shows ${command}`);
+  perCommand.forEach((result, i) => {
+    const command = commands[i]!;
+    assert.equal(result.code, 0, command);
+    assert.match(result.stdout, /\nDefaults:\n/, `${command} --help shows its defaults`);
+    assert.match(result.stdout, new RegExp(`\\nExamples:\\n {2}\\$ smartproxy ${command}\\b`), `${command} --help shows an example`);
+  });
+  assert.match(perCommand[0]!.stdout, /--log-format +pretty when stdout is a terminal, else json/);
+  assert.match(perCommand[3]!.stdout, /\/etc\/smartproxy\/proxy\.toml/);
 });
 
 test('serve on an address already in use exits non-zero with one line naming the listener and the address', { timeout: 30_000 }, async (t) => {

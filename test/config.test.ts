@@ -7,6 +7,8 @@ import TOML from '@iarna/toml';
 import { formatIssue, loadConfig, parseConfigText } from '../src/config/load.ts';
 import { formatPath, knownKeysAt } from '../src/config/issues.ts';
 import { indexLines, lineOf, parsePath, statementAt } from '../src/config/locate.ts';
+import { dumpConfig, formatDuration, tomlString } from '../src/config/dump.ts';
+import { configJsonSchema, configJsonSchemaText } from '../src/config/json-schema.ts';
 import { configFileSchema } from '../src/config/schema.ts';
 import { isUnitError, parseCidr, parseDuration, parseHostPort, parseSniPattern } from '../src/config/units.ts';
 import { parseCidr as firewallParseCidr } from '../src/governance/ip-address.ts';
@@ -805,6 +807,206 @@ bind = [
         if (issue.line === undefined) continue;
         assert.ok(issue.line >= 1 && issue.line <= lineCount, `${formatIssue(issue)}\n--- input ---\n${text}`);
       }
+    }
+  });
+});
+
+describe('check-config --dump', () => {
+  const shipped = ['smartproxy.example.toml', ...readdirSync(join(root, 'config')).filter((f) => f.endsWith('.toml')).map((f) => `config/${f}`)];
+
+  /** Dumps `config`, loads the dump as if it were the same file, and returns what it loaded to. */
+  function roundTrip(config: Config): Config {
+    const dumped = parseConfigText(dumpConfig(config), config.file);
+    if (!dumped.ok) assert.fail(`the dump of ${config.file} is rejected:\n${dumped.issues.map(formatIssue).join('\n')}\n${dumpConfig(config)}`);
+    return dumped.config;
+  }
+
+  test('the dump of every shipped file loads to the same resolved config', () => {
+    for (const file of shipped) {
+      const loaded = loadConfig(join(root, file));
+      assert.ok(loaded.ok, file);
+      assert.deepEqual(roundTrip(loaded.config), loaded.config, file);
+    }
+  });
+
+  test('the dump writes every default out, and what listeners inherit in each listener and route', () => {
+    const config = load(minimal({ top: '[timeouts]\nidle = "1m30s"\n[reload]\non_removal = "drain"' }));
+    const document = TOML.parse(dumpConfig(config)) as Record<string, any>;
+    assert.equal(document.listeners[0].workers, 1024);
+    assert.equal(document.listeners[0].queue_timeout, '5s');
+    assert.equal(document.listeners[0].timeouts.idle, '1m30s', 'the global idle, written in the listener');
+    assert.equal(document.listeners[0].on_removal, 'drain');
+    assert.equal(document.listeners[0].routes[0].on_removal, 'drain');
+    assert.deepEqual(document.listeners[0].limits.connection_rate_per_ip, { count: 0, per: '10s' });
+    assert.equal(document.logging.rejection_summary_interval, '10s');
+    assert.equal(document.process.threads, 'auto');
+    assert.deepEqual(roundTrip(config), config);
+  });
+
+  test('the dump sets every key the schema knows except those written out per listener and route', () => {
+    const loaded = loadConfig(join(root, 'config', 'full-reference.toml'));
+    assert.ok(loaded.ok);
+    const document = TOML.parse(dumpConfig(loaded.config));
+    const missing: string[] = [];
+    const visit = (path: PropertyKey[], tables: unknown[]) => {
+      for (const key of knownKeysAt(configFileSchema, path)) {
+        const values = tables.flatMap((t) => (t !== null && typeof t === 'object' && key in t ? [(t as Record<string, unknown>)[key]] : []));
+        if (values.length === 0) missing.push([...path, key].join('.'));
+        else if (knownKeysAt(configFileSchema, [...path, key]).length > 0) visit([...path, key], values);
+        else if (knownKeysAt(configFileSchema, [...path, key, 0]).length > 0) visit([...path, key, 0], values.flat());
+      }
+    };
+    visit([], [document]);
+    assert.deepEqual(missing.sort(), [
+      'limits.connection_rate_per_ip', 'limits.fair_share_above', 'limits.max_connections_per_ip', 'reload', 'timeouts',
+    ]);
+  });
+
+  test('a unix admin socket, a public admin address, threads, PROXY protocol and odd strings survive the round trip', () => {
+    const config = load(minimal({
+      top: '[admin]\nlisten = "unix:/tmp/a \\"quoted\\" \\u007f\\t.sock"\n[process]\nthreads = 3',
+      listener: '[listeners.proxy_protocol]\naccept = "v1"\ntrusted = ["10.0.0.0/8", "::1"]\nrequire = false',
+      route: 'send_proxy_protocol = "v2"\npass_through_tlvs = [0xEA, 1]\nsni = ["API.example.com", "*.example.org"]',
+    }));
+    assert.deepEqual(roundTrip(config), config);
+    const exposed = load(minimal({ top: '[admin]\nlisten = "0.0.0.0:9901"\nallow_public = true' }));
+    assert.deepEqual(roundTrip(exposed), exposed);
+    assert.match(dumpConfig(exposed), /^allow_public = true$/m);
+  });
+
+  test('formatDuration writes what parseDuration reads back, largest unit first', () => {
+    const cases: Array<[number, string]> = [[0, '0s'], [250, '250ms'], [5_000, '5s'], [90_000, '1m30s'], [600_000, '10m'], [3_723_004, '1h2m3s4ms'], [2_073_600_000, '576h']];
+    for (const [ms, text] of cases) {
+      assert.equal(formatDuration(ms), text);
+      assert.equal(parseDuration(text), ms);
+    }
+  });
+
+  test('tomlString escapes what a TOML basic string cannot hold', () => {
+    for (const text of ['plain', 'a "quote" and a \\ backslash', 'tab\there, newline\nthere', '\u0000\u001f\u007f', 'é ✓ 😀']) {
+      assert.equal((TOML.parse(`x = ${tomlString(text)}`) as { x: string }).x, text);
+    }
+  });
+});
+
+// The subset of JSON Schema Draft 4 that `smartproxy schema` uses, checked the way Taplo's
+// validator does. A keyword outside it is itself an error, so the schema cannot grow a keyword
+// these tests would silently ignore.
+type Schema = Record<string, any>;
+const ANNOTATIONS = new Set(['$schema', 'title', 'description', 'default']);
+const ASSERTIONS = new Set(['type', 'properties', 'additionalProperties', 'required', 'items', 'anyOf', 'enum', 'minimum', 'maximum', 'minItems', 'minLength', 'pattern']);
+
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+function hasType(value: unknown, type: string): boolean {
+  switch (type) {
+    case 'object': return isPlainObject(value);
+    case 'array': return Array.isArray(value);
+    case 'integer': return Number.isInteger(value);
+    case 'number': return typeof value === 'number';
+    case 'string': return typeof value === 'string';
+    case 'boolean': return typeof value === 'boolean';
+    default: throw new Error(`unknown type ${type}`);
+  }
+}
+
+function validate(schema: Schema, value: unknown, path = '$'): string[] {
+  const errors: string[] = [];
+  for (const keyword of Object.keys(schema)) {
+    if (!ANNOTATIONS.has(keyword) && !ASSERTIONS.has(keyword)) errors.push(`${path}: the schema uses "${keyword}", which this validator does not know`);
+  }
+  if (schema.anyOf !== undefined && !(schema.anyOf as Schema[]).some((branch) => validate(branch, value, path).length === 0)) {
+    errors.push(`${path}: matches none of ${schema.anyOf.length} alternatives`);
+  }
+  if (schema.type !== undefined && !hasType(value, schema.type)) return [...errors, `${path}: expected ${schema.type}, got ${JSON.stringify(value)}`];
+  if (schema.enum !== undefined && !(schema.enum as unknown[]).includes(value)) errors.push(`${path}: ${JSON.stringify(value)} is not one of ${JSON.stringify(schema.enum)}`);
+  if (typeof value === 'number') {
+    if (schema.minimum !== undefined && value < schema.minimum) errors.push(`${path}: below ${schema.minimum}`);
+    if (schema.maximum !== undefined && value > schema.maximum) errors.push(`${path}: above ${schema.maximum}`);
+  }
+  if (typeof value === 'string') {
+    if (schema.pattern !== undefined && !new RegExp(schema.pattern, 'u').test(value)) errors.push(`${path}: ${JSON.stringify(value)} does not match ${schema.pattern}`);
+    if (schema.minLength !== undefined && value.length < schema.minLength) errors.push(`${path}: shorter than ${schema.minLength}`);
+  }
+  if (Array.isArray(value)) {
+    if (schema.minItems !== undefined && value.length < schema.minItems) errors.push(`${path}: fewer than ${schema.minItems} items`);
+    if (schema.items !== undefined) value.forEach((item, i) => errors.push(...validate(schema.items, item, `${path}[${i}]`)));
+  }
+  if (isPlainObject(value)) {
+    for (const key of (schema.required ?? []) as string[]) if (!(key in value)) errors.push(`${path}: missing ${key}`);
+    const properties = (schema.properties ?? {}) as Record<string, Schema>;
+    for (const [key, child] of Object.entries(value)) {
+      if (properties[key] !== undefined) errors.push(...validate(properties[key], child, `${path}.${key}`));
+      else if (schema.additionalProperties === false) errors.push(`${path}: unknown key ${key}`);
+    }
+  }
+  return errors;
+}
+
+/** A TOML file as an editor's validator sees it: the JSON of its parsed document. */
+function tomlAsJson(text: string): unknown {
+  return JSON.parse(JSON.stringify(TOML.parse(text)));
+}
+
+describe('JSON Schema for editors', () => {
+  const schema = configJsonSchema() as Schema;
+
+  test('config/smartproxy.schema.json is what the schema command prints (regenerate: smartproxy schema > config/smartproxy.schema.json)', () => {
+    assert.equal(readFileSync(join(root, 'config', 'smartproxy.schema.json'), 'utf8'), configJsonSchemaText());
+  });
+
+  test('the example file, every file in config/ and their dumps validate against it', () => {
+    const files = ['smartproxy.example.toml', ...readdirSync(join(root, 'config')).filter((f) => f.endsWith('.toml')).map((f) => `config/${f}`)];
+    for (const file of files) {
+      const text = readFileSync(join(root, file), 'utf8');
+      assert.deepEqual(validate(schema, tomlAsJson(text)), [], file);
+      const loaded = loadConfig(join(root, file));
+      assert.ok(loaded.ok);
+      assert.deepEqual(validate(schema, tomlAsJson(dumpConfig(loaded.config))), [], `the dump of ${file}`);
+    }
+  });
+
+  test('it describes the file as written: durations and addresses are strings, defaults as in the file', () => {
+    const listener = schema.properties.listeners.items.properties;
+    assert.equal(schema.properties.timeouts.properties.idle.default, '10m');
+    assert.equal(schema.properties.limits.properties.connection_rate_per_ip.properties.per.default, '10s');
+    assert.equal(listener.queue_timeout.type, 'string');
+    assert.match(listener.queue_timeout.description, /duration.*greater than 0/);
+    assert.deepEqual(listener.bind.anyOf.map((branch: Schema) => branch.type), ['string', 'array'], 'one address or a list');
+    assert.deepEqual(schema.required, ['listeners']);
+    const defaults: Array<[string, Schema]> = [];
+    const collect = (node: unknown, path: string): void => {
+      if (Array.isArray(node)) node.forEach((child, i) => collect(child, `${path}[${i}]`));
+      else if (isPlainObject(node)) {
+        if ('default' in node && 'type' in node) defaults.push([path, node]);
+        for (const [key, child] of Object.entries(node)) if (key !== 'default') collect(child, `${path}.${key}`);
+      }
+    };
+    collect(schema, '$');
+    assert.ok(defaults.length > 30);
+    for (const [path, node] of defaults) assert.deepEqual(validate(node, node.default), [], `the default at ${path} is valid input`);
+  });
+
+  test('it flags what check-config refuses: unknown keys, wrong types, malformed durations and addresses, no listeners', () => {
+    const valid = tomlAsJson(minimal()) as Record<string, any>;
+    assert.deepEqual(validate(schema, valid), []);
+    const broken: Array<[string, string, RegExp]> = [
+      ['an unknown key', minimal({ top: '[limits]\nmax_conections = 1' }), /unknown key max_conections/],
+      ['a malformed duration', minimal({ top: '[timeouts]\nidle = "10 minutes"' }), /\$\.timeouts\.idle: .* does not match/],
+      ['a bare number as a duration', minimal({ listener: 'queue_timeout = 5' }), /queue_timeout: expected string/],
+      ['a bind without a port', minimal().replace('bind = "127.0.0.1:8000"', 'bind = "127.0.0.1"'), /bind: matches none/],
+      ['threads as a word', minimal({ top: '[process]\nthreads = "many"' }), /threads: matches none/],
+      ['a level not in the list', minimal({ top: '[logging]\nlevel = "loud"' }), /level: "loud" is not one of/],
+      ['a count out of range', minimal({ listener: 'workers = 0' }), /workers: below 1/],
+      ['a route without backends', minimal().replace('backends = "127.0.0.1:9000"', ''), /routes\[0\]: missing backends/],
+      ['no listeners', '[logging]\nlevel = "info"\n', /\$: missing listeners/],
+    ];
+    for (const [what, text, error] of broken) {
+      const errors = validate(schema, tomlAsJson(text));
+      assert.ok(errors.some((e) => error.test(e)), `${what}: ${errors.join('; ') || 'no error'}`);
+      assert.equal(parseConfigText(text, 'test.toml').ok, false, `check-config refuses ${what} too`);
     }
   });
 });
