@@ -2,6 +2,11 @@
 // exit 0, a second SIGTERM/SIGINT closes everything at once. This is the main thread: it owns the
 // config, the signals, reload, drain and the admin API; the listeners and their connections run
 // in `[process] threads` event-loop threads (event-loops.ts, thread.ts).
+//
+// Start-up, in order: load the file -> admin API listens (answering 503 until the daemon is up) ->
+// event-loop threads bind every listener -> READY=1 to systemd (notify.ts). A failure at any step
+// exits 1 with one line on stderr, and nothing bound by an earlier step stays bound.
+import { readFileSync } from 'node:fs';
 import { formatIssue, loadConfig } from './config/load.ts';
 import type { AdminListen, Config } from './config/types.ts';
 import { ShuttingDownError } from './daemon.ts';
@@ -10,8 +15,11 @@ import { VERSION } from './metrics.ts';
 import { MAX_TIMER_MS } from './config/units.ts';
 import { BindError } from './listener/listener.ts';
 import { createLogger, type LogFormat, type LogLevel, type Logger } from './logging/logger.ts';
-import { startAdminServer, type AdminServer } from './admin/server.ts';
+import { startAdminServer, type AdminServer, type AdminSource } from './admin/server.ts';
+import type { DaemonStats } from './admin/stats.ts';
+import type { ConnectionInfo } from './connection/connection.ts';
 import { fdLimitWarning } from './fd-limit.ts';
+import { systemdNotifier, type Notifier } from './notify.ts';
 
 export interface ServeOptions {
   readonly configFile: string;
@@ -42,41 +50,58 @@ export async function serve(opts: ServeOptions): Promise<number> {
   };
   for (const signal of STOP_AND_RELOAD) process.on(signal, hold);
 
+  const notifier = systemdNotifier(log);
+
+  // The admin API listens first: a taken admin address fails start-up before any listener is bound.
+  const view = new AdminView(log, config.limits.maxConnections);
+  let admin: AdminServer | null = null;
+  if (config.admin !== null) {
+    try {
+      admin = await startAdminServer(config.admin, view);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code ?? String(err);
+      const where = describeAdmin(config);
+      const line = `admin API cannot listen on ${where}: ${code}${privilegedPortHint(code, where)}`;
+      log.error({ code, admin: where }, line);
+      process.stderr.write(`smartproxy: ${line}\n`);
+      stopHolding();
+      return 1;
+    }
+  }
+
   let daemon: EventLoops;
   try {
     daemon = await EventLoops.start(config, log, { logLevel: opts.logLevel ?? config.logging.level, logFormat });
   } catch (err) {
+    await admin?.close();
+    stopHolding();
     if (err instanceof BindError) {
-      log.error({ listener: err.listener, address: err.address, code: err.code }, err.message);
-      process.stderr.write(`smartproxy: ${err.message}\n`);
-      stopHolding();
+      const line = bindFailureLine(err);
+      log.error({ listener: err.listener, address: err.address, code: err.code }, line);
+      process.stderr.write(`smartproxy: ${line}\n`);
       return 1;
     }
     throw err;
   }
+  view.daemon = daemon;
   const fdWarning = fdLimitWarning(config);
   if (fdWarning !== null) log.warn(fdWarning.fields, fdWarning.message);
+  // Logged once the daemon behind it is up (tests and operators wait for this line); until then it
+  // answered /healthz with 503 and /stats with no listeners.
+  if (admin !== null) log.info({ admin: admin.address }, 'admin API listening');
+  notifier.ready(servingStatus(daemon.config));
 
-  let admin: AdminServer | null = null;
-  if (config.admin !== null) {
-    try {
-      admin = await startAdminServer(config.admin, daemon);
-      log.info({ admin: admin.address }, 'admin API listening');
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code ?? String(err);
-      log.error({ code }, `admin API cannot listen: ${code}`);
-      process.stderr.write(`smartproxy: admin API cannot listen on ${describeAdmin(config)}: ${code}\n`);
-      await daemon.shutdown({ immediate: true });
-      stopHolding();
-      return 1;
-    }
-  }
-
-  const running: Running = { daemon, threads: config.process.threads, admin, log, logLevelFromCli: opts.logLevel !== undefined, cutShort: null };
+  const running: Running = { daemon, threads: config.process.threads, admin, log, notifier, logLevelFromCli: opts.logLevel !== undefined, cutShort: null };
   let reloading = Promise.resolve();
   const onHangup = (): void => {
-    // Reloads run one after another; ten HUPs in a second end in the last file's config.
-    reloading = reloading.then(() => reload(running, opts.configFile));
+    // Reloads run one after another; ten HUPs in a second end in the last file's config. systemd
+    // hears RELOADING=1 when each begins and READY=1 when it ends, applied or not.
+    reloading = reloading.then(async () => {
+      notifier.reloading();
+      const outcome = await reload(running, opts.configFile);
+      if (outcome === 'applied') notifier.ready(servingStatus(daemon.config));
+      else if (outcome === 'failed') notifier.ready(`reload failed at ${new Date().toISOString()}; the previous configuration stays in force`);
+    });
   };
   process.on('SIGHUP', onHangup);
 
@@ -103,6 +128,7 @@ export async function serve(opts: ServeOptions): Promise<number> {
     for (const signal of held) process.emit(signal, signal);
   });
   process.off('SIGHUP', onHangup);
+  await notifier.settled(); // STOPPING=1 reaches systemd before the process ends
   return exitCode;
 }
 
@@ -115,6 +141,7 @@ interface Running {
   readonly threads: number | 'auto';
   admin: AdminServer | null;
   readonly log: Logger;
+  readonly notifier: Notifier;
   /** --log-level given: it wins over [logging] level, at start and on every reload. */
   readonly logLevelFromCli: boolean;
   /** Ends the shutdown_delay wait early (a second stop signal); null when not waiting. */
@@ -125,6 +152,7 @@ async function stop(running: Running, signal: string): Promise<void> {
   const { daemon, log } = running;
   const { shutdownDelayMs, drainTimeoutMs } = daemon.config.shutdown;
   daemon.accepting = false; // /healthz says 503 from now on
+  running.notifier.stopping(`stopping on ${signal}: draining`);
   log.info({ signal, shutdownDelayMs, drainTimeoutMs, open: daemon.openConnections }, 'stopping');
   if (shutdownDelayMs > 0) {
     await new Promise<void>((resolve) => {
@@ -140,14 +168,15 @@ async function stop(running: Running, signal: string): Promise<void> {
   log.info(result, 'stopped');
 }
 
-async function reload(running: Running, file: string): Promise<void> {
+/** Re-reads the file and applies it to every thread, or to none; says which. */
+async function reload(running: Running, file: string): Promise<'applied' | 'failed' | 'ignored'> {
   const { daemon, log } = running;
   const loaded = loadConfig(file);
   if (!loaded.ok) {
     for (const issue of loaded.issues) log.error({ path: issue.path }, `reload rejected: ${formatIssue(issue)}`);
     daemon.metrics.reloaded(false);
     log.error({ problems: loaded.issues.length }, 'reload failed; the previous configuration stays in force');
-    return;
+    return 'failed';
   }
   const config = loaded.config;
   let changes;
@@ -156,11 +185,12 @@ async function reload(running: Running, file: string): Promise<void> {
   } catch (err) {
     if (err instanceof ShuttingDownError) {
       log.warn('reload ignored: the daemon is shutting down');
-      return;
+      return 'ignored';
     }
     daemon.metrics.reloaded(false);
-    log.error({ err: err instanceof Error ? err.message : String(err) }, 'reload failed; the previous configuration stays in force');
-    return;
+    const message = err instanceof BindError ? bindFailureLine(err) : err instanceof Error ? err.message : String(err);
+    log.error({ err: message }, 'reload failed; the previous configuration stays in force');
+    return 'failed';
   }
   if (!running.logLevelFromCli) await daemon.setLogLevel(config.logging.level);
   if (config.process.threads !== running.threads) {
@@ -168,6 +198,7 @@ async function reload(running: Running, file: string): Promise<void> {
   }
   await reapplyAdmin(running, config);
   log.info(changes, 'configuration reloaded');
+  return 'applied';
 }
 
 /**
@@ -214,6 +245,79 @@ function sameAdminAddress(a: AdminListen, b: AdminListen): boolean {
 
 function describeAdmin(config: Config): string {
   return describeListen(config.admin!);
+}
+
+function servingStatus(config: Config): string {
+  const n = config.listeners.length;
+  return `serving ${n} listener${n === 1 ? '' : 's'}`;
+}
+
+/** The one line a failed bind prints: `listener "tls": cannot bind 127.0.0.1:8443: EADDRINUSE`, and what to do about EACCES. */
+export function bindFailureLine(err: BindError): string {
+  return `${err.message}${privilegedPortHint(err.code, err.address)}`;
+}
+
+/**
+ * What to do when binding `address` failed with `code`: for EACCES on a port the kernel keeps
+ * for privileged processes (below net.ipv4.ip_unprivileged_port_start, which covers IPv6 too;
+ * 1024 by default), how to get it; '' for anything else.
+ */
+export function privilegedPortHint(code: string, address: string, unprivilegedPortStart = unprivilegedPortStartOf()): string {
+  const port = /:(\d+)$/.exec(address);
+  if (code !== 'EACCES' || port === null) return '';
+  const n = Number(port[1]);
+  if (n === 0 || n >= unprivilegedPortStart) return '';
+  return ` (ports below ${unprivilegedPortStart} need root or the CAP_NET_BIND_SERVICE capability, which systemd/smartproxy.service grants; or use a port >= ${unprivilegedPortStart})`;
+}
+
+function unprivilegedPortStartOf(): number {
+  try {
+    const n = Number.parseInt(readFileSync('/proc/sys/net/ipv4/ip_unprivileged_port_start', 'utf8'), 10);
+    return Number.isInteger(n) && n >= 0 ? n : 1024;
+  } catch {
+    return 1024; // not Linux, or no /proc: the classic rule
+  }
+}
+
+/**
+ * What the admin API reads. It listens before any listener is bound, so until the event loops
+ * are up it answers as a daemon that does not accept yet: /healthz 503, /stats with no listeners
+ * and `starting: true`, /metrics empty, /connections empty.
+ */
+export class AdminView implements AdminSource {
+  daemon: EventLoops | null = null;
+
+  constructor(
+    readonly log: Logger,
+    private readonly maxConnections: number,
+  ) {}
+
+  get accepting(): boolean {
+    return this.daemon?.accepting ?? false;
+  }
+
+  metricsText(): Promise<{ contentType: string; body: string }> {
+    return this.daemon?.metricsText() ?? Promise.resolve({ contentType: 'text/plain; version=0.0.4; charset=utf-8', body: '' });
+  }
+
+  stats(): Promise<DaemonStats> {
+    if (this.daemon !== null) return this.daemon.stats();
+    const starting: DaemonStats & { readonly starting: true } = {
+      version: VERSION,
+      pid: process.pid,
+      uptimeSeconds: Math.round(process.uptime()),
+      accepting: false,
+      active: 0,
+      maxConnections: this.maxConnections,
+      listeners: [],
+      starting: true,
+    };
+    return Promise.resolve(starting);
+  }
+
+  connections(limit: number): Promise<{ total: number; connections: ConnectionInfo[] }> {
+    return this.daemon?.connections(limit) ?? Promise.resolve({ total: 0, connections: [] });
+  }
 }
 
 function installCrashHandlers(log: Logger): void {

@@ -11,27 +11,52 @@ export interface StatusOptions {
 
 type Target = { socketPath: string } | { host: string; port: number };
 
-/** Prints the status once (or every second with --watch); resolves with the exit code. */
+/**
+ * Prints the status once (or every second with --watch); resolves with the exit code. When the
+ * daemon stops answering, --watch keeps the last table on screen with an error line under it and
+ * goes on trying.
+ */
 export async function status(opts: StatusOptions): Promise<number> {
   const target = resolveTarget(opts);
   if (typeof target === 'string') {
     process.stderr.write(`smartproxy status: ${target}\n`);
     return 1;
   }
-  for (;;) {
-    let text: string;
+  if (!opts.watch) {
     try {
-      text = renderStatus(await fetchStats(target));
+      process.stdout.write(renderStatus(await fetchStats(target)));
+      return 0;
     } catch (err) {
       process.stderr.write(`smartproxy status: cannot reach the admin API: ${(err as Error).message}\n`);
-      if (!opts.watch) return 1;
-      text = '';
+      return 1;
     }
-    if (opts.watch) process.stdout.write('\x1b[2J\x1b[H');
-    process.stdout.write(text);
-    if (!opts.watch) return 0;
+  }
+  let last: { text: string; at: Date } | null = null;
+  for (;;) {
+    let frame: string;
+    try {
+      last = { text: renderStatus(await fetchStats(target)), at: new Date() };
+      frame = last.text;
+    } catch (err) {
+      frame = watchErrorFrame(last, (err as Error).message, describeTarget(target), new Date());
+    }
+    // One write per frame: clear, then draw, so the screen is never seen half-drawn.
+    process.stdout.write(`${CLEAR_SCREEN}${frame}`);
     await new Promise((r) => setTimeout(r, 1000));
   }
+}
+
+const CLEAR_SCREEN = '\x1b[2J\x1b[H';
+
+/** A --watch frame when the admin API did not answer: the last table (if any), then the error. */
+export function watchErrorFrame(last: { text: string; at: Date } | null, error: string, where: string, now: Date): string {
+  const since = last === null ? '' : `; table from ${last.at.toTimeString().slice(0, 8)}, ${Math.round((now.getTime() - last.at.getTime()) / 1000)}s ago`;
+  const line = `smartproxy status: cannot reach the admin API at ${where}: ${error}${since}; retrying every second`;
+  return last === null ? `${line}\n` : `${last.text}\n${line}\n`;
+}
+
+function describeTarget(target: Target): string {
+  return 'socketPath' in target ? `unix:${target.socketPath}` : `${target.host.includes(':') ? `[${target.host}]` : target.host}:${target.port}`;
 }
 
 function resolveTarget(opts: StatusOptions): Target | string {
@@ -73,7 +98,9 @@ function fetchStats(target: Target): Promise<DaemonStats> {
 export function renderStatus(stats: DaemonStats): string {
   const lines: string[] = [];
   const cap = stats.maxConnections > 0 ? `/${stats.maxConnections}` : '';
-  lines.push(`smartproxy ${stats.version}  pid ${stats.pid}  up ${stats.uptimeSeconds}s  ${stats.accepting ? 'accepting' : 'DRAINING'}  connections ${stats.active}${cap}`);
+  // `starting` is set by a daemon whose admin API answers before its listeners are bound (serve.ts).
+  const state = stats.accepting ? 'accepting' : (stats as { starting?: boolean }).starting === true ? 'STARTING' : 'DRAINING';
+  lines.push(`smartproxy ${stats.version}  pid ${stats.pid}  up ${stats.uptimeSeconds}s  ${state}  connections ${stats.active}${cap}`);
   lines.push('');
   const rows = [['LISTENER', 'BIND', 'WORKERS', 'QUEUE', 'ACTIVE', 'CLIENTS', 'REJECTED']];
   for (const l of stats.listeners) {
