@@ -173,7 +173,7 @@ async function reload(running: Running, file: string): Promise<'applied' | 'fail
   const { daemon, log } = running;
   const loaded = loadConfig(file);
   if (!loaded.ok) {
-    for (const issue of loaded.issues) log.error({ path: issue.path }, `reload rejected: ${formatIssue(issue)}`);
+    for (const issue of loaded.issues) log.error({ path: issue.path, line: issue.line }, `reload rejected: ${formatIssue(issue)}`);
     daemon.metrics.reloaded(false);
     log.error({ problems: loaded.issues.length }, 'reload failed; the previous configuration stays in force');
     return 'failed';

@@ -242,6 +242,28 @@ test('--help of every command shows its defaults and an example', { timeout: 30_
   assert.match(perCommand[3]!.stdout, /\/etc\/smartproxy\/proxy\.toml/);
 });
 
+test('a reload rejected for an invalid file logs each problem with its path and its line as fields', { timeout: 30_000 }, async (t) => {
+  const toml = `
+[[listeners]]
+name = "tcp"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "echo"
+  default = true
+  backends = ["127.0.0.1:9"]
+`;
+  const proxy = await startCli(t, toml, { ready: ['tcp'] });
+  proxy.writeConfig(toml.replace('default = true', 'default = true\n  workers = 4'));
+  const from = proxy.lines.length;
+  proxy.child.kill('SIGHUP');
+  const rejected = await proxy.waitForLine((l) => typeof l.msg === 'string' && l.msg.startsWith('reload rejected: '), { from, what: 'the rejection' });
+  assert.equal(rejected.path, 'listeners[0].routes[0].workers');
+  assert.equal(rejected.line, 8);
+  assert.match(String(rejected.msg), /^reload rejected: listeners\[0\]\.routes\[0\]\.workers \(line 8\): unknown key/);
+  process.kill(proxy.pid, 'SIGTERM');
+  assert.deepEqual(await proxy.exited, { code: 0, signal: null });
+});
+
 test('serve on an address already in use exits non-zero with one line naming the listener and the address', { timeout: 30_000 }, async (t) => {
   const squatter = net.createServer();
   await new Promise<void>((resolve) => squatter.listen(0, '127.0.0.1', resolve));
