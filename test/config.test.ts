@@ -989,6 +989,23 @@ describe('JSON Schema for editors', () => {
     for (const [path, node] of defaults) assert.deepEqual(validate(node, node.default), [], `the default at ${path} is valid input`);
   });
 
+  test('the patterns an editor checks while typing accept every value check-config accepts', () => {
+    const listener = schema.properties.listeners.items.properties;
+    const route = listener.routes.items.properties;
+    const accepted: Array<[Schema, string[]]> = [
+      [schema.properties.timeouts.properties.idle, ['0s', '250ms', '5s', '10m', '2h', '1m30s', '1h2m3s4ms', '576h']],
+      [listener.bind.anyOf[0], ['127.0.0.1:0', '[::1]:8443', '[::ffff:10.0.0.1]:80', '[2001:db8::1]:1', 'backend.internal:443', 'db_1:5432', 'localhost:65535']],
+      [route.backends.anyOf[0], ['10.0.2.10:443', 'api-spare.internal:443', '[fd00::20]:5432']],
+      [schema.properties.admin.properties.listen, ['127.0.0.1:9901', '[::1]:9901', 'unix:/run/smartproxy/admin.sock']],
+      [schema.properties.firewall.properties.block.items, ['10.0.0.0/8', '::1', '2001:db8::/32', '192.0.2.7', '::ffff:10.0.0.0/104', '1:2:3:4:5:6:1.2.3.4', 'FE80::/10', '0.0.0.0/0']],
+      [route.sni.anyOf[0], ['api.example.com', '*.example.org', 'API.Example.COM', 'a_b.example']],
+    ];
+    for (const [node, values] of accepted) {
+      for (const value of values) assert.deepEqual(validate(node, value), [], `${value} against ${node.description}`);
+    }
+    for (const value of ['5', '', '1.5s', '5 s']) assert.notDeepEqual(validate(schema.properties.timeouts.properties.idle, value), [], value);
+  });
+
   test('it flags what check-config refuses: unknown keys, wrong types, malformed durations and addresses, no listeners', () => {
     const valid = tomlAsJson(minimal()) as Record<string, any>;
     assert.deepEqual(validate(schema, valid), []);

@@ -13,7 +13,6 @@ import { formatDuration } from './dump.ts';
 type JsonSchema = Record<string, unknown>;
 
 interface StringKind {
-  readonly name: string;
   /** Whether a string schema (its transform included) parses like this kind. */
   readonly accepts: (schema: z.ZodType) => boolean;
   /** A superset of what the kind accepts: an editor flags a value outside it while typing. */
@@ -30,7 +29,6 @@ const parses = (schema: z.ZodType, text: string): unknown => {
 const HOST_PORT = String.raw`(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):[0-9]{1,5}`;
 
 const DURATION: StringKind = {
-  name: 'duration',
   accepts: (schema) => typeof parses(schema, '1m30s') === 'number',
   // Units largest first, each at most once (minLength keeps out the empty string).
   pattern: '^([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?$',
@@ -40,23 +38,23 @@ const DURATION: StringKind = {
 // In the order they are tried; the first that accepts a string schema describes it.
 const STRING_KINDS: readonly StringKind[] = [
   DURATION,
+  // [admin] listen: host:port or unix:/path.
   {
-    name: 'admin address',
     accepts: (schema) => parses(schema, 'unix:/run/smartproxy/admin.sock') !== undefined,
     pattern: `^(unix:/.+|${HOST_PORT})$`,
   },
+  // bind and backends.
   {
-    name: 'host:port',
     accepts: (schema) => parses(schema, '127.0.0.1:8443') !== undefined,
     pattern: `^${HOST_PORT}$`,
   },
+  // firewall lists and proxy_protocol.trusted.
   {
-    name: 'address or CIDR',
     accepts: (schema) => parses(schema, '10.0.0.0/8') !== undefined,
     pattern: '^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$',
   },
+  // sni.
   {
-    name: 'server name',
     accepts: (schema) => parses(schema, '*.example.com') !== undefined,
     pattern: String.raw`^(\*\.)?[A-Za-z0-9_.-]+$`,
   },
