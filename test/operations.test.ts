@@ -12,11 +12,12 @@ import { startAdminServer } from '../src/admin/server.ts';
 import type { DaemonStats } from '../src/admin/stats.ts';
 import { renderStatus } from '../src/admin/status.ts';
 import { silentLogger } from '../src/logging/logger.ts';
+import { systemdNotifier } from '../src/notify.ts';
 import { AdminView, bindFailureLine, privilegedPortHint } from '../src/serve.ts';
 import { BindError } from '../src/listener/listener.ts';
 import { CLI, ROOT, adminGet, startCli, tempDir } from './support/cli.ts';
 import { connectOutcome } from './support/clients.ts';
-import { closedPort, startBackend } from './support/harness.ts';
+import { closedPort, memoryLogger, startBackend } from './support/harness.ts';
 
 const run = promisify(execFile);
 
@@ -186,6 +187,26 @@ test('with NOTIFY_SOCKET set, READY=1 comes once every listener is bound; RELOAD
   await drain(notify);
   assert.equal(notify.messages.lines.slice(stopping + 1).filter((l) => has('READY=1')(l) || has('RELOADING=1')(l)).length, 0, 'nothing after STOPPING=1');
   assert.equal(daemon.stderr(), '');
+});
+
+test('a systemd-notify that is missing or fails is a warning naming the message; without NOTIFY_SOCKET nothing is sent', async () => {
+  const { log, lines } = memoryLogger('warn');
+  const missing = systemdNotifier(log, { env: { NOTIFY_SOCKET: '/nonexistent.sock' }, command: '/nonexistent/systemd-notify' });
+  missing.ready('serving 1 listener');
+  const failing = systemdNotifier(log, { env: { NOTIFY_SOCKET: '/nonexistent.sock' }, command: 'false' });
+  failing.stopping('stopping');
+  failing.ready('dropped: after STOPPING=1');
+  await Promise.all([missing.settled(), failing.settled()]);
+  assert.deepEqual(
+    lines.map((l) => l.msg),
+    ['cannot notify systemd (READY=1): spawn /nonexistent/systemd-notify ENOENT', 'cannot notify systemd (STOPPING=1): false exited 1'],
+  );
+  const off = systemdNotifier(log, { env: {}, command: '/nonexistent/systemd-notify' });
+  off.ready('x');
+  off.reloading();
+  off.stopping('y');
+  await off.settled();
+  assert.equal(lines.length, 2);
 });
 
 test('with NOTIFY_SOCKET set, a bind that fails exits 1 and systemd never hears READY=1', { timeout: 30_000 }, async (t) => {
