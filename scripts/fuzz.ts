@@ -49,8 +49,22 @@ const floodChance = number(values.flood, 0.3, 'flood');
 const slackMs = number(values.slack, 2000, 'slack');
 const outDir = path.join(tmpdir(), 'smartproxy-fuzz');
 
+// Ctrl-C (or SIGTERM) stops the daemon and backends of the seed in progress before exiting:
+// they are child processes that would otherwise outlive this one.
+let current: Cleanups | null = null;
+let interrupted = false;
+const onSignal = (signal: NodeJS.Signals): void => {
+  if (interrupted) return;
+  interrupted = true;
+  process.stdout.write(`\n${signal}: stopping the daemon and backends of the seed in progress\n`);
+  void (current?.run() ?? Promise.resolve()).finally(() => process.exit(130));
+};
+process.on('SIGINT', onSignal);
+process.on('SIGTERM', onSignal);
+
 async function runOne(plan: Plan): Promise<boolean> {
   const scope = new Cleanups();
+  current = scope;
   const started = Date.now();
   process.stdout.write(`seed ${plan.seed}: ${plan.steps.length} steps, ${plan.configs.length} config versions\n`);
   try {
@@ -67,6 +81,7 @@ async function runOne(plan: Plan): Promise<boolean> {
     return false;
   } finally {
     await scope.run();
+    current = null;
   }
 }
 
