@@ -375,6 +375,7 @@ export class Daemon {
       return this.stopping;
     }
     this.accepting = false;
+    if (this.shared.threads === 1) this.shared.counts.markStopping(); // with threads, EventLoops marks it
     this.stopping = this.drain(opts.immediate ? 0 : (opts.drainTimeoutMs ?? this.config.shutdown.drainTimeoutMs));
     return this.stopping;
   }

@@ -17,7 +17,7 @@ import type { Config } from './config/types.ts';
 import type { ConnectionInfo } from './connection/connection.ts';
 import { ShuttingDownError, type ReloadResult, type ShutdownResult } from './daemon.ts';
 import { SharedClientTable } from './governance/client-table.ts';
-import { CountIndexes, SharedCounts } from './governance/shared-counts.ts';
+import { CountIndexes, MAX_THREADS, SharedCounts } from './governance/shared-counts.ts';
 import { BindError } from './listener/listener.ts';
 import type { LogFormat, LogLevel, Logger } from './logging/logger.ts';
 import { Metrics } from './metrics.ts';
@@ -121,7 +121,8 @@ export class EventLoops {
   /** How many threads `[process] threads` asks for on this machine. */
   static threadsFor(config: Config): number {
     const wanted = config.process.threads;
-    return wanted === 'auto' ? Math.max(1, availableParallelism()) : wanted;
+    // "auto" is capped like a number is (the shared counts hold MAX_THREADS threads' queue heads).
+    return wanted === 'auto' ? Math.min(MAX_THREADS, Math.max(1, availableParallelism())) : wanted;
   }
 
   /**
@@ -239,6 +240,7 @@ export class EventLoops {
       return this.stopping;
     }
     this.accepting = false;
+    this.counts.markStopping();
     this.stopping = (async () => {
       const replies = await Promise.all(this.loops.map((loop) => loop.call({ type: 'shutdown', drainTimeoutMs, immediate })));
       await this.terminate();
@@ -275,12 +277,19 @@ export class EventLoops {
     const views = replies.map((r) => r.stats as DaemonStats);
     const first = views[0]!;
     const listeners = first.listeners.map((listener) => {
+      // A name appears twice only while a removed listener drains beside its re-added namesake;
+      // then the draining flag tells them apart.
+      const twice = first.listeners.filter((l) => l.name === listener.name).length > 1;
+      const matches = (l: (typeof first.listeners)[number]): boolean => l.name === listener.name && (!twice || l.draining === listener.draining);
       const rejections: Record<string, number> = {};
       for (const view of views) {
-        const same = view.listeners.find((l) => l.name === listener.name && l.draining === listener.draining);
-        for (const [reason, n] of Object.entries(same?.rejections ?? {})) rejections[reason] = (rejections[reason] ?? 0) + n;
+        for (const same of view.listeners.filter(matches)) {
+          for (const [reason, n] of Object.entries(same.rejections)) rejections[reason] = (rejections[reason] ?? 0) + n;
+        }
       }
-      return { ...listener, rejections };
+      // Draining once every thread drains it (each stops accepting when its message arrives).
+      const draining = listener.draining && views.every((view) => view.listeners.some((l) => matches(l) && l.draining));
+      return { ...listener, draining, rejections };
     });
     return { ...first, active: views.reduce((n, v) => n + v.active, 0), accepting: this.accepting, threads: this.threads, listeners };
   }

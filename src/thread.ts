@@ -93,13 +93,15 @@ export async function runThread(): Promise<void> {
         return reply(request.id, { ok: true, result });
       }
       case 'abort': {
-        if (prepared !== null) await daemon!.abort(prepared);
-        prepared = null;
+        const pending = prepared;
+        prepared = null; // before the await: a second request must not abort it again
+        if (pending !== null) await daemon!.abort(pending);
         return reply(request.id, { ok: true });
       }
       case 'shutdown': {
-        if (prepared !== null) await daemon!.abort(prepared);
+        const pending = prepared;
         prepared = null;
+        if (pending !== null) await daemon!.abort(pending);
         const result = await daemon!.shutdown({ drainTimeoutMs: request.drainTimeoutMs, immediate: request.immediate });
         return reply(request.id, { ok: true, result });
       }

@@ -528,7 +528,7 @@ describe('caps that keep a valid config from crashing or bloating the daemon', (
     expectIssue(minimal({ listener: 'workers = 10000001' }), 'listeners[0].workers', 'at most 10000000');
     expectIssue(minimal({ listener: 'queue = 10000001' }), 'listeners[0].queue', 'at most 10000000');
     expectIssue(minimal({ listener: '[listeners.limits]\nmax_connections_per_ip = 10000001' }), 'listeners[0].limits.max_connections_per_ip', 'at most 10000000');
-    expectIssue(minimal({ top: '[limits]\nmax_tracked_ips = 100000001' }), 'limits.max_tracked_ips', 'at most 100000000');
+    expectIssue(minimal({ top: '[limits]\nmax_tracked_ips = 10000001' }), 'limits.max_tracked_ips', 'at most 10000000');
   });
 
   test('a duration that would round up past setTimeout\'s maximum is refused (2,147,483,001 ms once fired after 1 ms)', () => {

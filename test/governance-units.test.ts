@@ -9,6 +9,10 @@ import { ClientTable, type ClientLimits } from '../src/governance/client-table.t
 import { fairShareRefuses } from '../src/governance/fair-share.ts';
 import { RejectionLog, withThousands } from '../src/governance/rejection-log.ts';
 import type { RejectReason } from '../src/connection/reasons.ts';
+import { MAX_THREADS, SharedCounts } from '../src/governance/shared-counts.ts';
+import { SlotPool } from '../src/listener/slot-pool.ts';
+import { EventLoops } from '../src/event-loops.ts';
+import { configFrom } from './support/harness.ts';
 
 // A small deterministic PRNG (mulberry32), so a failing random case can be replayed.
 function random(seed: number): () => number {
@@ -728,5 +732,28 @@ describe('rejection log', () => {
     assert.equal(withThousands(1000), '1,000');
     assert.equal(withThousands(48213), '48,213');
     assert.equal(withThousands(1234567), '1,234,567');
+  });
+});
+
+describe('slot hand-over across threads', () => {
+  test('the wake loop yields to the event loop even when another thread always seems to be waiting', { timeout: 5000 }, async (t) => {
+    const counts = new SharedCounts();
+    const pool = new SlotPool(counts, 2);
+    // A listener whose oldest queued connection is always in the other thread, with a slot free:
+    // the loop must not wake the others from its own hand-over (it would be woken by its own bump
+    // and go round without ever yielding).
+    pool.register({ promoteOne: () => false, othersWaiting: () => true });
+    pool.startWaking();
+    t.after(() => pool.stop());
+    counts.wakeOthers(); // another thread frees a slot
+    const started = performance.now();
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    assert.ok(performance.now() - started < 1000, `a 10 ms timer fired after ${Math.round(performance.now() - started)} ms`);
+  });
+
+  test('SharedCounts refuses a thread number beyond MAX_THREADS instead of writing over other counts', () => {
+    const counts = new SharedCounts();
+    assert.throws(() => counts.setHead(0, MAX_THREADS, 1), /out of range/);
+    assert.equal(EventLoops.threadsFor(configFrom('[process]\nthreads = "auto"\n[[listeners]]\nname = "a"\nbind = "127.0.0.1:0"\n  [[listeners.routes]]\n  name = "r"\n  default = true\n  backends = "127.0.0.1:1"')) <= MAX_THREADS, true);
   });
 });

@@ -5,7 +5,7 @@ import { once } from 'node:events';
 import net from 'node:net';
 import { test } from 'node:test';
 import { BindError } from '../src/listener/listener.ts';
-import { adminGet, listeningPorts, startCli } from './support/cli.ts';
+import { adminGet, listeningPorts, startCli, TEST_THREADS } from './support/cli.ts';
 import { admission, connectOutcome, echoRoundTrip, expectData } from './support/clients.ts';
 import { closed, closedPort, configFrom, connect, echo, readAll, sha256, startBackend, startProxy, until } from './support/harness.ts';
 import { metricValue, parseExposition, valueOf } from './support/metrics.ts';
@@ -392,7 +392,9 @@ bind = ["127.0.0.1:${ports[k]}"]
       { name: 'v10', bind: [`127.0.0.1:${ports[10]}`], workers: 1024 },
     ],
   );
-  assert.deepEqual(listeningPorts(proxy.pid), [stablePort, ports[10]!].sort((x, y) => x - y));
+  // One listening socket per address and event-loop thread (SO_REUSEPORT), no more.
+  const expected = [stablePort, ports[10]!].flatMap((p) => Array.from({ length: TEST_THREADS }, () => p));
+  assert.deepEqual(listeningPorts(proxy.pid), expected.sort((x, y) => x - y));
   for (let k = 0; k < 10; k++) assert.equal(await connectOutcome(ports[k]!), 'ECONNREFUSED', `port of v${k}`);
   assert.equal(await echoRoundTrip(ports[10]!, 'v10 serves'), null);
   assert.equal(await echoRoundTrip(stablePort, 'stable serves'), null);

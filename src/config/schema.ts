@@ -81,7 +81,7 @@ function oneOrMany<Out>(element: z.ZodType<Out, string>, description: string, op
  */
 export const MAX_COUNT = 10_000_000;
 /** max_tracked_ips: each tracked client costs a table entry (see README, Memory). */
-export const MAX_TRACKED_IPS = 100_000_000;
+export const MAX_TRACKED_IPS = 10_000_000;
 
 function count() {
   return z.int(expecting('a whole number')).min(0).max(MAX_COUNT);

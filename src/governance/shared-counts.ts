@@ -22,6 +22,8 @@ export const MAX_ROUTES = 4096;
 const GLOBAL_BUSY = 0;
 /** Bumped (and notified) whenever a queued connection elsewhere may now take a slot. */
 const WAKE_SEQ = 1;
+/** 1 once the process is stopping: every thread refuses new connections from that instant. */
+const STOPPING = 2;
 const LISTENERS_AT = 16;
 const LISTENER_FIELDS = 4;
 const L_BUSY = 0;
@@ -107,6 +109,7 @@ export class SharedCounts {
 
   /** Publishes this thread's oldest queued ticket for the listener (NO_TICKET: none). */
   setHead(listener: number, thread: number, ticket: number): void {
+    if (thread >= MAX_THREADS || listener >= MAX_LISTENERS) throw new Error(`bug: thread ${thread} or listener ${listener} out of range`);
     Atomics.store(this.i32, HEADS_AT + listener * MAX_THREADS + thread, ticket);
   }
 
@@ -142,6 +145,21 @@ export class SharedCounts {
 
   releaseRoute(route: number): void {
     Atomics.sub(this.i32, ROUTES_AT + route, 1);
+  }
+
+  // ---- stopping ----
+
+  /** True once markStopping() ran in any thread: accept() refuses with `draining`. */
+  get stopping(): boolean {
+    return Atomics.load(this.i32, STOPPING) === 1;
+  }
+
+  /**
+   * Shutdown began: set by the main thread before it asks each thread to drain, so no thread
+   * admits a connection in between (the messages take a moment to arrive).
+   */
+  markStopping(): void {
+    Atomics.store(this.i32, STOPPING, 1);
   }
 
   // ---- waking the other threads ----

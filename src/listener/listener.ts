@@ -147,7 +147,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
   /** GateOwner: the accept-time firewall, for the gate; counts the refusal. */
   refusesAtGate(address: string): boolean {
     const gen = this.#generation;
-    if (this.draining || (gen.proxyTrusted !== null && gen.proxyTrusted.allows(address))) return false;
+    if (this.draining || this.counts.stopping || (gen.proxyTrusted !== null && gen.proxyTrusted.allows(address))) return false;
     if (gen.admitsAddress(address)) return false;
     this.recordRejection('firewall', address);
     return true;
@@ -280,7 +280,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
       socket.destroy(); // already gone
       return;
     }
-    if (this.draining) return this.refuse(socket, address, 'draining');
+    if (this.draining || this.counts.stopping) return this.refuse(socket, address, 'draining');
     // A trusted balancer is judged by the client it names (or as the client itself) once its
     // PROXY phase is over: admitRealClient.
     const trustedBalancer = gen.proxyTrusted !== null && gen.proxyTrusted.allows(address);
@@ -307,7 +307,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
       const verdict = this.takeClient(key, 1);
       if (verdict !== null) {
         if (slot) this.giveBackSlot();
-        else this.counts.dequeue(idx);
+        else this.giveBackQueuePlace();
         return this.refuse(socket, address, verdict);
       }
     }
@@ -326,6 +326,9 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
       this.queue.add(conn);
       if (this.queue.size === 1) this.counts.setHead(idx, this.deps.shared.thread, ticket);
       conn.enqueue(config.queueTimeoutMs);
+      // A slot freed by another thread between our failed takeSlot and our enqueue found nobody
+      // queued and woke nobody: offer it now rather than at the next 1 s re-check.
+      if (this.counts.slotFree(idx, config.workers, gen.globalMaxConnections)) this.deps.slots.handOver(this);
     }
   }
 
@@ -428,6 +431,9 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
    * listener in every thread and a slot is free. Called by SlotPool.handOver only.
    */
   promoteOne(): boolean {
+    // A draining listener closes its queue one by one: promoting from it would dial a backend
+    // for a connection about to be closed.
+    if (this.draining) return false;
     const head = this.queue.values().next();
     if (head.done === true) return false;
     const conn = head.value;
@@ -459,6 +465,13 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
       const next = this.queue.values().next();
       this.counts.setHead(this.countIndex, this.deps.shared.thread, next.done === true ? 0 : next.value.ticket);
     }
+  }
+
+  /** A queue place taken and not used (a refusal after it): another thread may have queued behind it. */
+  private giveBackQueuePlace(): void {
+    this.counts.dequeue(this.countIndex);
+    const gen = this.generation;
+    if (this.counts.slotFree(this.countIndex, gen.config.workers, gen.globalMaxConnections)) this.deps.slots.handOver(this);
   }
 
   private giveBackSlot(): void {

@@ -44,7 +44,7 @@ export class SlotPool {
    * With several threads, a slot this thread cannot use (the oldest queued connection is in
    * another thread) wakes the others.
    */
-  handOver(first: SlotWaiter | null): void {
+  handOver(first: SlotWaiter | null, wakeOthers = true): void {
     if (this.handingOver) {
       this.again = true;
       return;
@@ -61,7 +61,7 @@ export class SlotPool {
     } finally {
       this.handingOver = false;
     }
-    if (this.threads > 1) {
+    if (wakeOthers && this.threads > 1) {
       for (const waiter of this.waiters) {
         if (waiter.othersWaiting()) {
           this.counts.wakeOthers();
@@ -81,9 +81,12 @@ export class SlotPool {
     const loop = async (): Promise<void> => {
       while (this.waking) {
         const seen = this.counts.wakeSequence;
-        this.handOver(null);
+        // Never wakes the others from here: they were woken by the same notify, and a thread
+        // woken by its own bump would go round without ever yielding (a frozen event loop).
+        this.handOver(null, false);
         const wait = this.counts.waitForWake(seen, 1000);
-        if (wait !== null) await wait;
+        // Woken already (the sequence moved while handing over): yield once to the event loop.
+        await (wait ?? new Promise((resolve) => setImmediate(resolve)));
       }
     };
     void loop();
