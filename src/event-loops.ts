@@ -30,6 +30,12 @@ import type { Ports, ThreadData, ThreadError, ThreadRequest } from './thread.ts'
  */
 const THREAD_V8_FLAGS = ['--max-semi-space-size=2', '--initial-old-space-size=64'];
 
+/** The flags, or SMARTPROXY_THREAD_V8_FLAGS (space-separated; empty = none) for A/B benchmarks. */
+function threadV8Flags(): string[] {
+  const override = process.env.SMARTPROXY_THREAD_V8_FLAGS;
+  return override === undefined ? THREAD_V8_FLAGS : override.split(/\s+/).filter((flag) => flag.length > 0);
+}
+
 /** Distributive Omit, so each member of the request union keeps its own fields. */
 type RequestBody = ThreadRequest extends infer R ? (R extends unknown ? Omit<R, 'id'> : never) : never;
 
@@ -133,7 +139,7 @@ export class EventLoops {
     const loops = new EventLoops(config, log, EventLoops.threadsFor(config));
     const full = loops.indexes.assign(config.listeners);
     if (full !== null) throw new Error(full);
-    for (const flag of THREAD_V8_FLAGS) v8.setFlagsFromString(flag);
+    for (const flag of threadV8Flags()) v8.setFlagsFromString(flag);
     for (let i = 0; i < loops.threads; i++) loops.loops.push(loops.spawn(i, opts));
     try {
       const first = await loops.loops[0]!.call({ type: 'start', config, indexes: loops.indexes.toJSON(), ports: [] });

@@ -19,6 +19,8 @@ export class SlotPool {
   /** handOver is running (a nested call only sets `again`). */
   private handingOver = false;
   private again = false;
+  /** A nested call (a slot really released during the loop) asked to wake the others. */
+  private wakeAfter = false;
   private waking = false;
 
   constructor(
@@ -47,9 +49,11 @@ export class SlotPool {
   handOver(first: SlotWaiter | null, wakeOthers = true): void {
     if (this.handingOver) {
       this.again = true;
+      if (wakeOthers) this.wakeAfter = true;
       return;
     }
     this.handingOver = true;
+    this.wakeAfter = wakeOthers;
     try {
       do {
         this.again = false;
@@ -61,7 +65,8 @@ export class SlotPool {
     } finally {
       this.handingOver = false;
     }
-    if (wakeOthers && this.threads > 1) {
+    if (this.wakeAfter && this.threads > 1) {
+      this.wakeAfter = false;
       for (const waiter of this.waiters) {
         if (waiter.othersWaiting()) {
           this.counts.wakeOthers();
