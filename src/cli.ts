@@ -8,6 +8,7 @@ import { configJsonSchemaText } from './config/json-schema.ts';
 import { formatIssue, loadConfig } from './config/load.ts';
 import { VERSION } from './metrics.ts';
 import { serve } from './serve.ts';
+import { explain, formatExplanation } from './explain.ts';
 import { runThread } from './thread.ts';
 import { status } from './admin/status.ts';
 
@@ -50,20 +51,36 @@ program
   .description('validate a configuration file without binding anything; exit 0 when valid')
   .requiredOption('-c, --config <file>', 'configuration file (TOML)')
   .option('--dump', 'print the effective configuration as TOML, every default filled in (as nginx -T)')
+  .option('--explain <client>', 'show the path a connection from this client address would take, and where it would be refused')
+  .option('--sni <name>', 'with --explain: the server name of its ClientHello (default: none)')
+  .option('--listener <name>', 'with --explain: only this listener (default: every listener)')
   .addHelpText('after', `
 Defaults:
   Prints one summary line and exits 0 when the file is valid; otherwise prints every
   problem as "path (line N): message" on stderr and exits 1. With --dump, a valid file is
   printed back with every default filled in (a file check-config accepts as it is).
+  With --explain, a valid file is read (nothing is bound) and every admission step a
+  connection from that client would meet is printed, with the rule that decides it; the
+  exit code is 0 whether or not the connection would be refused.
 
 Examples:
   $ smartproxy check-config -c /etc/smartproxy/proxy.toml
   $ smartproxy check-config -c smartproxy.example.toml --dump > effective.toml
+  $ smartproxy check-config -c /etc/smartproxy/proxy.toml --explain 203.0.113.7 --sni api.example.com
 `)
-  .action((opts: { config: string; dump?: boolean }) => {
+  .action((opts: { config: string; dump?: boolean; explain?: string; sni?: string; listener?: string }) => {
     const loaded = loadConfig(opts.config);
     if (loaded.ok) {
-      if (opts.dump === true) process.stdout.write(dumpConfig(loaded.config));
+      if (opts.explain !== undefined) {
+        const query = { client: opts.explain, sni: opts.sni ?? null, listener: opts.listener ?? null };
+        const result = explain(loaded.config, query);
+        if ('error' in result) {
+          process.stderr.write(`smartproxy check-config --explain: ${result.error}\n`);
+          process.exitCode = 2;
+          return;
+        }
+        process.stdout.write(formatExplanation(query, result));
+      } else if (opts.dump === true) process.stdout.write(dumpConfig(loaded.config));
       else {
         const routes = loaded.config.listeners.reduce((n, l) => n + l.routes.length, 0);
         process.stdout.write(`${opts.config}: configuration ok (${loaded.config.listeners.length} listeners, ${routes} routes)\n`);
