@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import tls from 'node:tls';
 import type { Connection } from '../src/connection/connection.ts';
+import { clientHello } from './support/audit.ts';
 import { parseProxyHeader, PP2_TYPE, type ProxyHeader } from '../src/proxy-protocol/parse.ts';
 import { writeProxyHeaderV1, writeProxyHeaderV2, writeProxyHeaderV2Local } from '../src/proxy-protocol/write.ts';
 import {
@@ -29,29 +30,6 @@ import {
 } from './support/harness.ts';
 
 // ---- fixtures --------------------------------------------------------------------------------
-
-const u8 = (n: number): Buffer => Buffer.from([n & 0xff]);
-const u16 = (n: number): Buffer => Buffer.from([(n >> 8) & 0xff, n & 0xff]);
-const u24 = (n: number): Buffer => Buffer.from([(n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff]);
-
-/** A minimal but well-formed TLS 1.2-style ClientHello record carrying one server_name. */
-function clientHello(sni: string): Buffer {
-  const name = Buffer.from(sni, 'ascii');
-  const serverName = Buffer.concat([u16(0), u16(name.length + 5), u16(name.length + 3), u8(0), u16(name.length), name]);
-  const body = Buffer.concat([
-    u16(0x0303), // legacy_version
-    randomBytes(32), // random
-    u8(0), // empty session id
-    u16(2),
-    u16(0x1301), // one cipher suite
-    u8(1),
-    u8(0), // null compression
-    u16(serverName.length),
-    serverName,
-  ]);
-  const handshake = Buffer.concat([u8(1), u24(body.length), body]);
-  return Buffer.concat([u8(0x16), u16(0x0301), u16(handshake.length), handshake]);
-}
 
 /** A header naming `source` as the client of a balancer that was dialled at 127.0.0.1:443. */
 function headerFrom(version: 'v1' | 'v2', source: string, port = 40000): Buffer {
