@@ -296,6 +296,10 @@ export class AdminView implements AdminSource {
     return this.daemon?.accepting ?? false;
   }
 
+  get starting(): boolean {
+    return this.daemon === null;
+  }
+
   metricsText(): Promise<{ contentType: string; body: string }> {
     return this.daemon?.metricsText() ?? Promise.resolve({ contentType: 'text/plain; version=0.0.4; charset=utf-8', body: '' });
   }

@@ -261,7 +261,7 @@ test('before the event loops are up, the admin API answers /healthz 503, /stats 
   const admin = await startAdminServer({ kind: 'unix', path: path.join(dir, 'admin.sock') }, view);
   t.after(() => admin.close());
   const target = { socketPath: path.join(dir, 'admin.sock') };
-  assert.equal((await adminGet(target, '/healthz')).status, 503);
+  assert.deepEqual(await adminGet(target, '/healthz'), { status: 503, body: 'starting\n' });
   const stats = JSON.parse((await adminGet(target, '/stats')).body) as DaemonStats & { starting?: boolean };
   assert.deepEqual({ listeners: stats.listeners, accepting: stats.accepting, starting: stats.starting, active: stats.active }, { listeners: [], accepting: false, starting: true, active: 0 });
   assert.match(renderStatus(stats).split('\n')[0]!, /  STARTING  connections 0\/10$/);

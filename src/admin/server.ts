@@ -10,6 +10,8 @@ import type { DaemonStats } from './stats.ts';
 /** What the admin API reads: a Daemon (one event loop) or EventLoops (several threads). */
 export interface AdminSource {
   readonly accepting: boolean;
+  /** True before the listeners are up (the admin API listens first): /healthz says "starting". */
+  readonly starting?: boolean;
   readonly log: Logger;
   metricsText(): Promise<{ contentType: string; body: string }>;
   stats(): Promise<DaemonStats>;
@@ -91,7 +93,8 @@ async function handle(daemon: AdminSource, req: http.IncomingMessage, res: http.
   if (req.method !== 'GET' && req.method !== 'HEAD') return send(res, 405, 'text/plain', 'method not allowed\n');
   switch (url.pathname) {
     case '/healthz':
-      return daemon.accepting ? send(res, 200, 'text/plain', 'ok\n') : send(res, 503, 'text/plain', 'draining\n');
+      if (daemon.accepting) return send(res, 200, 'text/plain', 'ok\n');
+      return send(res, 503, 'text/plain', daemon.starting === true ? 'starting\n' : 'draining\n');
     case '/metrics': {
       const { contentType, body } = await daemon.metricsText();
       return send(res, 200, contentType, body);
