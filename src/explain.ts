@@ -4,7 +4,7 @@
 // and where it would be refused. What an operator wants when a customer says "I am blocked".
 import type { Config, FirewallRules, ListenerConfig } from './config/types.ts';
 import { ipFamily, isUnitError, parseSniPattern } from './config/units.ts';
-import { clientKey } from './governance/client-key.ts';
+import { clientKey, unmappedIPv4 } from './governance/client-key.ts';
 import { compileFirewall } from './governance/firewall.ts';
 import { RouteTable } from './routing/route-table.ts';
 
@@ -27,7 +27,7 @@ export interface ListenerExplanation {
 
 /** The explanation, or an error message for a query that cannot be asked (bad address, unknown listener). */
 export function explain(config: Config, query: ExplainQuery): ListenerExplanation[] | { error: string } {
-  const client = query.client.startsWith('::ffff:') && query.client.includes('.') ? query.client.slice(7) : query.client;
+  const client = unmappedIPv4(query.client);
   if (ipFamily(client) === null) return { error: `"${query.client}" is not an IP address` };
   let sni: string | null = null;
   if (query.sni !== null) {

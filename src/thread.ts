@@ -55,7 +55,6 @@ export async function runThread(): Promise<void> {
   const metrics = new Metrics({ role: 'thread' });
   let daemon: Daemon | null = null;
   let prepared: PreparedReload | null = null;
-  let shared: SharedState | null = null;
 
   const reply = (id: number, body: Record<string, unknown>): void => port.postMessage({ id, ...body });
   const failure = (err: unknown): ThreadError =>
@@ -70,7 +69,7 @@ export async function runThread(): Promise<void> {
   async function handle(request: ThreadRequest): Promise<void> {
     switch (request.type) {
       case 'start': {
-        shared = {
+        const shared: SharedState = {
           counts: new SharedCounts(data.counts),
           clients: new SharedClientTable({ maxTrackedIps: data.maxTrackedIps, buffer: data.clients }),
           indexes: new CountIndexes(request.indexes),
@@ -123,7 +122,6 @@ export async function runThread(): Promise<void> {
         return reply(request.id, { ok: true });
     }
   }
-  void shared;
 }
 
 function portLookup(ports: Ports): (listener: string, address: string) => number | undefined {

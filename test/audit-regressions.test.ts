@@ -18,13 +18,12 @@ import {
   oversizedRecord,
   proxyV2Unix,
   proxyV2Unspec,
-  runCli,
   settle,
   settlesWithin,
   untilAsync,
   within,
 } from './support/audit.ts';
-import { adminGet, listeningPorts, startCli, tempDir } from './support/cli.ts';
+import { adminGet, listeningPorts, runCli, startCli, tempDir } from './support/cli.ts';
 import { echoRoundTrip, expectData } from './support/clients.ts';
 import { closed, configFrom, connect, echo, readAll, startBackend, startProxy, until } from './support/harness.ts';
 import { metricValue, parseExposition, valueOf } from './support/metrics.ts';

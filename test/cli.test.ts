@@ -1,7 +1,7 @@
 // The `smartproxy` command as an operator runs it: a real process (`node --import tsx src/cli.ts`),
 // its exit code, what it prints, and one relayed connection.
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
@@ -10,45 +10,8 @@ import path from 'node:path';
 import { after, test, type TestContext } from 'node:test';
 import { loadConfig } from '../src/config/load.ts';
 import { VERSION } from '../src/metrics.ts';
-import { CLI, ROOT, listeningPorts, startCli, tempDir } from './support/cli.ts';
+import { CLI, ROOT, listeningPorts, runCli, startCli, tempDir } from './support/cli.ts';
 import { connect, readAll, sha256, startBackend } from './support/harness.ts';
-
-interface Run {
-  readonly code: number | null;
-  readonly signal: NodeJS.Signals | null;
-  readonly stdout: string;
-  readonly stderr: string;
-}
-
-/**
- * Runs the CLI (or another entry file, or another command) to completion; killed by its PID and
- * failed after `ms`.
- */
-function run(t: TestContext, args: readonly string[], opts: { command?: string; entry?: string[]; ms?: number; env?: NodeJS.ProcessEnv } = {}): Promise<Run> {
-  const ms = opts.ms ?? 20_000;
-  const child = spawn(opts.command ?? process.execPath, [...(opts.entry ?? ['--import', 'tsx', CLI]), ...args], {
-    cwd: ROOT,
-    env: opts.env ?? process.env,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  t.after(() => {
-    if (child.exitCode === null && child.signalCode === null) process.kill(child.pid!, 'SIGKILL');
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      process.kill(child.pid!, 'SIGKILL');
-      reject(new Error(`smartproxy ${args.join(' ')} still running after ${ms} ms; stderr: ${stderr}`));
-    }, ms);
-    child.once('close', (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr });
-    });
-  });
-}
 
 const PACKAGE_VERSION = (JSON.parse(readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
 
@@ -72,7 +35,7 @@ function shippedBundle(t: TestContext): Promise<string> {
   shipped ??= (async () => {
     const dir = (shippedDir = mkdtempSync(path.join(tmpdir(), 'smartproxy-bundle-')));
     const outfile = path.join(dir, 'dist', 'smartproxy.js');
-    const result = await run(t, ['--outfile', outfile], { entry: [path.join(ROOT, 'esbuild.mjs')], ms: 60_000 });
+    const result = await runCli(t, ['--outfile', outfile], { entry: [path.join(ROOT, 'esbuild.mjs')], ms: 60_000 });
     assert.equal(result.code, 0, `esbuild.mjs: ${result.stderr}`);
     return outfile;
   })();
@@ -100,7 +63,7 @@ test('on a Node.js older than 24 the daemon exits 1 with one line saying how to 
   const bundle = await shippedBundle(t);
   // The shipped file, and the sources (tsx still loads on an old node: the check must come first).
   for (const entry of [[bundle], ['--import', 'tsx', CLI]]) {
-    const result = await run(t, ['check-config', '-c', 'smartproxy.example.toml'], { command: old.path, entry, env: WITHOUT_COVERAGE });
+    const result = await runCli(t, ['check-config', '-c', 'smartproxy.example.toml'], { command: old.path, entry, env: WITHOUT_COVERAGE });
     assert.equal(result.code, 1, `${entry.join(' ')}: ${result.stderr}`);
     assert.equal(result.stdout, '');
     const lines = result.stderr.trimEnd().split('\n');
@@ -112,7 +75,7 @@ test('on a Node.js older than 24 the daemon exits 1 with one line saying how to 
 test('the shipped file checks a config under a 96-descriptor limit (it opens no file of node_modules/)', { timeout: 60_000 }, async (t) => {
   const bundle = await shippedBundle(t);
   // `ulimit -n` sets the hard limit too, or node would raise its soft limit to the hard one.
-  const result = await run(t, ['check-config', '-c', 'smartproxy.example.toml'], {
+  const result = await runCli(t, ['check-config', '-c', 'smartproxy.example.toml'], {
     command: '/bin/sh',
     entry: ['-c', 'ulimit -n 96 && exec "$0" "$@"', process.execPath, bundle],
     env: WITHOUT_COVERAGE,
@@ -123,7 +86,7 @@ test('the shipped file checks a config under a 96-descriptor limit (it opens no 
 });
 
 test('check-config accepts smartproxy.example.toml and exits 0', { timeout: 30_000 }, async (t) => {
-  const result = await run(t, ['check-config', '-c', 'smartproxy.example.toml']);
+  const result = await runCli(t, ['check-config', '-c', 'smartproxy.example.toml']);
   assert.equal(result.stderr, '');
   assert.equal(result.code, 0);
   assert.match(result.stdout, /^smartproxy\.example\.toml: configuration ok \(2 listeners, 3 routes\)\n$/);
@@ -132,7 +95,7 @@ test('check-config accepts smartproxy.example.toml and exits 0', { timeout: 30_0
 test('check-config accepts every file in config/ and exits 0', { timeout: 30_000 }, async (t) => {
   const files = readdirSync(path.join(ROOT, 'config')).filter((f) => f.endsWith('.toml'));
   assert.ok(files.length >= 3, `config/ holds ${files.join(', ')}`);
-  const results = await Promise.all(files.map((f) => run(t, ['check-config', '-c', `config/${f}`])));
+  const results = await Promise.all(files.map((f) => runCli(t, ['check-config', '-c', `config/${f}`])));
   results.forEach((result, i) => {
     assert.equal(result.stderr, '', files[i]);
     assert.equal(result.code, 0, files[i]);
@@ -163,7 +126,7 @@ workers = -1
   backends = ["nohost"]
 `,
   );
-  const result = await run(t, ['check-config', '-c', file]);
+  const result = await runCli(t, ['check-config', '-c', file]);
   assert.equal(result.code, 1);
   assert.equal(result.stdout, '');
   const lines = result.stderr.trimEnd().split('\n');
@@ -186,20 +149,20 @@ workers = -1
 test('check-config names the line and the key of a TOML syntax error', { timeout: 30_000 }, async (t) => {
   const file = path.join(tempDir(t), 'syntax.toml');
   writeFileSync(file, '[logging]\nlevel = "info"\nlevel = "debug"\n');
-  const result = await run(t, ['check-config', '-c', file]);
+  const result = await runCli(t, ['check-config', '-c', file]);
   assert.equal(result.code, 1);
   assert.equal(result.stderr, `${file}: 1 problem\n  (syntax): line 3, column 16: can't redefine existing key (at logging.level)\n`);
 });
 
 test('check-config --dump prints the effective config, which check-config accepts and which loads to the same config', { timeout: 30_000 }, async (t) => {
-  const dumped = await run(t, ['check-config', '-c', 'smartproxy.example.toml', '--dump']);
+  const dumped = await runCli(t, ['check-config', '-c', 'smartproxy.example.toml', '--dump']);
   assert.equal(dumped.stderr, '');
   assert.equal(dumped.code, 0);
   assert.match(dumped.stdout, /^# smartproxy check-config --dump of .*smartproxy\.example\.toml$/m);
   assert.match(dumped.stdout, /^ {2}\[listeners\.timeouts\]\n {2}connect = "5s"$/m, 'inherited timeouts written in the listener');
   const file = path.join(tempDir(t), 'effective.toml');
   writeFileSync(file, dumped.stdout);
-  const checked = await run(t, ['check-config', '-c', file]);
+  const checked = await runCli(t, ['check-config', '-c', file]);
   assert.equal(checked.stderr, '');
   assert.equal(checked.code, 0);
   assert.match(checked.stdout, /configuration ok \(2 listeners, 3 routes\)/);
@@ -212,14 +175,14 @@ test('check-config --dump prints the effective config, which check-config accept
 test('check-config --dump of an invalid file prints nothing on stdout and the problems on stderr', { timeout: 30_000 }, async (t) => {
   const file = path.join(tempDir(t), 'broken.toml');
   writeFileSync(file, '[[listeners]]\nname = "a"\nbind = "127.0.0.1:1"\n  [[listeners.routes]]\n  name = "r"\n  default = true\n  backends = "nohost"\n');
-  const result = await run(t, ['check-config', '-c', file, '--dump']);
+  const result = await runCli(t, ['check-config', '-c', file, '--dump']);
   assert.equal(result.code, 1);
   assert.equal(result.stdout, '');
   assert.match(result.stderr, /^ {2}listeners\[0\]\.routes\[0\]\.backends \(line 7\): "nohost" is not host:port/m);
 });
 
 test('schema prints the JSON Schema committed as config/smartproxy.schema.json', { timeout: 30_000 }, async (t) => {
-  const result = await run(t, ['schema']);
+  const result = await runCli(t, ['schema']);
   assert.equal(result.stderr, '');
   assert.equal(result.code, 0);
   assert.equal(result.stdout, readFileSync(path.join(ROOT, 'config', 'smartproxy.schema.json'), 'utf8'));
@@ -228,7 +191,7 @@ test('schema prints the JSON Schema committed as config/smartproxy.schema.json',
 
 test('--help of every command shows its defaults and an example', { timeout: 30_000 }, async (t) => {
   const commands = ['serve', 'check-config', 'schema', 'status'];
-  const results = await Promise.all([run(t, ['--help']), ...commands.map((command) => run(t, [command, '--help']))]);
+  const results = await Promise.all([runCli(t, ['--help']), ...commands.map((command) => runCli(t, [command, '--help']))]);
   const [top, ...perCommand] = results;
   assert.equal(top!.code, 0);
   for (const command of commands) assert.match(top!.stdout, new RegExp(`\\$ smartproxy ${command} `), `the top-level help shows ${command}`);
@@ -283,7 +246,7 @@ bind = ["127.0.0.1:${port}"]
   backends = ["127.0.0.1:9"]
 `,
   );
-  const result = await run(t, ['serve', '-c', file, '--log-format', 'json']);
+  const result = await runCli(t, ['serve', '-c', file, '--log-format', 'json']);
   assert.notEqual(result.code, 0);
   assert.notEqual(result.code, null, `ended by ${result.signal}`);
   const lines = result.stderr.trimEnd().split('\n');
@@ -329,13 +292,13 @@ bind = ["127.0.0.1:0"]
 
 test('--version prints the version', { timeout: 30_000 }, async (t) => {
   // From source it is read from package.json; the bundle has it defined at build time.
-  const fromSource = await run(t, ['--version']);
+  const fromSource = await runCli(t, ['--version']);
   assert.equal(fromSource.code, 0);
   assert.equal(fromSource.stdout, `${PACKAGE_VERSION}\n`);
   assert.equal(VERSION, PACKAGE_VERSION);
 
   // The shipped file (the version is defined at build time).
-  const bundled = await run(t, ['--version'], { entry: [await shippedBundle(t)], env: WITHOUT_COVERAGE });
+  const bundled = await runCli(t, ['--version'], { entry: [await shippedBundle(t)], env: WITHOUT_COVERAGE });
   assert.equal(bundled.code, 0, bundled.stderr);
   assert.equal(bundled.stdout, `${PACKAGE_VERSION}\n`);
 });

@@ -1,11 +1,10 @@
 // check-config --explain: the path a connection would take through a config, from the config alone.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { explain, formatExplanation, type ListenerExplanation } from '../src/explain.ts';
-import { CLI, ROOT, tempDir } from './support/cli.ts';
+import { runCli, tempDir } from './support/cli.ts';
 import { configFrom } from './support/harness.ts';
 
 const CONFIG = configFrom(`
@@ -120,16 +119,13 @@ bind = "127.0.0.1:8443"
   sni = "api.example.com"
   backends = "127.0.0.1:9443"
 `);
-  const cli = (args: string[]): { code: number | null; stdout: string; stderr: string } => {
-    const r = spawnSync(process.execPath, ['--import', 'tsx', CLI, 'check-config', '-c', file, ...args], { encoding: 'utf8', cwd: ROOT, timeout: 20_000 });
-    return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-  };
-  const blocked = cli(['--explain', '203.0.113.7', '--sni', 'api.example.com']);
+  const cli = (args: string[]): ReturnType<typeof runCli> => runCli(t, ['check-config', '-c', file, ...args]);
+  const blocked = await cli(['--explain', '203.0.113.7', '--sni', 'api.example.com']);
   assert.equal(blocked.code, 0, blocked.stderr);
   assert.match(blocked.stdout, /REFUSED: firewall \(listener firewall: block 203\.0\.113\.0\/24\)/);
-  const served = cli(['--explain', '198.51.100.1', '--sni', 'api.example.com', '--listener', 'tls']);
+  const served = await cli(['--explain', '198.51.100.1', '--sni', 'api.example.com', '--listener', 'tls']);
   assert.match(served.stdout, /route "api": SNI "api\.example\.com" matches it exactly[\s\S]*relayed\n$/);
-  const bad = cli(['--explain', 'not-an-address']);
+  const bad = await cli(['--explain', 'not-an-address']);
   assert.equal(bad.code, 2);
   assert.match(bad.stderr, /"not-an-address" is not an IP address/);
 });

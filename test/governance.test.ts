@@ -427,6 +427,18 @@ test('max_connections_per_ip admits exactly N from one address, resets the next,
   await assertQuiescent(proxy);
 });
 
+test('a client over its own limit hears ip_limit even when the listener is full: per-client checks come before capacity', { timeout: 10_000 }, async (t) => {
+  const backend = await startBackend(t, hold);
+  const proxy = await startProxy(t, tcpListener(backend, 'workers = 1\nqueue = 0\n[listeners.limits]\nmax_connections_per_ip = 1'));
+  const l = listenerOf(proxy, 'tcp');
+  const held = await admitted(proxy, 'tcp', backend, { localAddress: '127.0.0.2' });
+  await refused(proxy, 'tcp', backend, 'ip_limit', { localAddress: '127.0.0.2' });
+  await refused(proxy, 'tcp', backend, 'queue_full', { localAddress: '127.0.0.3' });
+  assert.deepEqual(rejections(l), { ip_limit: 1, queue_full: 1 });
+  await hangUp(held);
+  await assertQuiescent(proxy);
+});
+
 test('queued connections count toward max_connections_per_ip', { timeout: 10_000 }, async (t) => {
   const backend = await startBackend(t, hold);
   const proxy = await startProxy(t, tcpListener(backend, 'workers = 1\nqueue = 5\n[listeners.limits]\nmax_connections_per_ip = 2'));

@@ -171,14 +171,13 @@ export class Connection {
   private timer: NodeJS.Timeout | null = null;
   private timerAt = 0;
 
-  constructor(owner: ConnectionOwner, settings: ConnectionSettings, client: net.Socket, expectProxyHeader: boolean) {
+  /** `address` is the client's as the listener admitted it (IPv4-mapped already unmapped). */
+  constructor(owner: ConnectionOwner, settings: ConnectionSettings, client: net.Socket, address: string, expectProxyHeader: boolean) {
     this.owner = owner;
     this.settings = settings;
     this.client = client;
     this.acceptedAt = Date.now();
-    const address = client.remoteAddress ?? '';
-    // An IPv4 client of a dual-stack `[::]` bind (::ffff:a.b.c.d) is that IPv4 client.
-    this.clientAddress = address.startsWith('::ffff:') && address.includes('.', 7) ? address.slice(7) : address;
+    this.clientAddress = address;
     this.clientPort = client.remotePort ?? 0;
     this.phase = expectProxyHeader ? Phase.ProxyHeader : settings.proxyAccept !== null ? Phase.SpoofCheck : Phase.Route;
     const owned = client as OwnedSocket;

@@ -4,7 +4,19 @@
 
 import { formatIPv4, formatIPv6, mappedIPv4, maskIPv6, parseIPv6 } from './ip-address.ts';
 
-const groups = new Uint16Array(8); // scratch; safe because the event loop runs one call at a time
+const groups = new Uint16Array(8);
+
+function isDottedMapped(address: string): boolean {
+  return address.startsWith('::ffff:') && address.indexOf('.', 7) !== -1;
+}
+
+/**
+ * An IPv4 client of a dual-stack `[::]` bind as Node reports it (`::ffff:a.b.c.d`) is that IPv4
+ * client: the address as the firewall, the per-client table, logs and the admin API know it.
+ */
+export function unmappedIPv4(address: string): string {
+  return isDottedMapped(address) ? address.slice(7) : address;
+} // scratch; safe because the event loop runs one call at a time
 
 /**
  * The per-client key of `address` as Node reports `socket.remoteAddress`:
@@ -16,7 +28,7 @@ const groups = new Uint16Array(8); // scratch; safe because the event loop runs 
  */
 export function clientKey(address: string, ipv6Prefix: number): string {
   if (address.indexOf(':') === -1) return address;
-  if (address.startsWith('::ffff:') && address.indexOf('.', 7) !== -1) return address.slice(7);
+  if (isDottedMapped(address)) return address.slice(7);
   if (!parseIPv6(address, groups)) return address;
   const v4 = mappedIPv4(groups);
   if (v4 >= 0) return formatIPv4(v4); // "::FFFF:..." or hex-written mapped forms

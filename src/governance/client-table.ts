@@ -456,6 +456,15 @@ export class ClientTable {
    * client's last place in between: the verdict, and the count taken only when it is 'ok'.
    */
   admit(key: string, limits: ClientLimits, fairShare: FairShareCheck | null): ClientVerdict | 'fair_share' {
+    return this.#admit(key, limits, fairShare, true);
+  }
+
+  /** The same verdict as admit, taking nothing: the accept path asks it before any count is taken. */
+  verdict(key: string, limits: ClientLimits, fairShare: FairShareCheck): ClientVerdict | 'fair_share' {
+    return this.#admit(key, limits, fairShare, false);
+  }
+
+  #admit(key: string, limits: ClientLimits, fairShare: FairShareCheck | null, take: boolean): ClientVerdict | 'fair_share' {
     const t = this.#shared;
     return t.locked(() => {
       const now = t.now();
@@ -466,6 +475,7 @@ export class ClientTable {
         if (verdict !== 'ok') return verdict;
         if (fairShare(slot < 0 ? 0 : t.active(slot), t.distinctActiveOf(this.#listener))) return 'fair_share';
       }
+      if (!take) return 'ok';
       if (slot < 0) slot = t.insert(this.#listener, key, now);
       if (slot < 0) return 'ip_table_full';
       const { count, perMs } = limits.connectionRatePerIp;

@@ -27,7 +27,7 @@ import { isRejection, type CloseReason, type RejectReason } from '../connection/
 import type { Registry } from '../connection/registry.ts';
 import type { HostPort as Backend } from '../config/types.ts';
 import type { ClientTable, SharedClientTable } from '../governance/client-table.ts';
-import { clientKey } from '../governance/client-key.ts';
+import { clientKey, unmappedIPv4 } from '../governance/client-key.ts';
 import { fairShareRefuses } from '../governance/fair-share.ts';
 import type { CountIndexes, SharedCounts } from '../governance/shared-counts.ts';
 import type { Route } from '../routing/route-table.ts';
@@ -274,12 +274,13 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
    */
   accept(socket: net.Socket): void {
     const gen = this.generation;
-    const address = plainAddress(socket.remoteAddress);
-    if (address === undefined) {
+    const peer = socket.remoteAddress;
+    if (peer === undefined) {
       socket.on('error', ignoreError);
       socket.destroy(); // already gone
       return;
     }
+    const address = unmappedIPv4(peer);
     if (this.draining || this.counts.stopping) return this.refuse(socket, address, 'draining');
     // A trusted balancer is judged by the client it names (or as the client itself) once its
     // PROXY phase is over: admitRealClient.
@@ -313,7 +314,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
     }
 
     socket.setNoDelay(true); // a relay forwards what it has at once
-    const conn = new Connection(this, gen, socket, trustedBalancer);
+    const conn = new Connection(this, gen, socket, address, trustedBalancer);
     conn.clientKey = key;
     this.open++;
     this.counts.addOpen(idx, 1);
@@ -337,10 +338,8 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
    * admitted. `own` is what the asking connection already holds of the listener's capacity.
    */
   private checkClient(key: string, own: number): RejectReason | null {
-    const limits = this.generation.config.limits;
-    const verdict = this.clients.check(key, limits);
-    if (verdict !== 'ok') return verdict;
-    return this.fairShareRefuses(this.clients.activeOf(key), this.clients.distinctActive, own) ? 'fair_share' : null;
+    const verdict = this.clients.verdict(key, this.generation.config.limits, (active, distinct) => this.fairShareRefuses(active, distinct, own));
+    return verdict === 'ok' ? null : verdict;
   }
 
   /** The per-client checks and the count, in one step under the table's lock; null = taken. */
@@ -562,13 +561,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
 
 function ignoreError(): void {}
 
-/**
- * An IPv4 client of a dual-stack `[::]` bind arrives as `::ffff:a.b.c.d`: it is that IPv4 client
- * everywhere (firewall, per-client limits, logs, admin API).
- */
-export function plainAddress(address: string | undefined): string | undefined {
-  return address !== undefined && address.startsWith('::ffff:') && address.includes('.', 7) ? address.slice(7) : address;
-}
+
 
 /**
  * The kernel accept queue: at least 4096 and at least the listener's capacity, rather than Node's

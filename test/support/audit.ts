@@ -1,10 +1,7 @@
 // Helpers for the audit regression tests (issue 13): hostile byte sequences, PROXY v2 headers the
 // writer does not make, bounded waits, and connects to an explicit host.
-import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
-import type { TestContext } from 'node:test';
-import { CLI, ROOT } from './cli.ts';
 import { connect } from './harness.ts';
 import { V2_SIGNATURE } from '../../src/proxy-protocol/types.ts';
 
@@ -127,28 +124,6 @@ export async function freePorts(n: number): Promise<number[]> {
   const ports = servers.map((s) => (s.address() as net.AddressInfo).port);
   await Promise.all(servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
   return ports;
-}
-
-/** Runs the CLI with `args` to completion (killed by PID after `ms`): exit code and output. */
-export function runCli(t: TestContext, args: readonly string[], ms = 20_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-  t.after(() => {
-    if (child.exitCode === null && child.signalCode === null) process.kill(child.pid!, 'SIGKILL');
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      process.kill(child.pid!, 'SIGKILL');
-      reject(new Error(`smartproxy ${args.join(' ')} still running after ${ms} ms`));
-    }, ms);
-    child.once('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
 }
 
 /**

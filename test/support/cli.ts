@@ -192,3 +192,40 @@ export function listeningPorts(pid: number): number[] {
   }
   return ports.sort((a, b) => a - b);
 }
+
+export interface CliRun {
+  readonly code: number | null;
+  readonly signal: NodeJS.Signals | null;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+/**
+ * Runs the CLI (or another entry file, or another command) to completion; killed by its PID and
+ * failed after `ms`.
+ */
+export function runCli(t: TestContext, args: readonly string[], opts: { command?: string; entry?: string[]; ms?: number; env?: NodeJS.ProcessEnv } = {}): Promise<CliRun> {
+  const ms = opts.ms ?? 20_000;
+  const child = spawn(opts.command ?? process.execPath, [...(opts.entry ?? ['--import', 'tsx', CLI]), ...args], {
+    cwd: ROOT,
+    env: opts.env ?? process.env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  t.after(() => {
+    if (child.exitCode === null && child.signalCode === null) process.kill(child.pid!, 'SIGKILL');
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      process.kill(child.pid!, 'SIGKILL');
+      reject(new Error(`smartproxy ${args.join(' ')} still running after ${ms} ms; stderr: ${stderr}`));
+    }, ms);
+    child.once('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr });
+    });
+  });
+}

@@ -7,25 +7,12 @@ import net from 'node:net';
 import type { TestContext } from 'node:test';
 import { adminGet, startCli, type CliProxy } from './cli.ts';
 import { parseExposition, valueOf, type Exposition } from './metrics.ts';
+import type { ListenerStats } from '../../src/admin/stats.ts';
 
 export const THREADS = 4;
 
-export interface ListenerView {
-  readonly name: string;
-  readonly bind: string[];
-  readonly draining: boolean;
-  readonly workers: number;
-  readonly busy: number;
-  readonly queue: number;
-  readonly queued: number;
-  readonly active: number;
-  readonly trackedClients: number;
-  readonly activeClients: number;
-  readonly routedActive: number;
-  readonly rejections: Record<string, number>;
-  readonly routes: Array<{ name: string; active: number }>;
-  readonly topClients: Array<{ client: string; active: number }>;
-}
+/** One listener of /stats, with the fields a daemon with threads always sends. */
+export type ListenerView = Required<ListenerStats>;
 
 export interface StatsView {
   readonly active: number;
