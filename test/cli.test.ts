@@ -10,7 +10,7 @@ import path from 'node:path';
 import { after, test, type TestContext } from 'node:test';
 import { loadConfig } from '../src/config/load.ts';
 import { VERSION } from '../src/metrics.ts';
-import { CLI, ROOT, listeningPorts, runCli, startCli, tempDir } from './support/cli.ts';
+import { CLI, ROOT, TEST_THREADS, listeningPorts, runCli, startCli, tempDir } from './support/cli.ts';
 import { connect, readAll, sha256, startBackend } from './support/harness.ts';
 
 const PACKAGE_VERSION = (JSON.parse(readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
@@ -269,8 +269,10 @@ bind = ["127.0.0.1:0"]
 `,
     { ready: ['tcp'] },
   );
+  // One listening socket per event-loop thread (SO_REUSEPORT), all on the one port.
   const ports = listeningPorts(proxy.pid);
-  assert.equal(ports.length, 1, `listening on ${ports.join(', ')}`);
+  assert.equal(ports.length, TEST_THREADS, `listening on ${ports.join(', ')}`);
+  assert.equal(new Set(ports).size, 1, `listening on ${ports.join(', ')}`);
   const payload = randomBytes(256 * 1024);
   const client = await connect(ports[0]!);
   const received = readAll(client);

@@ -141,6 +141,8 @@ export async function startCli(
     exited,
   };
   for (const name of opts.ready) await waitForLine((l) => l.msg === 'listener started' && l.listener === name, { what: `listener ${name} started` });
+  // "listener started" comes from the first thread; the others bind after it: wait for them all.
+  if (opts.ready.length > 0) await waitForLine((l) => l.msg === 'event-loop threads started', { what: 'every event-loop thread' });
   if (opts.admin) await waitForLine((l) => l.msg === 'admin API listening', { what: 'the admin API' });
   return proxy;
 }
