@@ -12,7 +12,11 @@ import { CountIndexes, SharedCounts } from './governance/shared-counts.ts';
 import type { ListenerGeneration } from './listener/listener-generation.ts';
 import { SlotPool } from './listener/slot-pool.ts';
 import type { Logger } from './logging/logger.ts';
-import { Metrics } from './metrics.ts';
+import { Metrics, type BackendSource } from './metrics.ts';
+import type { AdminState } from './backends/backend-states.ts';
+import { SharedBackendStates } from './backends/backend-states.ts';
+import { BackendDirectory, type BackendUpdate } from './backends/directory.ts';
+import { BackendSupervisor, type BackendEntry, type BackendView } from './backends/supervisor.ts';
 
 export interface ShutdownResult {
   /** Connections that finished by themselves during the drain. */
@@ -43,6 +47,7 @@ function ownSharedState(config: Config): SharedState {
   if (full !== null) throw new Error(full);
   return {
     counts: new SharedCounts(),
+    backends: new SharedBackendStates(),
     clients: new SharedClientTable({ maxTrackedIps: config.limits.maxTrackedIps }),
     indexes,
     thread: 0,
@@ -66,6 +71,13 @@ export class Daemon {
   /** Listeners removed by a reload that still have connections draining. */
   readonly retired = new Set<Listener>();
   readonly shared: SharedState;
+  /** This thread's copy of the backend answers and indexes (routes build their pools from it). */
+  readonly backends: BackendDirectory;
+  /**
+   * Resolution, health checks and runtime states, when this daemon is the process's only event
+   * loop; with threads the main thread runs them (EventLoops) and sends updates.
+   */
+  readonly supervisor: BackendSupervisor | null;
   private readonly slots: SlotPool;
   private generation: Generation;
   /** Bind options every listener of this thread uses (reusePort and the port each address got). */
@@ -78,17 +90,20 @@ export class Daemon {
   /** False once shutdown began: /healthz answers 503. */
   accepting = true;
 
-  private constructor(config: Config, log: Logger, metrics: Metrics, shared: SharedState, bindOptions: BindOptions) {
+  private constructor(config: Config, log: Logger, metrics: Metrics, shared: SharedState, bindOptions: BindOptions, backends: BackendDirectory, supervisor: BackendSupervisor | null) {
     this.log = log;
     this.metrics = metrics;
     this.shared = shared;
     this.bindOptions = bindOptions;
+    this.backends = backends;
+    this.supervisor = supervisor;
     this.slots = new SlotPool(shared.counts, shared.threads);
-    this.generation = compileGeneration(config, shared.indexes);
+    this.generation = compileGeneration(config, shared.indexes, backends);
     metrics.attach({
       listeners: () => this.allListeners(),
       connections: () => this.registry.values(),
       capacity: () => ({ maxConnections: this.config.limits.maxConnections, maxTrackedIps: shared.clients.maxTrackedIps }),
+      backends: () => this.backendSources(),
     });
     // Idle per-client entries whose window has passed are deleted a few per admission; this
     // coarse sweep (one thread does it) keeps the table tidy while no traffic comes.
@@ -102,9 +117,29 @@ export class Daemon {
    * thrown. Without `shared`, this thread is the only one and owns its counts (tests, threads = 1
    * in-process); with it, one of several event-loop threads (src/thread.ts).
    */
-  static async start(config: Config, log: Logger, opts: { metrics?: Metrics; shared?: SharedState; bind?: BindOptions } = {}): Promise<Daemon> {
+  static async start(
+    config: Config,
+    log: Logger,
+    opts: { metrics?: Metrics; shared?: SharedState; bind?: BindOptions; backends?: BackendUpdate } = {},
+  ): Promise<Daemon> {
     const shared = opts.shared ?? ownSharedState(config);
-    const daemon = new Daemon(config, log, opts.metrics ?? new Metrics(), shared, opts.bind ?? { reusePort: false, portFor: () => undefined });
+    const metrics = opts.metrics ?? new Metrics();
+    const directory = new BackendDirectory(shared.backends, shared.indexes);
+    let supervisor: BackendSupervisor | null = null;
+    let daemon: Daemon | null = null;
+    if (opts.backends !== undefined) directory.apply(opts.backends);
+    else {
+      supervisor = new BackendSupervisor({
+        states: shared.backends,
+        indexes: shared.indexes,
+        log,
+        metrics,
+        publish: (update) => daemon?.applyBackendUpdate(update),
+      });
+      directory.apply(await supervisor.prepare(config));
+    }
+    daemon = new Daemon(config, log, metrics, shared, opts.bind ?? { reusePort: false, portFor: () => undefined }, directory, supervisor);
+    supervisor?.commit(config);
     try {
       for (const gen of daemon.generation.listeners.values()) {
         const listener = daemon.createListener(gen.name);
@@ -199,16 +234,20 @@ export class Daemon {
    * shutdown began meanwhile, releases what it bound and throws. `indexes` are the count indexes
    * the config thread assigned; without them this thread assigns its own (it is the only one).
    */
-  async prepare(config: Config, indexes?: ReturnType<CountIndexes['toJSON']>): Promise<PreparedReload> {
+  async prepare(config: Config, backends?: BackendUpdate): Promise<PreparedReload> {
     if (this.stopping !== null) throw new ShuttingDownError();
-    if (indexes === undefined) {
+    if (backends === undefined) {
       const full = this.shared.indexes.assign(config.listeners);
       if (full !== null) throw new Error(full);
+      this.backends.apply(await this.supervisor!.prepare(config));
+      if (this.stopping !== null) {
+        this.supervisor!.abort();
+        throw new ShuttingDownError();
+      }
     } else {
-      for (const [name, index] of indexes.listeners) this.shared.indexes.listeners.set(name, index);
-      for (const [key, index] of indexes.routes) this.shared.indexes.routes.set(key, index);
+      this.backends.apply(backends);
     }
-    const next = compileGeneration(config, this.shared.indexes);
+    const next = compileGeneration(config, this.shared.indexes, this.backends);
     const created = new Map<string, Listener>();
     const bound: Array<[Listener, string]> = [];
     /** Listening sockets to hand from one listener to another at commit: [from, to, address]. */
@@ -245,6 +284,7 @@ export class Daemon {
   }
 
   private async undo(prepared: PreparedReload): Promise<void> {
+    this.supervisor?.abort();
     for (const [listener, text] of prepared.bound) await listener.unbind(text);
     for (const listener of prepared.created.values()) {
       await listener.stopAccepting();
@@ -260,6 +300,7 @@ export class Daemon {
     const { config, next, created, moves } = prepared;
     const result: ReloadResult = { added: [], removed: [], changed: [] };
     this.generation = next;
+    this.supervisor?.commit(config);
     for (const [from, to, text] of moves) to.adopt(text, from.release(text)!);
     for (const [name, listener] of this.listeners) {
       const gen = next.listeners.get(name);
@@ -285,6 +326,56 @@ export class Daemon {
     this.slots.handOver(null);
     this.metrics.reloaded(true);
     return result;
+  }
+
+  // ---- backends ----
+
+  /** A new resolution from the config owner: the routes in force take their new members. */
+  applyBackendUpdate(update: BackendUpdate): void {
+    this.backends.apply(update);
+    for (const gen of this.generation.listeners.values()) {
+      for (const route of gen.routes.routes) route.pool.setMembers(this.backends.membersOf(gen.name, route.config));
+    }
+  }
+
+  /** Every backend of the routes in force with its shared state (metrics). */
+  private *backendSources(): Iterable<BackendSource> {
+    const now = Date.now();
+    const states = this.shared.backends;
+    for (const gen of this.generation.listeners.values()) {
+      for (const route of gen.routes.routes) {
+        for (const m of route.pool.all) {
+          yield { listener: gen.name, route: route.name, backend: m.address.text, up: states.isUp(m.index, now), active: states.active(m.index) };
+        }
+      }
+    }
+  }
+
+  /** AdminSource: every backend with its state (only the daemon that owns the config knows them all). */
+  async backendViews(): Promise<BackendView[]> {
+    return this.supervisor?.describe() ?? [];
+  }
+
+  /** AdminSource: the runtime state of a backend; see BackendSupervisor.setState. */
+  async setBackendState(target: { backend: string; listener?: string; route?: string }, state: AdminState): Promise<BackendEntry[]> {
+    const changed = this.supervisor!.setState(target, state);
+    this.backendStateChanged(changed.map((e) => e.index), state);
+    return changed;
+  }
+
+  /**
+   * Backends were put into `state`: in maintenance, their connections in this thread are closed
+   * once shutdown.drain_timeout has passed, unless the backend is back to ready or drain by then.
+   */
+  backendStateChanged(indexes: readonly number[], state: AdminState): void {
+    if (state !== 'maintenance' || indexes.length === 0) return;
+    const set = new Set(indexes);
+    const states = this.shared.backends;
+    this.scheduleDrain(() => {
+      for (const conn of [...this.registry.values()]) {
+        if (set.has(conn.backendIndex) && states.admin(conn.backendIndex) === 'maintenance') conn.close('maintenance');
+      }
+    }, this.config.shutdown.drainTimeoutMs);
   }
 
   /** The listener currently bound to an address as written (port 0 is never shared: each is its own). */
@@ -407,6 +498,7 @@ export class Daemon {
 
   private async releaseAll(): Promise<void> {
     this.slots.stop();
+    this.supervisor?.close();
     if (this.sweepTimer !== null) clearInterval(this.sweepTimer);
     for (const timer of this.drainTimers) clearTimeout(timer);
     this.drainTimers.clear();

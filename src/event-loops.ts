@@ -21,6 +21,9 @@ import { CountIndexes, MAX_THREADS, SharedCounts } from './governance/shared-cou
 import { BindError } from './listener/listener.ts';
 import type { LogFormat, LogLevel, Logger } from './logging/logger.ts';
 import { Metrics } from './metrics.ts';
+import { SharedBackendStates, type AdminState } from './backends/backend-states.ts';
+import type { BackendUpdate } from './backends/directory.ts';
+import { BackendSupervisor, type BackendEntry, type BackendView } from './backends/supervisor.ts';
 import type { Ports, ThreadData, ThreadError, ThreadRequest } from './thread.ts';
 
 /**
@@ -108,6 +111,9 @@ export class EventLoops {
   private readonly loops: LoopThread[] = [];
   private readonly counts: SharedCounts;
   private readonly clients: SharedClientTable;
+  private readonly backendStates = new SharedBackendStates();
+  /** Backend resolution, health checks and runtime states for every thread. */
+  readonly supervisor: BackendSupervisor;
   private readonly indexes = new CountIndexes();
   private current: Config;
   private stopping: Promise<ShutdownResult> | null = null;
@@ -122,6 +128,15 @@ export class EventLoops {
     this.metrics = new Metrics({ role: 'process' });
     this.counts = new SharedCounts();
     this.clients = new SharedClientTable({ maxTrackedIps: config.limits.maxTrackedIps });
+    this.supervisor = new BackendSupervisor({
+      states: this.backendStates,
+      indexes: this.indexes,
+      log,
+      metrics: this.metrics,
+      publish: (update) => {
+        for (const loop of this.loops) void loop.call({ type: 'backends', update }).catch(() => undefined);
+      },
+    });
   }
 
   /** How many threads `[process] threads` asks for on this machine. */
@@ -140,15 +155,23 @@ export class EventLoops {
     const full = loops.indexes.assign(config.listeners);
     if (full !== null) throw new Error(full);
     for (const flag of threadV8Flags()) v8.setFlagsFromString(flag);
+    let backends: BackendUpdate;
+    try {
+      backends = await loops.supervisor.prepare(config);
+    } catch (err) {
+      loops.supervisor.close();
+      throw err;
+    }
     for (let i = 0; i < loops.threads; i++) loops.loops.push(loops.spawn(i, opts));
     try {
-      const first = await loops.loops[0]!.call({ type: 'start', config, indexes: loops.indexes.toJSON(), ports: [] });
+      const first = await loops.loops[0]!.call({ type: 'start', config, backends, ports: [] });
       const ports = first.ports as Ports;
-      await Promise.all(loops.loops.slice(1).map((loop) => loop.call({ type: 'start', config, indexes: loops.indexes.toJSON(), ports })));
+      await Promise.all(loops.loops.slice(1).map((loop) => loop.call({ type: 'start', config, backends, ports })));
     } catch (err) {
       await loops.terminate();
       throw err;
     }
+    loops.supervisor.commit(config);
     loops.metrics.started();
     log.info({ threads: loops.threads }, 'event-loop threads started');
     return loops;
@@ -161,6 +184,7 @@ export class EventLoops {
       threads: this.threads,
       counts: this.counts.buffer,
       clients: this.clients.buffer,
+      backends: this.backendStates.buffer,
       maxTrackedIps: this.current.limits.maxTrackedIps,
       logLevel: opts.logLevel,
       logFormat: opts.logFormat,
@@ -200,15 +224,16 @@ export class EventLoops {
     try {
       const full = this.indexes.assign(config.listeners);
       if (full !== null) throw new Error(full);
-      const indexes = this.indexes.toJSON();
       const prepared: LoopThread[] = [];
       try {
+        const backends = await this.supervisor.prepare(config);
+        if (this.stopping !== null) throw new ShuttingDownError();
         const [first, ...rest] = this.loops;
-        const reply = await first!.call({ type: 'prepare', config, indexes, ports: [] });
+        const reply = await first!.call({ type: 'prepare', config, backends, ports: [] });
         prepared.push(first!);
         const ports = reply.ports as Ports;
         const results = await Promise.allSettled(rest.map(async (loop) => {
-          await loop.call({ type: 'prepare', config, indexes, ports });
+          await loop.call({ type: 'prepare', config, backends, ports });
           prepared.push(loop);
         }));
         const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
@@ -216,9 +241,11 @@ export class EventLoops {
         if (this.stopping !== null) throw new ShuttingDownError();
       } catch (err) {
         await Promise.all(prepared.map((loop) => loop.call({ type: 'abort' }).catch(() => undefined)));
+        this.supervisor.abort();
         throw err;
       }
       const replies = await Promise.all(this.loops.map((loop) => loop.call({ type: 'commit' })));
+      this.supervisor.commit(config);
       this.current = config;
       this.metrics.reloaded(true);
       return replies[0]!.result as ReloadResult;
@@ -264,6 +291,7 @@ export class EventLoops {
 
   private async terminate(): Promise<void> {
     this.stopping ??= Promise.resolve({ drained: 0, cut: 0 });
+    this.supervisor.close();
     await Promise.all(this.loops.map((loop) => loop.worker.terminate()));
   }
 
@@ -298,6 +326,19 @@ export class EventLoops {
       return { ...listener, draining, rejections };
     });
     return { ...first, active: views.reduce((n, v) => n + v.active, 0), accepting: this.accepting, threads: this.threads, listeners };
+  }
+
+  /** AdminSource: every backend with its state. */
+  async backendViews(): Promise<BackendView[]> {
+    return this.supervisor.describe();
+  }
+
+  /** AdminSource: the runtime state of a backend; every thread learns it (maintenance closes). */
+  async setBackendState(target: { backend: string; listener?: string; route?: string }, state: AdminState): Promise<BackendEntry[]> {
+    const changed = this.supervisor.setState(target, state);
+    const indexes = changed.map((e) => e.index);
+    await Promise.all(this.loops.map((loop) => loop.call({ type: 'backend-state', indexes, state })));
+    return changed;
   }
 
   /** /connections: up to `limit` connections of every thread, and how many there are in all. */

@@ -6,6 +6,9 @@ import type { Config, FirewallRules, ListenerConfig } from './config/types.ts';
 import { ipFamily, isUnitError, parseSniPattern } from './config/units.ts';
 import { clientKey, unmappedIPv4 } from './governance/client-key.ts';
 import { compileFirewall } from './governance/firewall.ts';
+import { SharedBackendStates } from './backends/backend-states.ts';
+import { BackendDirectory } from './backends/directory.ts';
+import { CountIndexes } from './governance/shared-counts.ts';
 import { RouteTable } from './routing/route-table.ts';
 
 export interface ExplainQuery {
@@ -75,7 +78,11 @@ function explainListener(config: Config, listener: ListenerConfig, client: strin
       `global max_connections ${config.limits.maxConnections || 'unlimited'}`,
   );
 
-  const routes = new RouteTable(listener);
+  const indexes = new CountIndexes();
+  const directory = new BackendDirectory(new SharedBackendStates(), indexes);
+  indexes.assign(config.listeners);
+  indexes.assignBackends(directory.keysOf(config), Number.MAX_SAFE_INTEGER);
+  const routes = new RouteTable(listener, () => 0, directory);
   let route = routes.defaultRoute;
   if (!routes.needsPeek) {
     steps.push(`routing: no SNI route, every connection goes to the default route "${route?.name}" without reading`);
@@ -97,7 +104,13 @@ function explainListener(config: Config, listener: ListenerConfig, client: strin
   const max = route.config.limits.maxConnections;
   steps.push(`route limit: ${max > 0 ? `${max} connections (route_limit when reached)` : 'unlimited'}`);
   const proxy = route.config.sendProxyProtocol === null ? '' : `, with a PROXY ${route.config.sendProxyProtocol} header`;
-  steps.push(`backends, round-robin, each tried at most once within ${listener.timeouts.connectMs} ms: ${route.backends.map((b) => b.text).join(', ')}${proxy} (backend_unavailable when all fail)`);
+  const backends = route.config.backends.map((b) => `${b.address.text}${b.weight !== 1 ? ` weight ${b.weight}` : ''}${b.backup ? ' (backup)' : ''}${b.maxConnections > 0 ? ` max ${b.maxConnections}` : ''}`);
+  const health = route.config.healthCheck === null ? 'no active checks' : `${route.config.healthCheck.type} checks every ${route.config.healthCheck.intervalMs} ms`;
+  steps.push(
+    `backends by ${route.config.balance}, up ones only (${health}; passive ejection ${route.config.ejection.consecutiveFailures > 0 ? `after ${route.config.ejection.consecutiveFailures} connect failures` : 'off'}), ` +
+      `each tried at most once within ${listener.timeouts.connectMs} ms: ${backends.join(', ')}${proxy} ` +
+      `(backend_unavailable when all fail, backend_full when all are at max_connections, ${route.config.onAllDown === 'refuse' ? 'no_healthy_backend' : 'all tried anyway (panic)'} when none is up)`,
+  );
   steps.push('relayed');
   return { listener: listener.name, steps, refused: null };
 }

@@ -44,6 +44,17 @@ export interface MetricsSource {
   connections(): Iterable<Connection>;
   /** Process-wide capacity in force: `limits.max_connections` (0 = unlimited) and the per-client table's size. */
   capacity(): { readonly maxConnections: number; readonly maxTrackedIps: number };
+  /** Every backend of the routes in force, with its shared state read now. */
+  backends(): Iterable<BackendSource>;
+}
+
+export interface BackendSource {
+  readonly listener: string;
+  readonly route: string;
+  readonly backend: string;
+  /** Active checks find it up and it is not passively ejected. */
+  readonly up: boolean;
+  readonly active: number;
 }
 
 /** Every reason a connection of a listener can end with (refusals after admission included). */
@@ -56,6 +67,7 @@ const CLOSE_REASONS: readonly CloseReason[] = [...REJECT_REASONS, ...END_REASONS
  */
 const MISNAMED_DEFAULTS = ['smartproxy_nodejs_active_handles_total', 'smartproxy_nodejs_active_requests_total', 'smartproxy_nodejs_active_resources_total'];
 
+const CONNECT_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
 const DURATION_BUCKETS = [0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400];
 
 export class Metrics {
@@ -67,6 +79,9 @@ export class Metrics {
   private readonly closedTotal: client.Counter<'listener' | 'reason'>;
   private readonly backendFailuresTotal: client.Counter<'listener' | 'route' | 'backend' | 'code'>;
   private readonly duration: client.Histogram<'listener'>;
+  private readonly backendEjectionsTotal: client.Counter<'listener' | 'route' | 'backend'>;
+  private readonly connectTime: client.Histogram<'listener' | 'route'>;
+  private readonly healthChecksTotal: client.Counter<'backend' | 'result'>;
   private readonly reloadsTotal: client.Counter<'result'>;
   private readonly lastReload: client.Gauge;
   private readonly lastReloadSuccess: client.Gauge;
@@ -176,12 +191,58 @@ export class Metrics {
       registers: processRegisters,
       aggregator: 'max',
     });
+    this.backendEjectionsTotal = new client.Counter({
+      name: 'smartproxy_backend_ejections_total',
+      help: 'Passive ejections (consecutive connect failures), per backend.',
+      labelNames: ['listener', 'route', 'backend'],
+      registers,
+      collect() {
+        for (const b of self.source?.backends() ?? []) this.inc({ listener: b.listener, route: b.route, backend: b.backend }, 0);
+      },
+    });
+    this.connectTime = new client.Histogram({
+      name: 'smartproxy_backend_connect_seconds',
+      help: 'Time from the start of a backend dial to its TCP connect, per route (failed dials not included).',
+      labelNames: ['listener', 'route'],
+      buckets: CONNECT_BUCKETS,
+      registers,
+    });
+    this.healthChecksTotal = new client.Counter({
+      name: 'smartproxy_backend_health_checks_total',
+      help: 'Active health checks run, per backend address and result (ok, failed).',
+      labelNames: ['backend', 'result'],
+      registers: processRegisters,
+    });
+    new client.Gauge({
+      name: 'smartproxy_backend_up',
+      help: '1 when the backend takes new connections by health (active checks find it up and it is not passively ejected), else 0; the runtime state is in /stats.',
+      labelNames: ['listener', 'route', 'backend'],
+      registers,
+      aggregator: 'max',
+      collect() {
+        this.reset();
+        for (const b of self.source?.backends() ?? []) this.set({ listener: b.listener, route: b.route, backend: b.backend }, b.up ? 1 : 0);
+      },
+    });
+    new client.Gauge({
+      name: 'smartproxy_backend_connections_active',
+      help: 'Connections to the backend (dialling or relaying), over every thread.',
+      labelNames: ['listener', 'route', 'backend'],
+      registers,
+      aggregator: 'max',
+      collect() {
+        this.reset();
+        for (const b of self.source?.backends() ?? []) this.set({ listener: b.listener, route: b.route, backend: b.backend }, b.active);
+      },
+    });
     this.families = {
       accepted: this.acceptedTotal,
       routed: this.routedTotal,
       rejections: this.rejectionsTotal,
       closed: this.closedTotal,
       backendFailures: this.backendFailuresTotal,
+      backendEjections: this.backendEjectionsTotal,
+      connectTime: this.connectTime,
       duration: this.duration,
     };
     new client.Gauge({
@@ -330,6 +391,11 @@ export class Metrics {
     return view;
   }
 
+  /** One active health check ended (counted where the checks run: the config owner). */
+  healthChecked(backend: string, ok: boolean): void {
+    this.healthChecksTotal.inc({ backend, result: ok ? 'ok' : 'failed' });
+  }
+
   /** The first config is in force (start-up): not a reload, but the config's load time. */
   started(): void {
     this.lastReloadSuccess.set(1);
@@ -355,6 +421,8 @@ interface Families {
   readonly rejections: client.Counter<'listener' | 'reason'>;
   readonly closed: client.Counter<'listener' | 'reason'>;
   readonly backendFailures: client.Counter<'listener' | 'route' | 'backend' | 'code'>;
+  readonly backendEjections: client.Counter<'listener' | 'route' | 'backend'>;
+  readonly connectTime: client.Histogram<'listener' | 'route'>;
   readonly duration: client.Histogram<'listener'>;
 }
 
@@ -412,6 +480,15 @@ export class ListenerMetrics {
 
   backendFailed(route: string, backend: string, code: string): void {
     this.families.backendFailures.inc({ listener: this.name, route, backend, code });
+  }
+
+  backendEjected(route: string, backend: string): void {
+    this.families.backendEjections.inc({ listener: this.name, route, backend });
+  }
+
+  /** A dial connected after `ms`. */
+  backendConnected(route: string, ms: number): void {
+    this.families.connectTime.observe({ listener: this.name, route }, ms / 1000);
   }
 
   /** Once per admitted connection, from the single release point. */

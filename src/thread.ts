@@ -6,6 +6,9 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { daemonStats } from './admin/stats.ts';
 import type { Config } from './config/types.ts';
+import type { AdminState } from './backends/backend-states.ts';
+import { SharedBackendStates } from './backends/backend-states.ts';
+import type { BackendUpdate } from './backends/directory.ts';
 import { Daemon, type PreparedReload } from './daemon.ts';
 import { SharedClientTable } from './governance/client-table.ts';
 import { CountIndexes, SharedCounts } from './governance/shared-counts.ts';
@@ -20,6 +23,7 @@ export interface ThreadData {
   readonly threads: number;
   readonly counts: SharedArrayBuffer;
   readonly clients: SharedArrayBuffer;
+  readonly backends: SharedArrayBuffer;
   readonly maxTrackedIps: number;
   readonly logLevel: LogLevel;
   readonly logFormat: LogFormat;
@@ -29,8 +33,10 @@ export type Ports = Array<{ listener: string; address: string; port: number }>;
 
 /** Requests from the main thread; each gets one reply with the same id. */
 export type ThreadRequest =
-  | { readonly id: number; readonly type: 'start'; readonly config: Config; readonly indexes: ReturnType<CountIndexes['toJSON']>; readonly ports: Ports }
-  | { readonly id: number; readonly type: 'prepare'; readonly config: Config; readonly indexes: ReturnType<CountIndexes['toJSON']>; readonly ports: Ports }
+  | { readonly id: number; readonly type: 'start'; readonly config: Config; readonly backends: BackendUpdate; readonly ports: Ports }
+  | { readonly id: number; readonly type: 'prepare'; readonly config: Config; readonly backends: BackendUpdate; readonly ports: Ports }
+  | { readonly id: number; readonly type: 'backends'; readonly update: BackendUpdate }
+  | { readonly id: number; readonly type: 'backend-state'; readonly indexes: readonly number[]; readonly state: AdminState }
   | { readonly id: number; readonly type: 'commit' }
   | { readonly id: number; readonly type: 'abort' }
   | { readonly id: number; readonly type: 'shutdown'; readonly drainTimeoutMs: number; readonly immediate: boolean }
@@ -71,19 +77,20 @@ export async function runThread(): Promise<void> {
       case 'start': {
         const shared: SharedState = {
           counts: new SharedCounts(data.counts),
+          backends: new SharedBackendStates(data.backends),
           clients: new SharedClientTable({ maxTrackedIps: data.maxTrackedIps, buffer: data.clients }),
-          indexes: new CountIndexes(request.indexes),
+          indexes: new CountIndexes(request.backends.indexes),
           thread: data.thread,
           threads: data.threads,
         };
         const portFor = portLookup(request.ports);
-        daemon = await Daemon.start(request.config, log, { metrics, shared, bind: { reusePort: data.threads > 1, portFor } });
+        daemon = await Daemon.start(request.config, log, { metrics, shared, bind: { reusePort: data.threads > 1, portFor }, backends: request.backends });
         return reply(request.id, { ok: true, ports: daemon.boundPorts() });
       }
       case 'prepare': {
         const d = daemon!;
         d.setPortLookup(portLookup(request.ports));
-        prepared = await d.prepare(request.config, request.indexes);
+        prepared = await d.prepare(request.config, request.backends);
         return reply(request.id, { ok: true, ports: d.boundPorts(prepared) });
       }
       case 'commit': {
@@ -117,6 +124,12 @@ export async function runThread(): Promise<void> {
         }
         return reply(request.id, { ok: true, total: daemon!.registry.size, connections: list });
       }
+      case 'backends':
+        daemon!.applyBackendUpdate(request.update);
+        return reply(request.id, { ok: true });
+      case 'backend-state':
+        daemon!.backendStateChanged(request.indexes, request.state);
+        return reply(request.id, { ok: true });
       case 'log-level':
         log.level = request.level;
         return reply(request.id, { ok: true });

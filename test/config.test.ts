@@ -74,7 +74,8 @@ describe('shipped configuration files', () => {
     // Walk the schema's tables; for arrays of tables, a key counts if any element sets it.
     const visit = (path: PropertyKey[], tables: unknown[]) => {
       for (const key of knownKeysAt(configFileSchema, path)) {
-        const values = tables.flatMap((t) => (t !== null && typeof t === 'object' && key in t ? [(t as Record<string, unknown>)[key]] : []));
+        // A list of inline tables (backends) is walked like an array of tables.
+        const values = tables.flat().flatMap((t) => (t !== null && typeof t === 'object' && key in t ? [(t as Record<string, unknown>)[key]] : []));
         if (values.length === 0) {
           missing.push([...path, key].join('.'));
           continue;
@@ -92,11 +93,11 @@ describe('shipped configuration files', () => {
     assert.ok(config.ok);
     const [tls, tcp] = config.config.listeners;
     assert.deepEqual(tls?.bind.map((b) => b.text), ['127.0.0.1:8443', '[::1]:8443']);
-    assert.deepEqual(tls?.routes.map((r) => [r.name, r.isDefault, r.sni, r.backends.map((b) => b.text)]), [
+    assert.deepEqual(tls?.routes.map((r) => [r.name, r.isDefault, r.sni, r.backends.map((b) => b.address.text)]), [
       ['api', false, ['api.example.com', '*.example.org'], ['127.0.0.1:9443', '127.0.0.1:9444']],
       ['fallback', true, [], ['127.0.0.1:9000']],
     ]);
-    assert.deepEqual(tcp?.routes.map((r) => [r.isDefault, r.backends.map((b) => b.text)]), [[true, ['127.0.0.1:9000']]]);
+    assert.deepEqual(tcp?.routes.map((r) => [r.isDefault, r.backends.map((b) => b.address.text)]), [[true, ['127.0.0.1:9000']]]);
     assert.deepEqual(config.config.admin, { kind: 'tcp', address: { host: '127.0.0.1', port: 9901, text: '127.0.0.1:9901' } });
   });
 });
@@ -110,6 +111,7 @@ describe('resolution', () => {
       firewall: { allow: [], block: [] },
       logging: { level: 'info', rejectionSummaryIntervalMs: 10_000 },
       admin: null,
+      dns: { servers: null, timeoutMs: 2_000, minTtlMs: 1_000, maxTtlMs: 3_600_000, retryMs: 5_000 },
       process: { threads: 'auto' },
       shutdown: { drainTimeoutMs: 30_000, shutdownDelayMs: 0 },
       listeners: [{
@@ -132,7 +134,11 @@ describe('resolution', () => {
           path: 'listeners[0].routes[0]',
           sni: [],
           isDefault: true,
-          backends: [{ host: '127.0.0.1', port: 9000, text: '127.0.0.1:9000' }],
+          backends: [{ address: { host: '127.0.0.1', port: 9000, text: '127.0.0.1:9000' }, weight: 1, backup: false, maxConnections: 0 }],
+          balance: 'round_robin',
+          onAllDown: 'panic',
+          healthCheck: null,
+          ejection: { consecutiveFailures: 3, baseTimeMs: 30_000, maxTimeMs: 300_000, maxSharePct: 50 },
           limits: { maxConnections: 0 },
           firewall: { allow: [], block: [] },
           sendProxyProtocol: null,
@@ -850,7 +856,8 @@ describe('check-config --dump', () => {
     const missing: string[] = [];
     const visit = (path: PropertyKey[], tables: unknown[]) => {
       for (const key of knownKeysAt(configFileSchema, path)) {
-        const values = tables.flatMap((t) => (t !== null && typeof t === 'object' && key in t ? [(t as Record<string, unknown>)[key]] : []));
+        // A list of inline tables (backends) is walked like an array of tables.
+        const values = tables.flat().flatMap((t) => (t !== null && typeof t === 'object' && key in t ? [(t as Record<string, unknown>)[key]] : []));
         if (values.length === 0) missing.push([...path, key].join('.'));
         else if (knownKeysAt(configFileSchema, [...path, key]).length > 0) visit([...path, key], values);
         else if (knownKeysAt(configFileSchema, [...path, key, 0]).length > 0) visit([...path, key, 0], values.flat());
@@ -894,7 +901,7 @@ describe('check-config --dump', () => {
 // these tests would silently ignore.
 type Schema = Record<string, any>;
 const ANNOTATIONS = new Set(['$schema', 'title', 'description', 'default']);
-const ASSERTIONS = new Set(['type', 'properties', 'additionalProperties', 'required', 'items', 'anyOf', 'enum', 'minimum', 'maximum', 'minItems', 'minLength', 'pattern']);
+const ASSERTIONS = new Set(['type', 'properties', 'additionalProperties', 'required', 'items', 'anyOf', 'enum', 'minimum', 'maximum', 'minItems', 'maxItems', 'minLength', 'maxLength', 'pattern']);
 
 function isPlainObject(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value);
@@ -929,9 +936,11 @@ function validate(schema: Schema, value: unknown, path = '$'): string[] {
   if (typeof value === 'string') {
     if (schema.pattern !== undefined && !new RegExp(schema.pattern, 'u').test(value)) errors.push(`${path}: ${JSON.stringify(value)} does not match ${schema.pattern}`);
     if (schema.minLength !== undefined && value.length < schema.minLength) errors.push(`${path}: shorter than ${schema.minLength}`);
+    if (schema.maxLength !== undefined && value.length > schema.maxLength) errors.push(`${path}: longer than ${schema.maxLength}`);
   }
   if (Array.isArray(value)) {
     if (schema.minItems !== undefined && value.length < schema.minItems) errors.push(`${path}: fewer than ${schema.minItems} items`);
+    if (schema.maxItems !== undefined && value.length > schema.maxItems) errors.push(`${path}: more than ${schema.maxItems} items`);
     if (schema.items !== undefined) value.forEach((item, i) => errors.push(...validate(schema.items, item, `${path}[${i}]`)));
   }
   if (isPlainObject(value)) {

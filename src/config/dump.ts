@@ -3,7 +3,7 @@
 // [limits], [reload] on_removal) is written out in each listener and route, because that is what
 // each one runs with; the file `check-config` accepts again and loads to the same Config.
 import { isLoopbackHost } from './units.ts';
-import type { AdminListen, Config, FirewallRules, HostPort, ListenerConfig, RouteConfig, Timeouts } from './types.ts';
+import type { AdminListen, BackendConfig, Config, FirewallRules, HealthCheckConfig, HostPort, ListenerConfig, RouteConfig, Timeouts } from './types.ts';
 
 const DURATION_UNITS: ReadonlyArray<readonly [string, number]> = [['h', 3_600_000], ['m', 60_000], ['s', 1_000], ['ms', 1]];
 
@@ -37,6 +37,40 @@ function strings(items: readonly string[]): string {
 
 function addresses(items: readonly HostPort[]): string {
   return strings(items.map((address) => address.text));
+}
+
+/** A plain string for a backend with the defaults, else an inline table. */
+function backendList(items: readonly BackendConfig[]): string {
+  return list(items.map((b) => {
+    const { address, weight, backup, maxConnections, ...rest } = b;
+    allWritten(rest);
+    if (weight === 1 && !backup && maxConnections === 0) return tomlString(address.text);
+    return `{ address = ${tomlString(address.text)}, weight = ${weight}, backup = ${backup}, max_connections = ${maxConnections} }`;
+  }));
+}
+
+function healthCheckLines(check: HealthCheckConfig): string[] {
+  const { type, intervalMs, timeoutMs, rise, fall, jitterPct, send, expect, expectRegex, tlsServerName, tlsVerify, proxyProtocol, ...rest } = check;
+  allWritten(rest);
+  const lines = [
+    '',
+    '    [listeners.routes.health_check]',
+    `    type = ${tomlString(type)}`,
+    `    interval = ${tomlString(formatDuration(intervalMs))}`,
+    `    timeout = ${tomlString(formatDuration(timeoutMs))}`,
+    `    rise = ${rise}`,
+    `    fall = ${fall}`,
+    `    jitter = ${jitterPct}`,
+  ];
+  if (send !== null) lines.push(`    send = ${tomlString(send)}`);
+  if (expect !== null) lines.push(`    expect = ${tomlString(expect)}`);
+  if (expectRegex !== null) lines.push(`    expect_regex = ${tomlString(expectRegex)}`);
+  if (type === 'tls') {
+    if (tlsServerName !== null) lines.push(`    tls_server_name = ${tomlString(tlsServerName)}`);
+    lines.push(`    tls_verify = ${tlsVerify}`);
+  }
+  lines.push(`    proxy_protocol = ${tomlString(proxyProtocol)}`);
+  return lines;
 }
 
 function adminListen(admin: AdminListen): string {
@@ -110,8 +144,10 @@ function listenerLines(listener: ListenerConfig): string[] {
 }
 
 function routeLines(route: RouteConfig): string[] {
-  const { name, path, sni, isDefault, backends, limits, firewall, sendProxyProtocol, passThroughTlvs, onRemoval, ...rest } = route;
+  const { name, path, sni, isDefault, backends, balance, onAllDown, healthCheck, ejection, limits, firewall, sendProxyProtocol, passThroughTlvs, onRemoval, ...rest } = route;
   allWritten(rest);
+  const { consecutiveFailures, baseTimeMs, maxTimeMs, maxSharePct, ...restOfEjection } = ejection;
+  allWritten(restOfEjection);
   const lines = [
     '',
     `  # ${path}`,
@@ -119,7 +155,9 @@ function routeLines(route: RouteConfig): string[] {
     `  name = ${tomlString(name)}`,
     `  sni = ${strings(sni)}`,
     `  default = ${isDefault}`,
-    `  backends = ${addresses(backends)}`,
+    `  backends = ${backendList(backends)}`,
+    `  balance = ${tomlString(balance)}`,
+    `  on_all_down = ${tomlString(onAllDown)}`,
   ];
   // pass_through_tlvs is only allowed next to send_proxy_protocol = "v2".
   if (sendProxyProtocol === null) lines.push('  # send_proxy_protocol: off');
@@ -130,20 +168,29 @@ function routeLines(route: RouteConfig): string[] {
     '',
     '    [listeners.routes.limits]',
     `    max_connections = ${limits.maxConnections}`,
+    '',
+    '    [listeners.routes.ejection]',
+    `    consecutive_failures = ${consecutiveFailures}`,
+    `    base_time = ${tomlString(formatDuration(baseTimeMs))}`,
+    `    max_time = ${tomlString(formatDuration(maxTimeMs))}`,
+    `    max_share = ${maxSharePct}`,
     ...firewallLines('listeners.routes.firewall', firewall, '    '),
   );
+  if (healthCheck === null) lines.push('', '    # [listeners.routes.health_check]: off');
+  else lines.push(...healthCheckLines(healthCheck));
   return lines;
 }
 
 /** The effective configuration as TOML that check-config accepts and that loads to `config` again. */
 export function dumpConfig(config: Config): string {
-  const { file, limits, firewall, logging, admin, process, shutdown, listeners, ...rest } = config;
+  const { file, limits, firewall, logging, admin, dns, process, shutdown, listeners, ...rest } = config;
   allWritten(rest);
   const { maxConnections, ipv6Prefix, maxTrackedIps, ...restOfLimits } = limits;
   const { level, rejectionSummaryIntervalMs, ...restOfLogging } = logging;
   const { drainTimeoutMs, shutdownDelayMs, ...restOfShutdown } = shutdown;
   const { threads, ...restOfProcess } = process;
-  for (const leftOver of [restOfLimits, restOfLogging, restOfShutdown, restOfProcess]) allWritten(leftOver);
+  const { servers, timeoutMs, minTtlMs, maxTtlMs, retryMs, ...restOfDns } = dns;
+  for (const leftOver of [restOfLimits, restOfLogging, restOfShutdown, restOfProcess, restOfDns]) allWritten(leftOver);
   const lines = [
     `# smartproxy check-config --dump of ${file.replace(/[\r\n]/g, ' ')}`,
     '# Every default is filled in; what listeners and routes inherit ([timeouts], the per-client',
@@ -170,6 +217,13 @@ export function dumpConfig(config: Config): string {
     lines.push('[admin]', `listen = ${adminListen(admin)}`, `allow_public = ${isPublic}`);
   }
   lines.push(
+    '',
+    '[dns]',
+    ...(servers === null ? ['# servers: the system\'s (/etc/resolv.conf)'] : [`servers = ${addresses(servers)}`]),
+    `timeout = ${tomlString(formatDuration(timeoutMs))}`,
+    `min_ttl = ${tomlString(formatDuration(minTtlMs))}`,
+    `max_ttl = ${tomlString(formatDuration(maxTtlMs))}`,
+    `retry = ${tomlString(formatDuration(retryMs))}`,
     '',
     '[shutdown]',
     `drain_timeout = ${tomlString(formatDuration(drainTimeoutMs))}`,

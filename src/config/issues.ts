@@ -191,7 +191,10 @@ function unknownKeyMessage(key: string, known: readonly string[]): string {
 }
 
 function isTypeMismatchAtRoot(issue: z.core.$ZodIssue): boolean {
-  return issue.code === 'invalid_type' && issue.path.length === 0;
+  if (issue.path.length !== 0) return false;
+  if (issue.code === 'invalid_type') return true;
+  // A union (a backend: "host:port" or a table) that the value fits none of by type.
+  return issue.code === 'invalid_union' && issue.errors.every((branch) => branch.some(isTypeMismatchAtRoot));
 }
 
 /**

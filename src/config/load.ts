@@ -9,7 +9,7 @@ import { fromZodIssues, zodMessage } from './issues.ts';
 import { indexLines, lineOf, statementAt } from './locate.ts';
 import { checkCrossFieldRules } from './rules.ts';
 import { configFileSchema, type ConfigFile } from './schema.ts';
-import type { Config, ConfigIssue, ListenerConfig, ListenerLimits, LoadResult, OnRemoval, RouteConfig, Timeouts } from './types.ts';
+import type { Config, ConfigIssue, HealthCheckConfig, ListenerConfig, ListenerLimits, LoadResult, OnRemoval, RouteConfig, Timeouts } from './types.ts';
 
 /** Reads and checks a config file; an unreadable file is one issue at path `(file)`. */
 export function loadConfig(file: string): LoadResult {
@@ -119,6 +119,13 @@ function resolveConfig(file: ConfigFile, absolutePath: string): Config {
     firewall: { allow: file.firewall.allow, block: file.firewall.block },
     logging: { level: file.logging.level, rejectionSummaryIntervalMs: file.logging.rejection_summary_interval },
     admin: file.admin?.listen ?? null,
+    dns: {
+      servers: file.dns.servers ?? null,
+      timeoutMs: file.dns.timeout,
+      minTtlMs: file.dns.min_ttl,
+      maxTtlMs: file.dns.max_ttl,
+      retryMs: file.dns.retry,
+    },
     process: { threads: file.process.threads },
     shutdown: { drainTimeoutMs: file.shutdown.drain_timeout, shutdownDelayMs: file.shutdown.shutdown_delay },
     listeners: file.listeners.map((listener, index) =>
@@ -181,12 +188,43 @@ function resolveRoute(route: RouteFile, path: string, listenerOnRemoval: OnRemov
     path,
     sni: route.sni ?? [],
     isDefault: route.default,
-    backends: route.backends,
+    backends: route.backends.map((b) =>
+      'address' in b
+        ? { address: b.address, weight: b.weight, backup: b.backup, maxConnections: b.max_connections }
+        : { address: b, weight: 1, backup: false, maxConnections: 0 },
+    ),
+    balance: route.balance,
+    onAllDown: route.on_all_down,
+    healthCheck: resolveHealthCheck(route.health_check, route.send_proxy_protocol !== undefined),
+    ejection: {
+      consecutiveFailures: route.ejection.consecutive_failures,
+      baseTimeMs: route.ejection.base_time,
+      maxTimeMs: route.ejection.max_time,
+      maxSharePct: route.ejection.max_share,
+    },
     limits: { maxConnections: route.limits.max_connections },
     firewall: { allow: route.firewall.allow, block: route.firewall.block },
     sendProxyProtocol: route.send_proxy_protocol ?? null,
     passThroughTlvs: route.pass_through_tlvs,
     onRemoval: route.on_removal ?? listenerOnRemoval,
+  };
+}
+
+function resolveHealthCheck(check: RouteFile['health_check'], routeSendsProxy: boolean): HealthCheckConfig | null {
+  if (check === undefined) return null;
+  return {
+    type: check.type,
+    intervalMs: check.interval,
+    timeoutMs: check.timeout,
+    rise: check.rise,
+    fall: check.fall,
+    jitterPct: check.jitter,
+    send: check.send ?? null,
+    expect: check.expect ?? null,
+    expectRegex: check.expect_regex ?? null,
+    tlsServerName: check.tls_server_name ?? null,
+    tlsVerify: check.tls_verify,
+    proxyProtocol: check.proxy_protocol ?? (routeSendsProxy ? 'local' : 'none'),
   };
 }
 

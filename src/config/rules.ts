@@ -3,7 +3,7 @@
 // so that they still run when some other part of the file is invalid, and one pass reports
 // everything. Values the schema rejects are skipped here: the schema has already said why.
 import { formatPath, formatValue } from './issues.ts';
-import { ipFamily, isLoopbackHost, isUnitError, normalizeHost, parseHostPort, parseSniPattern } from './units.ts';
+import { ipFamily, isLoopbackHost, isUnitError, normalizeHost, parseDuration, parseHostPort, parseSniPattern } from './units.ts';
 import type { ConfigIssue, HostPort } from './types.ts';
 
 type Table = Record<string, unknown>;
@@ -39,7 +39,7 @@ export function checkCrossFieldRules(raw: Table): ConfigIssue[] {
     const routes = tablesIn(listener.routes).map(({ table, index: r }) => ({ table, path: ['listeners', index, 'routes', r] as Path }));
     issues.push(...duplicateNames(routes, 'route'), ...routeRules(routes));
   }
-  issues.push(...adminExposure(raw.admin));
+  issues.push(...adminExposure(raw.admin), ...dnsServers(raw.dns));
   return issues;
 }
 
@@ -150,6 +150,8 @@ function routeRules(routes: { table: Table; path: Path }[]): ConfigIssue[] {
       });
     }
 
+    issues.push(...backendRules(table, path), ...healthCheckRules(table.health_check, [...path, 'health_check']), ...ejectionRules(table.ejection, [...path, 'ejection']));
+
     if (table.pass_through_tlvs !== undefined && table.send_proxy_protocol !== 'v2') {
       const sending = table.send_proxy_protocol === undefined
         ? 'send_proxy_protocol is not set'
@@ -172,4 +174,75 @@ function adminExposure(admin: unknown): ConfigIssue[] {
     path: 'admin.listen',
     message: `${formatValue(admin.listen)} is not a loopback address, and the admin API has no authentication (set admin.allow_public = true to expose it anyway)`,
   }];
+}
+
+/** The address of one `backends` entry as written, whichever form it has. */
+function backendAddress(entry: unknown): string | undefined {
+  if (typeof entry === 'string') return entry;
+  if (isTable(entry) && typeof entry.address === 'string') return entry.address;
+  return undefined;
+}
+
+/** The same address twice in one route, and a route whose backends are all backups. */
+function backendRules(route: Table, path: Path): ConfigIssue[] {
+  const entries = Array.isArray(route.backends) ? route.backends : [route.backends];
+  const issues: ConfigIssue[] = [];
+  const first = new Map<string, number>();
+  entries.forEach((entry, index) => {
+    const text = backendAddress(entry);
+    if (text === undefined) return;
+    const address = parseHostPort(text);
+    if (isUnitError(address)) return;
+    const key = `${normalizeHost(address.host)}:${address.port}`;
+    const earlier = first.get(key);
+    const at: Path = Array.isArray(route.backends) ? [...path, 'backends', index] : [...path, 'backends'];
+    if (earlier === undefined) first.set(key, index);
+    else issues.push({ path: formatPath(at), message: `${formatValue(text)} is listed twice in this route (first at backends[${earlier}])` });
+  });
+  if (entries.length > 0 && entries.every((entry) => isTable(entry) && entry.backup === true)) {
+    issues.push({ path: formatPath([...path, 'backends']), message: `every backend of ${describeRoute(route)} is a backup; at least one must be a primary (backup = false)` });
+  }
+  return issues;
+}
+
+/** Keys of a health check that belong to another check type, and a send_expect with nothing to expect. */
+function healthCheckRules(check: unknown, path: Path): ConfigIssue[] {
+  if (!isTable(check)) return [];
+  const type = check.type ?? 'tcp';
+  if (typeof type !== 'string') return [];
+  const issues: ConfigIssue[] = [];
+  const only = (key: string, needed: string): void => {
+    if (check[key] !== undefined && type !== needed) {
+      issues.push({ path: formatPath([...path, key]), message: `${key} applies only to type = ${formatValue(needed)} (got type = ${formatValue(type)})` });
+    }
+  };
+  for (const key of ['send', 'expect', 'expect_regex']) only(key, 'send_expect');
+  for (const key of ['tls_server_name', 'tls_verify']) only(key, 'tls');
+  if (type === 'send_expect') {
+    if (check.expect !== undefined && check.expect_regex !== undefined) {
+      issues.push({ path: formatPath([...path, 'expect_regex']), message: 'set expect (a prefix) or expect_regex, not both' });
+    } else if (check.expect === undefined && check.expect_regex === undefined) {
+      issues.push({ path: formatPath(path), message: 'type = "send_expect" needs expect (a prefix of the reply) or expect_regex' });
+    }
+  }
+  return issues;
+}
+
+function ejectionRules(ejection: unknown, path: Path): ConfigIssue[] {
+  if (!isTable(ejection) || typeof ejection.base_time !== 'string' || typeof ejection.max_time !== 'string') return [];
+  const base = parseDuration(ejection.base_time);
+  const max = parseDuration(ejection.max_time);
+  if (isUnitError(base) || isUnitError(max) || base <= max) return [];
+  return [{ path: formatPath([...path, 'max_time']), message: `${formatValue(ejection.max_time)} is shorter than base_time = ${formatValue(ejection.base_time)}` }];
+}
+
+/** Name servers are addresses: resolving their own names would need a resolver. */
+function dnsServers(dns: unknown): ConfigIssue[] {
+  if (!isTable(dns) || !Array.isArray(dns.servers)) return [];
+  return dns.servers.flatMap((text, index) => {
+    if (typeof text !== 'string') return [];
+    const address = parseHostPort(text);
+    if (isUnitError(address) || ipFamily(address.host) !== null) return [];
+    return [{ path: formatPath(['dns', 'servers', index]), message: `${formatValue(text)} is a host name; name servers must be IP addresses` }];
+  });
 }

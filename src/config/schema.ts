@@ -189,12 +189,77 @@ const proxyProtocolAccept = z.strictObject(
   table('[listeners.proxy_protocol]'),
 );
 
+/** Most backends one route can list (a host name may resolve to more: see MAX_RESOLVED_ADDRESSES). */
+export const MAX_BACKENDS_PER_ROUTE = 256;
+
+/** `"host:port"` or `{ address = "host:port", weight, backup, max_connections }`. */
+const backend = z.union(
+  [
+    hostPort(),
+    z.strictObject(
+      {
+        address: hostPort(),
+        weight: z.int(expecting('a weight from 1 to 1000')).min(1).max(1000).default(1),
+        backup: bool().default(false),
+        max_connections: count().default(0),
+      },
+      table('{ address = "host:port", weight = 1, backup = false, max_connections = 0 }'),
+    ),
+  ],
+  expecting('"host:port" or { address = "host:port", weight = 1, backup = false, max_connections = 0 }'),
+);
+
+const healthCheck = z
+  .strictObject(
+    {
+      type: z.enum(['tcp', 'send_expect', 'tls']).default('tcp'),
+      interval: duration({ positive: true }).default(5_000),
+      timeout: duration({ positive: true }).default(2_000),
+      rise: z.int(expecting('a whole number from 1 to 100')).min(1).max(100).default(2),
+      fall: z.int(expecting('a whole number from 1 to 100')).min(1).max(100).default(3),
+      jitter: percent().default(10),
+      send: z.string(expecting('a string')).max(4096).optional(),
+      expect: z.string(expecting('a string')).min(1).max(4096).optional(),
+      expect_regex: z
+        .string(expecting('a regular expression'))
+        .min(1)
+        .max(1024)
+        .refine((text) => {
+          try {
+            new RegExp(text);
+            return true;
+          } catch {
+            return false;
+          }
+        }, { error: (issue) => `${formatValue(issue.input)} is not a valid regular expression` })
+        .optional(),
+      tls_server_name: z.string(expecting('a server name')).min(1).max(255).optional(),
+      tls_verify: bool().default(false),
+      proxy_protocol: z.enum(['local', 'none']).optional(),
+    },
+    table('[listeners.routes.health_check]'),
+  );
+
+const ejection = z.strictObject(
+  {
+    consecutive_failures: z.int(expecting('a whole number from 0 to 1000')).min(0).max(1000).default(3),
+    base_time: duration({ positive: true }).default(30_000),
+    max_time: duration({ positive: true }).default(300_000),
+    max_share: percent().default(50),
+  },
+  table('[listeners.routes.ejection]'),
+);
+
 const route = z.strictObject(
   {
     name: name(),
     sni: oneOrMany(sniPattern(), 'a server name or a list of them', { nonEmpty: false }).optional(),
     default: bool().default(false),
-    backends: oneOrMany(hostPort(), 'host:port or a list of them', { nonEmpty: true }),
+    backends: z.union([backend.transform((b) => [b]), z.array(backend).min(1).max(MAX_BACKENDS_PER_ROUTE)], expecting('host:port, a backend table or a list of them')),
+    balance: z.enum(['round_robin', 'least_conn', 'random_two', 'source_hash']).default('round_robin'),
+    on_all_down: z.enum(['panic', 'refuse']).default('panic'),
+    health_check: healthCheck.optional(),
+    ejection: ejection.prefault({}),
     send_proxy_protocol: z.enum(['v1', 'v2']).optional(),
     pass_through_tlvs: z.array(z.int(expecting('a TLV type from 0 to 255')).min(0).max(255), expecting('a list of TLV types')).default([]),
     on_removal: onRemoval().optional(),
@@ -256,6 +321,18 @@ export const configFileSchema = z.strictObject({
     )
     .prefault({}),
   reload: z.strictObject({ on_removal: onRemoval().default('keep') }, table('[reload]')).prefault({}),
+  dns: z
+    .strictObject(
+      {
+        servers: z.array(hostPort(), expecting('a list of host:port, e.g. ["127.0.0.1:53"]')).max(16).optional(),
+        timeout: duration({ positive: true }).default(2_000),
+        min_ttl: duration({ positive: true }).default(1_000),
+        max_ttl: duration({ positive: true }).default(3_600_000),
+        retry: duration({ positive: true }).default(5_000),
+      },
+      table('[dns]'),
+    )
+    .prefault({}),
   process: z
     .strictObject(
       {

@@ -66,6 +66,53 @@ export interface ProxyProtocolAccept {
 export type OnRemoval = 'keep' | 'drain' | 'close';
 export type RejectStyle = 'reset' | 'close';
 
+/** One entry of a route's `backends`: a plain "host:port" string is weight 1, primary, uncapped. */
+export interface BackendConfig {
+  /** An IP literal, or a host name resolved through `[dns]` (every address it resolves to becomes a backend with these settings). */
+  readonly address: HostPort;
+  /** Share of new connections relative to the other backends (1-1000). */
+  readonly weight: number;
+  /** Used only while no primary backend of the route is up. */
+  readonly backup: boolean;
+  /** Connections to this backend at once over every thread; 0 = unlimited. */
+  readonly maxConnections: number;
+}
+
+export type Balance = 'round_robin' | 'least_conn' | 'random_two' | 'source_hash';
+
+/** `[listeners.routes.health_check]`: active checks of every backend of the route. */
+export interface HealthCheckConfig {
+  readonly type: 'tcp' | 'send_expect' | 'tls';
+  readonly intervalMs: number;
+  readonly timeoutMs: number;
+  readonly rise: number;
+  readonly fall: number;
+  /** Each interval is randomised by up to this percentage either way. */
+  readonly jitterPct: number;
+  /** send_expect: bytes written after connecting (TOML escapes such as "\r\n" apply). */
+  readonly send: string | null;
+  /** send_expect: the reply must begin with these bytes... */
+  readonly expect: string | null;
+  /** ...or match this regular expression. */
+  readonly expectRegex: string | null;
+  /** tls: the SNI sent; null = the route's first exact server name, else none. */
+  readonly tlsServerName: string | null;
+  readonly tlsVerify: boolean;
+  /** "local": a PROXY v2 LOCAL header first (the default when the route sends PROXY); "none": nothing. */
+  readonly proxyProtocol: 'local' | 'none';
+}
+
+/** `[listeners.routes.ejection]`: passive ejection on consecutive connect failures. */
+export interface EjectionConfig {
+  /** 0 = passive ejection off. */
+  readonly consecutiveFailures: number;
+  /** Cooldown = base x times ejected in a row, capped at max. */
+  readonly baseTimeMs: number;
+  readonly maxTimeMs: number;
+  /** At most this percentage of the route's backends ejected passively at once. */
+  readonly maxSharePct: number;
+}
+
 export interface RouteConfig {
   readonly name: string;
   /** TOML path of this route, e.g. `listeners[0].routes[1]`, for messages. */
@@ -73,7 +120,12 @@ export interface RouteConfig {
   /** Lower-cased; exact names and `*.suffix` wildcards. */
   readonly sni: readonly string[];
   readonly isDefault: boolean;
-  readonly backends: readonly HostPort[];
+  readonly backends: readonly BackendConfig[];
+  readonly balance: Balance;
+  /** Every backend down (checks, ejection): "panic" tries them all anyway, "refuse" closes with no_healthy_backend. */
+  readonly onAllDown: 'panic' | 'refuse';
+  readonly healthCheck: HealthCheckConfig | null;
+  readonly ejection: EjectionConfig;
   readonly limits: RouteLimits;
   readonly firewall: FirewallRules;
   readonly sendProxyProtocol: ProxyProtocolVersion | null;
@@ -124,6 +176,17 @@ export interface Config {
     readonly rejectionSummaryIntervalMs: number;
   };
   readonly admin: AdminListen | null;
+  /** How backend host names are resolved. */
+  readonly dns: {
+    /** IP:port of the name servers; null = the system's (resolv.conf). */
+    readonly servers: readonly HostPort[] | null;
+    readonly timeoutMs: number;
+    /** Answers are re-resolved when their TTL runs out, clamped to [min, max]. */
+    readonly minTtlMs: number;
+    readonly maxTtlMs: number;
+    /** After a failed resolution (the last good answer is kept), try again this soon. */
+    readonly retryMs: number;
+  };
   readonly process: {
     /** Event-loop threads running listeners; "auto" = os.availableParallelism(). Start-only. */
     readonly threads: number | 'auto';

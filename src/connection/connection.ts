@@ -27,6 +27,7 @@ import net from 'node:net';
 import type { HostPort, Timeouts } from '../config/types.ts';
 import type { Logger } from '../logging/logger.ts';
 import { ClientHelloReader, MAX_HELLO_BYTES } from '../routing/client-hello.ts';
+import type { Member, NoBackend } from '../backends/backend-pool.ts';
 import type { Route, RouteTable } from '../routing/route-table.ts';
 import { parseProxyHeader, type ProxyHeader } from '../proxy-protocol/parse.ts';
 import type { ProxyVersionAccept } from '../proxy-protocol/parse.ts';
@@ -75,7 +76,14 @@ export interface ConnectionOwner {
   admitRealClient(conn: Connection): RejectReason | null;
   /** After SNI chose a route: a route removed by a reload, the route's firewall and limit. */
   admitRoute(conn: Connection, route: Route): CloseReason | null;
-  /** A dial failed; `last` when no backend is left to try. */
+  /**
+   * The backend for the connection's next dial, by the route's balance, with its lease taken
+   * (conn.backendIndex); or why there is none.
+   */
+  chooseBackend(conn: Connection, route: Route, tried: readonly number[]): Member | NoBackend;
+  /** The dial connected: passive ejection forgets the backend's failures. */
+  backendConnected(conn: Connection): void;
+  /** A dial failed: its lease is given back, the failure counted for passive ejection. `last`: none left to try. */
   backendFailed(conn: Connection, backend: HostPort, code: string, last: boolean): void;
   /** The single release point: slot, queue place, per-client count, route count, metrics, log line. */
   connectionClosed(conn: Connection, reason: CloseReason, stateBefore: ConnectionState): void;
@@ -130,6 +138,8 @@ export class Connection {
   ticket = 0;
   /** The shared count index of the route it is counted on; -1 when none. */
   routeIndex = -1;
+  /** The backend state index it is counted on (from its dial to its close); -1 when none. */
+  backendIndex = -1;
 
   route: Route | null = null;
   sni: string | null = null;
@@ -145,12 +155,15 @@ export class Connection {
   /** Bytes read during the handshake, replayed to the backend unchanged. */
   private inbound: Buffer | null = null;
   private inboundLength = 0;
-  private firstBackend = 0;
+  /** State indexes of the backends dialled so far: each is tried at most once. */
+  private readonly tried: number[] = [];
   /** Backend dials made so far (the access log's `attempts`). */
   attempts = 0;
   // For the access log: when a worker took it, when the first dial began, when a backend answered.
   private startedAt = 0;
   private dialStartedAt = 0;
+  /** When the current dial began (the connect-time histogram is per dial). */
+  lastDialAt = 0;
   private connectedAt = 0;
   private clientEnded = false;
   private backendEnded = false;
@@ -394,19 +407,19 @@ export class Connection {
     this.client.pause();
     this.clientHelloDeadline = 0;
     this.setState('connecting');
-    this.firstBackend = route.nextStart();
     this.dialStartedAt = Date.now();
     this.dial();
   }
 
-  // ---- connecting: each backend at most once, in round-robin order ----
+  // ---- connecting: each backend at most once, chosen by the route's balance ----
 
   private dial(): void {
-    const route = this.route!;
-    const count = route.backends.length;
-    if (this.attempts >= count) return this.close('backend_unavailable');
-    const target = route.backends[(this.firstBackend + this.attempts) % count]!;
+    const choice = this.owner.chooseBackend(this, this.route!, this.tried);
+    if (typeof choice === 'string') return this.close(choice);
+    const target = choice.address;
+    this.tried.push(choice.index);
     this.attempts++;
+    this.lastDialAt = Date.now();
     const socket = net.connect({
       host: target.host,
       port: target.port,
@@ -429,7 +442,7 @@ export class Connection {
     const failed = this.backend!;
     this.backend = null;
     failed.destroy();
-    this.owner.backendFailed(this, this.backendAddress!, code, this.attempts >= this.route!.backends.length);
+    this.owner.backendFailed(this, this.backendAddress!, code, this.tried.length >= this.route!.pool.all.length);
     this.connectDeadline = 0;
     this.dial();
   }
@@ -437,6 +450,7 @@ export class Connection {
   onBackendConnect(): void {
     this.connectDeadline = 0;
     this.connectedAt = Date.now();
+    this.owner.backendConnected(this);
     this.setState('relaying');
     const backend = this.backend!;
     const client = this.client;

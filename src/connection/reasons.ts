@@ -27,7 +27,10 @@ export const END_REASONS = [
   'client_reset', // client sent RST or its socket errored
   'backend_reset', // backend sent RST or its socket errored while relaying
   'client_gone', // client left before the relay began
-  'backend_unavailable', // every backend of the route failed to connect
+  'backend_unavailable', // every backend of the route failed to connect (or none is left to try)
+  'backend_full', // every backend it could use is at its max_connections
+  'no_healthy_backend', // every backend of the route is down and on_all_down = "refuse"
+  'maintenance', // its backend was put into maintenance through the admin API (after shutdown.drain_timeout)
   'idle_timeout',
   'half_close_timeout',
   'max_lifetime',

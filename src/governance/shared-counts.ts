@@ -201,10 +201,34 @@ function takeBelow(i32: Int32Array, at: number, limit: number): boolean {
 export class CountIndexes {
   readonly listeners: Map<string, number>;
   readonly routes: Map<string, number>;
+  /** Backend state indexes (backends/backend-states.ts), keyed by backendKey(listener, route, address). */
+  readonly backends: Map<string, number>;
 
-  constructor(init?: { listeners: Array<[string, number]>; routes: Array<[string, number]> }) {
+  constructor(init?: { listeners: Array<[string, number]>; routes: Array<[string, number]>; backends?: Array<[string, number]> }) {
     this.listeners = new Map(init?.listeners ?? []);
     this.routes = new Map(init?.routes ?? []);
+    this.backends = new Map(init?.backends ?? []);
+  }
+
+  /** Indexes for backend keys not seen before; null, or a message when the process has used them up. */
+  assignBackends(keys: Iterable<string>, max: number): string | null {
+    const fresh = [...new Set(keys)].filter((key) => !this.backends.has(key));
+    if (this.backends.size + fresh.length > max) return `more than ${max} distinct backends in the life of the process; restart to reset`;
+    for (const key of fresh) this.backends.set(key, this.backends.size);
+    return null;
+  }
+
+  backend(key: string): number {
+    const index = this.backends.get(key);
+    if (index === undefined) throw new Error(`bug: backend "${key.replaceAll('\u0000', '/')}" has no index`);
+    return index;
+  }
+
+  /** Takes indexes another thread assigned (a reload's or a resolution's). */
+  adopt(json: ReturnType<CountIndexes['toJSON']>): void {
+    for (const [name, index] of json.listeners) this.listeners.set(name, index);
+    for (const [key, index] of json.routes) this.routes.set(key, index);
+    for (const [key, index] of json.backends) this.backends.set(key, index);
   }
 
   /**
@@ -239,8 +263,8 @@ export class CountIndexes {
   }
 
   /** Plain data, to send to another thread. */
-  toJSON(): { listeners: Array<[string, number]>; routes: Array<[string, number]> } {
-    return { listeners: [...this.listeners], routes: [...this.routes] };
+  toJSON(): { listeners: Array<[string, number]>; routes: Array<[string, number]>; backends: Array<[string, number]> } {
+    return { listeners: [...this.listeners], routes: [...this.routes], backends: [...this.backends] };
   }
 }
 

@@ -5,6 +5,7 @@
 import type { Config, ListenerConfig, Timeouts } from '../config/types.ts';
 import type { ConnectionSettings } from '../connection/connection.ts';
 import { compileFirewall, type Firewall } from '../governance/firewall.ts';
+import type { BackendDirectory } from '../backends/directory.ts';
 import type { CountIndexes } from '../governance/shared-counts.ts';
 import type { ProxyVersionAccept } from '../proxy-protocol/parse.ts';
 import { RouteTable } from '../routing/route-table.ts';
@@ -28,12 +29,12 @@ export class ListenerGeneration implements ConnectionSettings {
   private readonly globalFirewall: Firewall;
   private readonly ownFirewall: Firewall;
 
-  constructor(config: ListenerConfig, global: Config, globalFirewall: Firewall, indexes: CountIndexes) {
+  constructor(config: ListenerConfig, global: Config, globalFirewall: Firewall, indexes: CountIndexes, backends: BackendDirectory) {
     this.name = config.name;
     this.config = config;
     this.timeouts = config.timeouts;
     this.countIndex = indexes.listener(config.name);
-    this.routes = new RouteTable(config, (route) => indexes.route(config.name, route.name));
+    this.routes = new RouteTable(config, (route) => indexes.route(config.name, route.name), backends);
     this.rejectStyle = config.reject;
     this.accessLog = config.accessLog;
     this.ipv6Prefix = global.limits.ipv6Prefix;

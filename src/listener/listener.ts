@@ -26,6 +26,8 @@ import { Connection, type ConnectionOwner, type ConnectionState } from '../conne
 import { isRejection, type CloseReason, type RejectReason } from '../connection/reasons.ts';
 import type { Registry } from '../connection/registry.ts';
 import type { HostPort as Backend } from '../config/types.ts';
+import type { Member, NoBackend } from '../backends/backend-pool.ts';
+import type { SharedBackendStates } from '../backends/backend-states.ts';
 import type { ClientTable, SharedClientTable } from '../governance/client-table.ts';
 import { clientKey, unmappedIPv4 } from '../governance/client-key.ts';
 import { fairShareRefuses } from '../governance/fair-share.ts';
@@ -61,6 +63,7 @@ const NO_BIND_OPTIONS: BindOptions = { reusePort: false, portFor: () => undefine
 /** What every thread shares: the counts, the per-client table, and which thread this is. */
 export interface SharedState {
   readonly counts: SharedCounts;
+  readonly backends: SharedBackendStates;
   readonly clients: SharedClientTable;
   readonly indexes: CountIndexes;
   /** This event loop's number, 0-based, and how many there are. */
@@ -478,18 +481,49 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
     this.deps.slots.handOver(this);
   }
 
-  /** A backend dial failed: counted always, warned at most once per 10 s per backend. */
+  // ---- backends: a lease on the backend's connection count from the dial to the close ----
+
+  /** ConnectionOwner: see backends/backend-pool.ts for the choice. */
+  chooseBackend(conn: Connection, route: Route, tried: readonly number[]): Member | NoBackend {
+    const choice = route.pool.choose(tried, conn.clientAddress, Date.now());
+    if (typeof choice !== 'string') conn.backendIndex = choice.index;
+    return choice;
+  }
+
+  /** ConnectionOwner: the dial connected. */
+  backendConnected(conn: Connection): void {
+    this.deps.shared.backends.connected(conn.backendIndex);
+    this.metrics.backendConnected(conn.route!.name, Date.now() - conn.lastDialAt);
+  }
+
+  /**
+   * ConnectionOwner: a dial failed. Gives its lease back, counts it for passive ejection (an
+   * ejection is one warning), and warns of the failure at most once per 10 s per backend.
+   */
   backendFailed(conn: Connection, backend: Backend, code: string, last: boolean): void {
-    const route = conn.route?.name ?? '';
-    this.metrics.backendFailed(route, backend.text, code);
+    const states = this.deps.shared.backends;
+    const index = conn.backendIndex;
+    states.release(index);
+    conn.backendIndex = -1;
+    const route = conn.route!;
     const now = Date.now();
+    const policy = route.config.ejection;
+    const cooldown = states.connectFailed(index, now, policy, () => ejectionAllowed(route, states, now));
+    if (cooldown > 0) {
+      this.metrics.backendEjected(route.name, backend.text);
+      this.deps.log.warn(
+        { listener: this.name, route: route.name, backend: backend.text, code, cooldownMs: cooldown },
+        `backend ${backend.text} of route ${route.name} is ejected for ${cooldown} ms: ${policy.consecutiveFailures} connect failures in a row, last: ${code}`,
+      );
+    }
+    this.metrics.backendFailed(route.name, backend.text, code);
     const seen = this.backendWarnings.get(backend.text);
     if (seen !== undefined && now - seen.last < 10_000) {
       seen.suppressed++;
       return;
     }
     this.deps.log.warn(
-      { listener: this.name, route, backend: backend.text, code, suppressed: seen?.suppressed ?? 0 },
+      { listener: this.name, route: route.name, backend: backend.text, code, suppressed: seen?.suppressed ?? 0 },
       last ? 'backend connect failed; no backend of the route is left to try' : 'backend connect failed; trying the next one',
     );
     this.backendWarnings.set(backend.text, { last: now, suppressed: 0 });
@@ -506,6 +540,10 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
     if (conn.routeIndex >= 0) {
       this.counts.releaseRoute(conn.routeIndex);
       conn.routeIndex = -1;
+    }
+    if (conn.backendIndex >= 0) {
+      this.deps.shared.backends.release(conn.backendIndex);
+      conn.backendIndex = -1;
     }
     if (isRejection(reason)) this.recordRejection(reason, conn.clientAddress);
     this.metrics.closed(conn, reason);
@@ -560,6 +598,19 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
 }
 
 function ignoreError(): void {}
+
+/**
+ * max_share: a passive ejection may leave at most that share of the route's backends ejected
+ * (as Envoy's max_ejection_percent), so a network blip cannot empty a route. Always at least one
+ * may be ejected. Threads can race past it by one each at the same instant.
+ */
+function ejectionAllowed(route: Route, states: SharedBackendStates, now: number): boolean {
+  const members = route.pool.all;
+  let ejected = 0;
+  for (const m of members) if (states.isEjected(m.index, now)) ejected++;
+  const allowed = Math.max(1, Math.floor((members.length * route.config.ejection.maxSharePct) / 100));
+  return ejected < allowed;
+}
 
 
 

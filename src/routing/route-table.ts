@@ -1,30 +1,24 @@
 // A listener's routes compiled once per config generation: SNI lookups are map hits, never scans.
-import type { HostPort, ListenerConfig, RouteConfig } from '../config/types.ts';
+import type { ListenerConfig, RouteConfig } from '../config/types.ts';
+import { BackendPool } from '../backends/backend-pool.ts';
+import type { BackendDirectory } from '../backends/directory.ts';
 import { compileFirewall, type Firewall } from '../governance/firewall.ts';
 
-/** One route as the hot path sees it. Its round-robin cursor lives here, so a reload starts it afresh. */
+/** One route as the hot path sees it. Its pool's balancing state lives here, so a reload starts it afresh. */
 export class Route {
   readonly name: string;
   readonly config: RouteConfig;
-  readonly backends: readonly HostPort[];
+  readonly pool: BackendPool;
   readonly firewall: Firewall;
   /** Index of this route's connection count in the shared counts (stable across reloads). */
   readonly countIndex: number;
-  private cursor = 0;
 
-  constructor(config: RouteConfig, countIndex: number) {
+  constructor(config: RouteConfig, countIndex: number, pool: BackendPool) {
     this.countIndex = countIndex;
     this.name = config.name;
     this.config = config;
-    this.backends = config.backends;
+    this.pool = pool;
     this.firewall = compileFirewall(config.firewall);
-  }
-
-  /** The index of the backend to try first for a new connection (round-robin). */
-  nextStart(): number {
-    const start = this.cursor;
-    this.cursor = (start + 1) % this.backends.length;
-    return start;
   }
 }
 
@@ -37,9 +31,11 @@ export class RouteTable {
   /** Keyed by the suffix after "*." (`example.org` for `*.example.org`). */
   private readonly wildcard = new Map<string, Route>();
 
-  /** `countIndex` gives each route's index in the shared counts (tests may leave it out). */
-  constructor(listener: ListenerConfig, countIndex: (route: RouteConfig) => number = () => 0) {
-    this.routes = listener.routes.map((r) => new Route(r, countIndex(r)));
+  /** `countIndex` gives each route's index in the shared counts; `backends` its members. */
+  constructor(listener: ListenerConfig, countIndex: (route: RouteConfig) => number, backends: BackendDirectory) {
+    this.routes = listener.routes.map(
+      (r) => new Route(r, countIndex(r), new BackendPool(r.balance, r.onAllDown, backends.states, backends.membersOf(listener.name, r))),
+    );
     let fallback: Route | null = null;
     for (const route of this.routes) {
       if (route.config.isDefault) fallback = route;

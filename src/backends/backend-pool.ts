@@ -1,0 +1,218 @@
+// One route's backends as a thread picks among them: the members (every configured address, and
+// every address a configured host name resolved to), and the choice of one for a new connection
+// by `balance`, skipping what is down, drained, at its cap or already tried by this connection.
+//
+// Tiers, in order: primaries that are up; else backups that are up; else, when nothing of the
+// route is up at all (checks and ejection together), panic (every member the operator left ready,
+// as Envoy's panic threshold does) or, with on_all_down = "refuse", no_healthy_backend. Up means
+// active checks find it up and it is not passively ejected; at its cap is not down (backend_full).
+import type { Balance, HostPort, RouteConfig } from '../config/types.ts';
+import { normalizeHost, ipFamily } from '../config/units.ts';
+import type { SharedBackendStates } from './backend-states.ts';
+
+export interface Member {
+  /** Index of its state in SharedBackendStates. */
+  readonly index: number;
+  /** Where to dial: an IP literal and port. */
+  readonly address: HostPort;
+  /** The `backends` entry it comes from, as written (a host name for a resolved address). */
+  readonly configured: string;
+  readonly weight: number;
+  readonly backup: boolean;
+  readonly maxConnections: number;
+  /** Its share of source_hash: a hash of its address, mixed with the client's. */
+  readonly seed: number;
+}
+
+export type NoBackend = 'no_healthy_backend' | 'backend_full' | 'backend_unavailable';
+
+/** The key of a backend's state: one entry per listener, route and address. */
+export function backendKey(listener: string, route: string, address: string): string {
+  return `${listener}\u0000${route}\u0000${address}`;
+}
+
+/** `ip:port`, IPv6 in brackets, as a backend address is written once resolved. */
+export function addressText(ip: string, port: number): string {
+  return ip.includes(':') ? `[${ip}]:${port}` : `${ip}:${port}`;
+}
+
+/**
+ * Every address a route's backends stand for, in config order: an IP literal as written, a host
+ * name as each address it resolves to (none while it has never resolved). One address listed
+ * twice (a literal and a name resolving to it) is one member with the first entry's settings.
+ */
+export function routeAddresses(route: RouteConfig, resolved: (host: string) => readonly string[] | undefined): Array<{ address: HostPort; entry: RouteConfig['backends'][number] }> {
+  const out: Array<{ address: HostPort; entry: RouteConfig['backends'][number] }> = [];
+  const seen = new Set<string>();
+  for (const entry of route.backends) {
+    const { host, port } = entry.address;
+    const ips = ipFamily(host) !== null ? [host] : (resolved(host) ?? []);
+    for (const ip of ips) {
+      const text = ipFamily(host) !== null ? entry.address.text : addressText(ip, port);
+      const key = `${normalizeHost(ip)}:${port}`;
+      if (seen.has(key)) continue;
+      seen.add(key);
+      out.push({ address: { host: ip, port, text }, entry });
+    }
+  }
+  return out;
+}
+
+export class BackendPool {
+  private members: readonly Member[] = [];
+  /** Smooth weighted round-robin (as nginx's): each member's running score, by position. */
+  private current: Float64Array = new Float64Array(0);
+  private cursor = 0;
+
+  constructor(
+    readonly balance: Balance,
+    readonly onAllDown: 'panic' | 'refuse',
+    private readonly states: SharedBackendStates,
+    members: readonly Member[],
+  ) {
+    this.setMembers(members);
+  }
+
+  get all(): readonly Member[] {
+    return this.members;
+  }
+
+  /** A new resolution replaced the members (DNS); round-robin starts afresh. */
+  setMembers(members: readonly Member[]): void {
+    this.members = members;
+    this.current = new Float64Array(members.length);
+  }
+
+  /**
+   * The member for a connection's next dial, its connection lease already taken (give it back
+   * with states.release), or why there is none. `tried`: members this connection has dialled.
+   */
+  choose(tried: readonly number[], clientAddress: string, now: number): Member | NoBackend {
+    const members = this.members;
+    if (members.length === 0) return 'backend_unavailable';
+    const states = this.states;
+    const primaries: number[] = [];
+    const backups: number[] = [];
+    let anyUp = false;
+    for (let i = 0; i < members.length; i++) {
+      const m = members[i]!;
+      if (!states.isReady(m.index) || !states.isUp(m.index, now)) continue;
+      anyUp = true;
+      if (tried.includes(m.index)) continue;
+      (m.backup ? backups : primaries).push(i);
+    }
+    let candidates = primaries.length > 0 ? primaries : backups;
+    if (candidates.length === 0) {
+      if (this.onAllDown === 'refuse') return tried.length === 0 && !anyUp ? 'no_healthy_backend' : 'backend_unavailable';
+      // Panic: whatever the operator left ready, primaries first, health ignored.
+      for (const backup of [false, true]) {
+        for (let i = 0; i < members.length; i++) {
+          const m = members[i]!;
+          if (m.backup === backup && states.isReady(m.index) && !tried.includes(m.index)) candidates.push(i);
+        }
+        if (candidates.length > 0) break;
+      }
+      if (candidates.length === 0) return 'backend_unavailable';
+    }
+    let full = false;
+    while (candidates.length > 0) {
+      const position = this.pick(candidates, clientAddress);
+      const m = members[position]!;
+      if (states.take(m.index, m.maxConnections)) return m;
+      full = true;
+      candidates = candidates.filter((c) => c !== position);
+    }
+    return full ? 'backend_full' : 'backend_unavailable';
+  }
+
+  /** A position among `candidates` (positions in members) by `balance`. */
+  private pick(candidates: readonly number[], clientAddress: string): number {
+    if (candidates.length === 1) return candidates[0]!;
+    const members = this.members;
+    switch (this.balance) {
+      case 'round_robin': {
+        let total = 0;
+        let best = -1;
+        for (const c of candidates) {
+          const w = members[c]!.weight;
+          total += w;
+          this.current[c]! += w;
+          if (best === -1 || this.current[c]! > this.current[best]!) best = c;
+        }
+        this.current[best]! -= total;
+        return best;
+      }
+      case 'least_conn': {
+        // Fewest active per unit of weight; ties go round, so equal backends share new connections.
+        const start = this.cursor++ % candidates.length;
+        let best = -1;
+        let bestLoad = Infinity;
+        for (let k = 0; k < candidates.length; k++) {
+          const c = candidates[(start + k) % candidates.length]!;
+          const load = this.states.active(members[c]!.index) / members[c]!.weight;
+          if (load < bestLoad) {
+            best = c;
+            bestLoad = load;
+          }
+        }
+        return best;
+      }
+      case 'random_two': {
+        const a = this.weightedRandom(candidates, -1);
+        const b = this.weightedRandom(candidates, a);
+        const load = (c: number): number => this.states.active(members[c]!.index) / members[c]!.weight;
+        return load(b) < load(a) ? b : a;
+      }
+      case 'source_hash': {
+        // Weighted rendezvous hashing: every member scores the client, the highest wins. Removing
+        // a member moves only the clients it won; a down or full member's clients go to their
+        // second choice and come back when it does. Every thread computes the same answer.
+        const client = hashString(clientAddress);
+        let best = -1;
+        let bestScore = -Infinity;
+        for (const c of candidates) {
+          const m = members[c]!;
+          const u = (mix32(client ^ m.seed) + 0.5) / 4294967296;
+          const score = -m.weight / Math.log(u);
+          if (score > bestScore) {
+            best = c;
+            bestScore = score;
+          }
+        }
+        return best;
+      }
+    }
+  }
+
+  private weightedRandom(candidates: readonly number[], except: number): number {
+    let total = 0;
+    for (const c of candidates) if (c !== except) total += this.members[c]!.weight;
+    let r = Math.random() * total;
+    for (const c of candidates) {
+      if (c === except) continue;
+      r -= this.members[c]!.weight;
+      if (r < 0) return c;
+    }
+    return candidates.find((c) => c !== except)!;
+  }
+}
+
+/** FNV-1a over a string's UTF-16 units, then mixed. */
+export function hashString(text: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    h ^= text.charCodeAt(i);
+    h = Math.imul(h, 0x01000193);
+  }
+  return mix32(h);
+}
+
+/** murmur3's finaliser: every input bit moves every output bit. */
+function mix32(x: number): number {
+  x ^= x >>> 16;
+  x = Math.imul(x, 0x85ebca6b);
+  x ^= x >>> 13;
+  x = Math.imul(x, 0xc2b2ae35);
+  x ^= x >>> 16;
+  return x >>> 0;
+}

@@ -1,0 +1,171 @@
+// The state of every backend, shared by every event-loop thread: connections open to it, whether
+// active checks find it up, the operator's runtime state, and passive ejection (consecutive connect
+// failures, ejections in a row, until when it is out). One SharedArrayBuffer changed only with
+// Atomics, like the connection counts (governance/shared-counts.ts), so least_conn, a backend's
+// max_connections and an ejection are the same numbers in every thread.
+//
+// A backend here is one address of one route (`listener/route/ip:port`): the same server in two
+// routes has two entries, so one route's failures never eject it from another. Its index is
+// assigned by whoever owns the config (CountIndexes.backends) and kept for the life of the process;
+// a backend that leaves the config and comes back starts afresh (reset()).
+
+/** Most backend entries over the life of the process (each costs 32 bytes). */
+export const MAX_BACKENDS = 16_384;
+
+// Int32 fields per backend.
+const FIELDS = 8;
+const ACTIVE = 0;
+/** 1 while active checks find it down. */
+const CHECK_DOWN = 1;
+/** AdminState as a number. */
+const ADMIN = 2;
+/** Connect failures since its last successful connect. */
+const FAILS = 3;
+/** Passive ejections since its last successful connect: the cooldown grows with it. */
+const EJECTIONS = 4;
+/** 1 while it is passively ejected (until EJECTED_UNTIL). */
+const EJECTED = 5;
+
+export type AdminState = 'ready' | 'drain' | 'maintenance';
+const ADMIN_STATES: readonly AdminState[] = ['ready', 'drain', 'maintenance'];
+
+/** What a thread needs to know to pick, and the numbers /stats shows. */
+export interface BackendSnapshot {
+  readonly active: number;
+  readonly checkDown: boolean;
+  readonly admin: AdminState;
+  readonly failures: number;
+  readonly ejections: number;
+  /** Date.now() until which it is ejected; 0 = not ejected. */
+  readonly ejectedUntil: number;
+}
+
+export class SharedBackendStates {
+  readonly buffer: SharedArrayBuffer;
+  private readonly i32: Int32Array;
+  /** EJECTED_UNTIL per backend, in ms since the epoch (BigInt64, so Atomics apply and it never wraps). */
+  private readonly until: BigInt64Array;
+
+  constructor(buffer: SharedArrayBuffer = new SharedArrayBuffer(MAX_BACKENDS * (FIELDS * 4 + 8))) {
+    this.buffer = buffer;
+    this.i32 = new Int32Array(buffer, 0, MAX_BACKENDS * FIELDS);
+    this.until = new BigInt64Array(buffer, MAX_BACKENDS * FIELDS * 4, MAX_BACKENDS);
+  }
+
+  // ---- connections (a lease the connection holds from its dial until its close) ----
+
+  active(index: number): number {
+    return Atomics.load(this.i32, index * FIELDS + ACTIVE);
+  }
+
+  /** Takes one of the backend's `max` connections (0 = unlimited, always counted). */
+  take(index: number, max: number): boolean {
+    const at = index * FIELDS + ACTIVE;
+    if (max <= 0) {
+      Atomics.add(this.i32, at, 1);
+      return true;
+    }
+    for (;;) {
+      const current = Atomics.load(this.i32, at);
+      if (current >= max) return false;
+      if (Atomics.compareExchange(this.i32, at, current, current + 1) === current) return true;
+    }
+  }
+
+  release(index: number): void {
+    Atomics.sub(this.i32, index * FIELDS + ACTIVE, 1);
+  }
+
+  // ---- up or down ----
+
+  /** True when new connections may go to it by health: checks find it up and it is not ejected. */
+  isUp(index: number, now: number): boolean {
+    const base = index * FIELDS;
+    if (Atomics.load(this.i32, base + CHECK_DOWN) === 1) return false;
+    return Atomics.load(this.i32, base + EJECTED) === 0 || !this.stillEjected(index, now);
+  }
+
+  private stillEjected(index: number, now: number): boolean {
+    if (Number(Atomics.load(this.until, index)) > now) return true;
+    // The cooldown is over: it takes connections again, and its next failure ejects it again.
+    Atomics.store(this.i32, index * FIELDS + EJECTED, 0);
+    return false;
+  }
+
+  setCheckDown(index: number, down: boolean): void {
+    Atomics.store(this.i32, index * FIELDS + CHECK_DOWN, down ? 1 : 0);
+  }
+
+  admin(index: number): AdminState {
+    return ADMIN_STATES[Atomics.load(this.i32, index * FIELDS + ADMIN)]!;
+  }
+
+  /** True when the operator lets new connections go to it (runtime state "ready"). */
+  isReady(index: number): boolean {
+    return Atomics.load(this.i32, index * FIELDS + ADMIN) === 0;
+  }
+
+  setAdmin(index: number, state: AdminState): void {
+    Atomics.store(this.i32, index * FIELDS + ADMIN, ADMIN_STATES.indexOf(state));
+  }
+
+  // ---- passive ejection ----
+
+  /** A connect succeeded: the failure streak and the ejection history end. */
+  connected(index: number): void {
+    const base = index * FIELDS;
+    // Read first: a healthy backend's fields stay untouched, so threads do not fight over the line.
+    if (Atomics.load(this.i32, base + FAILS) !== 0) Atomics.store(this.i32, base + FAILS, 0);
+    if (Atomics.load(this.i32, base + EJECTIONS) !== 0) Atomics.store(this.i32, base + EJECTIONS, 0);
+  }
+
+  /**
+   * A connect failed. Returns the cooldown in ms when this failure ejects the backend (the
+   * caller has checked the route's max_share with `mayEject`), else 0. A backend back from an
+   * ejection without a success since is ejected again by its first failure, for longer.
+   */
+  connectFailed(index: number, now: number, policy: { consecutiveFailures: number; baseTimeMs: number; maxTimeMs: number }, mayEject: () => boolean): number {
+    if (policy.consecutiveFailures <= 0) return 0;
+    const base = index * FIELDS;
+    const fails = Atomics.add(this.i32, base + FAILS, 1) + 1;
+    const ejections = Atomics.load(this.i32, base + EJECTIONS);
+    if (Atomics.load(this.i32, base + EJECTED) === 1 && this.stillEjected(index, now)) return 0;
+    if (fails < policy.consecutiveFailures && ejections === 0) return 0;
+    if (!mayEject()) return 0;
+    // One thread ejects: the one that moves EJECTED from 0 to 1.
+    if (Atomics.compareExchange(this.i32, base + EJECTED, 0, 1) !== 0) return 0;
+    const times = Atomics.add(this.i32, base + EJECTIONS, 1) + 1;
+    const cooldown = Math.min(policy.baseTimeMs * times, policy.maxTimeMs);
+    Atomics.store(this.until, index, BigInt(now + cooldown));
+    Atomics.store(this.i32, base + FAILS, 0);
+    return cooldown;
+  }
+
+  /** True while it is passively ejected. */
+  isEjected(index: number, now: number): boolean {
+    return Atomics.load(this.i32, index * FIELDS + EJECTED) === 1 && this.stillEjected(index, now);
+  }
+
+  snapshot(index: number, now: number): BackendSnapshot {
+    const base = index * FIELDS;
+    const ejected = this.isEjected(index, now);
+    return {
+      active: Atomics.load(this.i32, base + ACTIVE),
+      checkDown: Atomics.load(this.i32, base + CHECK_DOWN) === 1,
+      admin: this.admin(index),
+      failures: Atomics.load(this.i32, base + FAILS),
+      ejections: Atomics.load(this.i32, base + EJECTIONS),
+      ejectedUntil: ejected ? Number(Atomics.load(this.until, index)) : 0,
+    };
+  }
+
+  /**
+   * A backend (re)entering the config: up, ready, no failures. Its active count is left alone:
+   * connections of an earlier generation may still hold it, and they give it back when they close.
+   */
+  reset(index: number): void {
+    const base = index * FIELDS;
+    for (const field of [CHECK_DOWN, ADMIN, FAILS, EJECTIONS, EJECTED]) Atomics.store(this.i32, base + field, 0);
+    Atomics.store(this.until, index, 0n);
+  }
+}
