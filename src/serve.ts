@@ -15,6 +15,8 @@ import { VERSION } from './metrics.ts';
 import { MAX_TIMER_MS } from './config/units.ts';
 import { BindError } from './listener/listener.ts';
 import { createLogger, type LogFormat, type LogLevel, type Logger } from './logging/logger.ts';
+import type { AdminState } from './backends/backend-states.ts';
+import type { BackendEntry, BackendView } from './backends/supervisor.ts';
 import { startAdminServer, type AdminServer, type AdminSource } from './admin/server.ts';
 import type { DaemonStats } from './admin/stats.ts';
 import type { ConnectionInfo } from './connection/connection.ts';
@@ -321,6 +323,14 @@ export class AdminView implements AdminSource {
 
   connections(limit: number): Promise<{ total: number; connections: ConnectionInfo[] }> {
     return this.daemon?.connections(limit) ?? Promise.resolve({ total: 0, connections: [] });
+  }
+
+  backendViews(): Promise<BackendView[]> {
+    return this.daemon?.backendViews() ?? Promise.resolve([]);
+  }
+
+  setBackendState(target: { backend: string; listener?: string; route?: string }, state: AdminState): Promise<BackendEntry[]> {
+    return this.daemon?.setBackendState(target, state) ?? Promise.resolve([]);
   }
 }
 

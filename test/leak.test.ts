@@ -66,6 +66,8 @@ bind = ["127.0.0.1:0"]
   name = "refused"
   default = true
   backends = ["127.0.0.1:${refused}"]
+    [listeners.routes.ejection]
+    consecutive_failures = 0
 
 [[listeners]]
 name = "slow"
@@ -76,6 +78,8 @@ bind = ["127.0.0.1:0"]
   name = "slow"
   default = true
   backends = ["127.0.0.1:${blackhole.port}", "127.0.0.1:${echo.port}"]
+    [listeners.routes.ejection]
+    consecutive_failures = 0   # every other dial goes to the black hole: counted below
 
 [[listeners]]
 name = "sni"

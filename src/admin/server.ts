@@ -1,8 +1,13 @@
 // The admin API: plain HTTP on loopback or a unix socket (mode 0600). Read-only views of the
-// daemon; nothing here can change the proxy's state.
+// daemon, and one write: a backend's runtime state (POST /backends/state, as HAProxy's
+// `set server state`). The write is served only on the unix socket or a loopback address, never
+// on a public one even with allow_public, and every change is logged with who asked.
 import { lstatSync, unlinkSync } from 'node:fs';
 import http from 'node:http';
+import type { AdminState } from '../backends/backend-states.ts';
+import type { BackendEntry, BackendView } from '../backends/supervisor.ts';
 import type { AdminListen } from '../config/types.ts';
+import { isLoopbackHost } from '../config/units.ts';
 import type { ConnectionInfo } from '../connection/connection.ts';
 import type { Logger } from '../logging/logger.ts';
 import type { DaemonStats } from './stats.ts';
@@ -16,6 +21,8 @@ export interface AdminSource {
   metricsText(): Promise<{ contentType: string; body: string }>;
   stats(): Promise<DaemonStats>;
   connections(limit: number): Promise<{ total: number; connections: ConnectionInfo[] }>;
+  backendViews(): Promise<BackendView[]>;
+  setBackendState(target: { backend: string; listener?: string; route?: string }, state: AdminState): Promise<BackendEntry[]>;
 }
 
 export interface AdminServer {
@@ -29,7 +36,7 @@ export interface AdminServer {
 
 export async function startAdminServer(listen: AdminListen, daemon: AdminSource): Promise<AdminServer> {
   const server = http.createServer((req, res) => {
-    handle(daemon, req, res).catch((err: unknown) => {
+    handle(daemon, listen, req, res).catch((err: unknown) => {
       daemon.log.error({ err }, 'admin request failed');
       if (!res.headersSent) res.writeHead(500, { 'content-type': 'text/plain' });
       res.end('internal error\n');
@@ -88,8 +95,9 @@ function removeStaleSocket(path: string): void {
   if (stat.isSocket()) unlinkSync(path);
 }
 
-async function handle(daemon: AdminSource, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+async function handle(daemon: AdminSource, listen: AdminListen, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
   const url = new URL(req.url ?? '/', 'http://admin');
+  if (url.pathname === '/backends/state') return setBackendState(daemon, listen, url, req, res);
   if (req.method !== 'GET' && req.method !== 'HEAD') return send(res, 405, 'text/plain', 'method not allowed\n');
   switch (url.pathname) {
     case '/healthz':
@@ -100,12 +108,52 @@ async function handle(daemon: AdminSource, req: http.IncomingMessage, res: http.
       return send(res, 200, contentType, body);
     }
     case '/stats':
-      return sendJson(res, await daemon.stats());
+      return sendJson(res, { ...(await daemon.stats()), backends: await daemon.backendViews() });
+    case '/backends':
+      return sendJson(res, await daemon.backendViews());
     case '/connections':
       return sendJson(res, await daemon.connections(clampLimit(url.searchParams.get('limit'))));
     default:
-      return send(res, 404, 'text/plain', 'not found: try /healthz, /metrics, /stats, /connections?limit=N\n');
+      return send(res, 404, 'text/plain', 'not found: try /healthz, /metrics, /stats, /backends, /connections?limit=N, POST /backends/state\n');
   }
+}
+
+const ADMIN_STATES: readonly AdminState[] = ['ready', 'drain', 'maintenance'];
+
+/**
+ * POST /backends/state?backend=ADDR&state=ready|drain|maintenance[&listener=L][&route=R]: the
+ * runtime state of a backend in every route that has it (or only those named). ADDR is the
+ * address dialled or as configured (a host name covers every address it resolved to).
+ */
+async function setBackendState(daemon: AdminSource, listen: AdminListen, url: URL, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+  if (req.method !== 'POST') return send(res, 405, 'text/plain', 'use POST\n');
+  const peer = req.socket.remoteAddress;
+  // Loopback only: the API has no authentication, so a write never comes from the network.
+  if (listen.kind === 'tcp' && (!isLoopbackHost(listen.address.host) || peer === undefined || !isLoopbackHost(peer))) {
+    return send(res, 403, 'text/plain', 'forbidden: backend state changes are served only on the unix socket or a loopback address\n');
+  }
+  const backend = url.searchParams.get('backend');
+  const state = url.searchParams.get('state') as AdminState | null;
+  if (backend === null || backend === '' || state === null || !ADMIN_STATES.includes(state)) {
+    return send(res, 400, 'text/plain', 'expected ?backend=host:port&state=ready|drain|maintenance (and optionally &listener=NAME&route=NAME)\n');
+  }
+  const target = {
+    backend,
+    ...(url.searchParams.has('listener') ? { listener: url.searchParams.get('listener')! } : {}),
+    ...(url.searchParams.has('route') ? { route: url.searchParams.get('route')! } : {}),
+  };
+  const changed = await daemon.setBackendState(target, state);
+  if (changed.length === 0) return send(res, 404, 'text/plain', `no backend ${backend} in the routes in force\n`);
+  // Who asked: Node exposes no SO_PEERCRED, so on the unix socket (mode 0600) that is whoever
+  // can open it (root or the daemon's user); on TCP the peer address.
+  const by = listen.kind === 'unix' ? `unix:${listen.path}` : `${peer}:${req.socket.remotePort}`;
+  for (const entry of changed) {
+    daemon.log.warn(
+      { listener: entry.listener, route: entry.route, backend: entry.backend, state, by },
+      `backend ${entry.backend} of route ${entry.route} set to ${state} through the admin API by ${by}`,
+    );
+  }
+  return sendJson(res, { state, changed });
 }
 
 function clampLimit(raw: string | null): number {

@@ -1,6 +1,7 @@
 // `smartproxy status`: fetches /stats from the admin API and prints a readable table.
 import http from 'node:http';
 import { formatIssue, loadConfig } from '../config/load.ts';
+import type { BackendView } from '../backends/supervisor.ts';
 import type { DaemonStats } from './stats.ts';
 
 export interface StatusOptions {
@@ -122,6 +123,16 @@ export function renderStatus(stats: DaemonStats): string {
     const routes = l.routes.map((r) => `${r.name} ${r.active}`).join(', ');
     lines.push(`${l.name} routes: ${routes}`);
     if (l.topClients.length > 0) lines.push(`${l.name} top clients: ${l.topClients.slice(0, 10).map((c) => `${c.client} x${c.active}`).join(', ')}`);
+  }
+  const backends = (stats as { backends?: BackendView[] }).backends ?? [];
+  if (backends.length > 0) {
+    lines.push('');
+    const rows = [['BACKEND', 'ROUTE', 'HEALTH', 'STATE', 'ACTIVE', 'LAST CHECK', 'SINCE']];
+    for (const b of backends) {
+      const check = b.lastCheck === null ? '-' : b.lastCheck.ok ? `ok ${b.lastCheck.ms}ms` : `failed: ${b.lastCheck.reason}`;
+      rows.push([`${b.backend}${b.backup ? ' (backup)' : ''}`, `${b.listener}/${b.route}`, b.health, b.state, String(b.active), check, b.since.slice(0, 19)]);
+    }
+    lines.push(...table(rows));
   }
   return `${lines.join('\n')}\n`;
 }
