@@ -61,7 +61,9 @@ export function parseVariant(text) {
     else if (key === 'flags') runtime.flags = value.split(/\s+/).filter(Boolean);
     else if (key.startsWith('env.') && key.length > 4) runtime.env[key.slice(4)] = value;
     else if (key === 'no-threads-key' && at === -1) runtime.threadsKey = false;
-    else throw new Error(`--variant ${text}: unknown key "${key}" (known: node, entry, flags, env.VAR, no-threads-key)`);
+    // An active TCP health check of the backend every INTERVAL (its cost per connection).
+    else if (key === 'health' && value !== '') runtime.routeExtra = `\n    [listeners.routes.health_check]\n    interval = "${value}"\n    jitter = 0\n`;
+    else throw new Error(`--variant ${text}: unknown key "${key}" (known: node, entry, flags, env.VAR, no-threads-key, health)`);
   }
   runtime.nodeVersion = nodeVersionOf(runtime.node);
   return [name, runtime];
@@ -160,7 +162,7 @@ function spawnProxy(ctx, name, port, backendPort, routeBySni, limits, adminPort)
   if (runtime) {
     const file = join(tmpDir, `${name}-${port}.toml`);
     const processSection = runtime.threadsKey ? `[process]\nthreads = ${machine.threads}\n\n` : '';
-    writeFileSync(file, processSection + (limits ? smartproxyFloodConfig(port, backendPort, limits, adminPort) : smartproxyConfig(port, backendPort, routeBySni)));
+    writeFileSync(file, processSection + (limits ? smartproxyFloodConfig(port, backendPort, limits, adminPort) : smartproxyConfig(port, backendPort, routeBySni) + (runtime.routeExtra ?? '')));
     // `node dist/smartproxy.js serve`, as the systemd unit starts it; the daemon applies its threads' V8 flags itself.
     return spawnChild(name, [...prefix, runtime.node, ...runtime.flags, runtime.entry, 'serve', '-c', file, '--log-level', limits ? 'info' : 'warn'], { env: runtime.env });
   }
