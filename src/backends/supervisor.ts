@@ -206,9 +206,8 @@ export class BackendSupervisor {
     for (const entry of check.entries) {
       this.opts.states.setCheckDown(entry.index, !up);
       this.since.set(backendKey(entry.listener, entry.route, entry.backend), now);
-      const why = up
-        ? `${streak} checks passed`
-        : `${streak} checks failed, last: ${result.ok ? 'ok' : result.reason}`;
+      const checks = streak === 1 ? 'check' : 'checks';
+      const why = up ? `${streak} ${checks} passed` : `${streak} ${checks} failed, last: ${result.ok ? 'ok' : result.reason}`;
       const line = { listener: entry.listener, route: entry.route, backend: entry.backend, up };
       const message = `backend ${entry.backend} of route ${entry.route} is ${up ? 'up' : 'down'}: ${why}`;
       if (up) this.opts.log.info(line, message);
@@ -253,7 +252,7 @@ export class BackendSupervisor {
         active: snap.active,
         weight: settings?.weight ?? 1,
         backup: settings?.backup ?? false,
-        lastCheck: last === null ? null : { ok: last.ok, reason: last.ok ? null : last.reason, ms: last.ms },
+        lastCheck: last === null ? null : { ok: last.ok, reason: last.ok ? null : last.reason, ms: Math.round(last.ms * 10) / 10 },
         since: new Date(this.since.get(backendKey(entry.listener, entry.route, entry.backend)) ?? now).toISOString(),
         ejectedUntil: snap.ejectedUntil > 0 ? new Date(snap.ejectedUntil).toISOString() : null,
       });

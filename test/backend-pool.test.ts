@@ -1,0 +1,197 @@
+// The backend choice and the shared backend state as pure units: tiers, balance, caps, passive
+// ejection. End-to-end behaviour (real backends, checks, admin API, threads) is in backends.test.ts.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { BackendPool, hashString, type Member } from '../src/backends/backend-pool.ts';
+import { SharedBackendStates } from '../src/backends/backend-states.ts';
+import type { Balance } from '../src/config/types.ts';
+
+function members(specs: ReadonlyArray<{ weight?: number; backup?: boolean; max?: number }>): Member[] {
+  return specs.map((spec, i) => {
+    const text = `10.0.0.${i + 1}:443`;
+    return {
+      index: i,
+      address: { host: `10.0.0.${i + 1}`, port: 443, text },
+      configured: text,
+      weight: spec.weight ?? 1,
+      backup: spec.backup ?? false,
+      maxConnections: spec.max ?? 0,
+      seed: hashString(text),
+    };
+  });
+}
+
+function pool(balance: Balance, specs: Parameters<typeof members>[0], onAllDown: 'panic' | 'refuse' = 'panic') {
+  const states = new SharedBackendStates();
+  return { states, pool: new BackendPool(balance, onAllDown, states, members(specs)) };
+}
+
+/** Chooses `n` times, giving each lease back at once; returns picks per member index. */
+function spread(p: BackendPool, states: SharedBackendStates, n: number, client = (i: number) => `192.0.2.${i % 250}`): number[] {
+  const counts = new Array<number>(p.all.length).fill(0);
+  for (let i = 0; i < n; i++) {
+    const m = p.choose([], client(i), 0);
+    assert.equal(typeof m, 'object');
+    counts[(m as Member).index]!++;
+    states.release((m as Member).index);
+  }
+  return counts;
+}
+
+const NO_EJECTION = { consecutiveFailures: 3, baseTimeMs: 1000, maxTimeMs: 5000 };
+
+test('round_robin splits by weight exactly over a whole cycle, interleaved rather than in runs', () => {
+  const { states, pool: p } = pool('round_robin', [{ weight: 1 }, { weight: 3 }]);
+  assert.deepEqual(spread(p, states, 4000), [1000, 3000]);
+  const order = Array.from({ length: 4 }, () => {
+    const m = p.choose([], 'c', 0) as Member;
+    states.release(m.index);
+    return m.index;
+  });
+  assert.deepEqual([...order].sort(), [0, 1, 1, 1]);
+  assert.notDeepEqual(order, [1, 1, 1, 0], 'smooth: the light backend is not left for the end of the cycle');
+});
+
+test('random_two spreads by weight within a few percent', () => {
+  const { states, pool: p } = pool('random_two', [{ weight: 1 }, { weight: 3 }]);
+  const [a, b] = spread(p, states, 8000);
+  assert.ok(Math.abs(b! / (a! + b!) - 0.75) < 0.05, `${a}:${b}`);
+});
+
+test('least_conn picks the backend with the fewest active connections per unit of weight', () => {
+  const { states, pool: p } = pool('least_conn', [{}, {}, { weight: 2 }]);
+  const held: Member[] = [];
+  for (let i = 0; i < 8; i++) held.push(p.choose([], 'c', 0) as Member);
+  // 8 held connections over weights 1:1:2 -> 2, 2, 4.
+  assert.deepEqual([0, 1, 2].map((i) => states.active(i)), [2, 2, 4]);
+  states.release(0);
+  states.release(0);
+  assert.equal((p.choose([], 'c', 0) as Member).index, 0);
+  for (const m of held) states.release(m.index);
+});
+
+test('source_hash keeps a client on one backend, and removing one of five moves only its own clients', () => {
+  const five = members([{}, {}, {}, {}, {}]);
+  const states = new SharedBackendStates();
+  const before = new BackendPool('source_hash', 'panic', states, five);
+  const clients = Array.from({ length: 1000 }, (_, i) => `198.51.${i >> 8}.${i & 255}`);
+  const home = new Map<string, number>();
+  for (const c of clients) {
+    const m = before.choose([], c, 0) as Member;
+    states.release(m.index);
+    assert.equal((before.choose([], c, 0) as Member).index, m.index, 'the same client, the same backend');
+    states.release(m.index);
+    home.set(c, m.index);
+  }
+  const perBackend = [0, 1, 2, 3, 4].map((i) => [...home.values()].filter((h) => h === i).length);
+  for (const n of perBackend) assert.ok(n > 140 && n < 260, `uneven: ${perBackend}`);
+  const after = new BackendPool('source_hash', 'panic', states, five.filter((m) => m.index !== 2));
+  let moved = 0;
+  for (const c of clients) {
+    const m = after.choose([], c, 0) as Member;
+    states.release(m.index);
+    if (m.index !== home.get(c)) {
+      moved++;
+      assert.equal(home.get(c), 2, 'only clients of the removed backend move');
+    }
+  }
+  assert.equal(moved, perBackend[2]);
+});
+
+test('source_hash: a backend that is down sends its clients to their second choice, and they return', () => {
+  const { states, pool: p } = pool('source_hash', [{}, {}, {}]);
+  const first = p.choose([], '203.0.113.9', 0) as Member;
+  states.release(first.index);
+  states.setCheckDown(first.index, true);
+  const second = p.choose([], '203.0.113.9', 0) as Member;
+  states.release(second.index);
+  assert.notEqual(second.index, first.index);
+  states.setCheckDown(first.index, false);
+  const back = p.choose([], '203.0.113.9', 0) as Member;
+  assert.equal(back.index, first.index);
+});
+
+test('backups get nothing while a primary is up and everything once none is', () => {
+  const { states, pool: p } = pool('round_robin', [{}, {}, { backup: true }]);
+  assert.deepEqual(spread(p, states, 100), [50, 50, 0]);
+  states.setCheckDown(0, true);
+  assert.deepEqual(spread(p, states, 100), [0, 100, 0]);
+  states.setCheckDown(1, true);
+  assert.deepEqual(spread(p, states, 100), [0, 0, 100]);
+});
+
+test('a dial that failed on the only up primary fails over to a backup, never to the same backend', () => {
+  const { states, pool: p } = pool('round_robin', [{}, { backup: true }]);
+  const m = p.choose([], 'c', 0) as Member;
+  assert.equal(m.index, 0);
+  states.release(0);
+  assert.equal((p.choose([0], 'c', 0) as Member).index, 1);
+  states.release(1);
+  assert.equal(p.choose([0, 1], 'c', 0), 'backend_unavailable');
+});
+
+test('every backend down: panic tries them anyway, refuse says no_healthy_backend', () => {
+  const panic = pool('round_robin', [{}, {}]);
+  panic.states.setCheckDown(0, true);
+  panic.states.setCheckDown(1, true);
+  assert.deepEqual(spread(panic.pool, panic.states, 10), [5, 5]);
+  const refuse = pool('round_robin', [{}, {}], 'refuse');
+  refuse.states.setCheckDown(0, true);
+  refuse.states.setCheckDown(1, true);
+  assert.equal(refuse.pool.choose([], 'c', 0), 'no_healthy_backend');
+});
+
+test('drain and maintenance take a backend out of every tier, panic included', () => {
+  const { states, pool: p } = pool('round_robin', [{}, {}]);
+  states.setAdmin(0, 'drain');
+  assert.deepEqual(spread(p, states, 10), [0, 10]);
+  states.setCheckDown(1, true); // nothing up: panic, but only among the ready
+  assert.deepEqual(spread(p, states, 10), [0, 10]);
+  states.setAdmin(1, 'maintenance');
+  assert.equal(p.choose([], 'c', 0), 'backend_unavailable');
+  states.setAdmin(0, 'ready');
+  states.setAdmin(1, 'ready');
+  states.setCheckDown(1, false);
+  assert.deepEqual(spread(p, states, 10), [5, 5]);
+});
+
+test('max_connections: a backend at its cap is skipped; all at their cap is backend_full', () => {
+  const { states, pool: p } = pool('round_robin', [{ max: 1 }, { max: 2 }]);
+  const held = [p.choose([], 'c', 0), p.choose([], 'c', 0), p.choose([], 'c', 0)] as Member[];
+  assert.deepEqual(held.map((m) => m.index).sort(), [0, 1, 1]);
+  assert.equal(p.choose([], 'c', 0), 'backend_full');
+  states.release(1);
+  assert.equal((p.choose([], 'c', 0) as Member).index, 1);
+});
+
+test('passive ejection: the Nth failure in a row ejects for base x times ejected, capped; a success forgets', () => {
+  const states = new SharedBackendStates();
+  const may = (): boolean => true;
+  let now = 1_000_000;
+  assert.equal(states.connectFailed(0, now, NO_EJECTION, may), 0);
+  assert.equal(states.connectFailed(0, now, NO_EJECTION, may), 0);
+  assert.equal(states.connectFailed(0, now, NO_EJECTION, may), 1000, 'third failure ejects for base_time');
+  assert.ok(states.isEjected(0, now + 999));
+  assert.ok(!states.isUp(0, now + 999));
+  now += 1000;
+  assert.ok(states.isUp(0, now), 'back after the cooldown');
+  assert.equal(states.connectFailed(0, now, NO_EJECTION, may), 2000, 'its first failure since ejects it again, for longer');
+  now += 2000;
+  assert.equal(states.connectFailed(0, now, NO_EJECTION, may), 3000);
+  now += 3000;
+  for (const expected of [4000, 5000, 5000]) {
+    assert.equal(states.connectFailed(0, now, NO_EJECTION, may), expected, 'capped at max_time');
+    now += expected;
+  }
+  states.connected(0);
+  assert.equal(states.connectFailed(0, now, NO_EJECTION, may), 0, 'a success starts the count again');
+  assert.equal(states.snapshot(0, now).ejections, 0);
+});
+
+test('passive ejection honours max_share and can be off', () => {
+  const states = new SharedBackendStates();
+  for (let i = 0; i < 3; i++) states.connectFailed(0, 0, NO_EJECTION, () => false);
+  assert.ok(!states.isEjected(0, 0), 'max_share refused it');
+  for (let i = 0; i < 5; i++) assert.equal(states.connectFailed(1, 0, { ...NO_EJECTION, consecutiveFailures: 0 }, () => true), 0);
+  assert.ok(!states.isEjected(1, 0));
+});
