@@ -1,0 +1,539 @@
+// Backends an operator can trust (issue 17), end to end on loopback with real sockets: active
+// health checks, passive ejection, balancing (least_conn, source_hash, weights, random_two),
+// backups, panic and no_healthy_backend, max_connections, runtime drain and maintenance through
+// the admin API, host names through a DNS server of our own, and the same for the real process
+// with threads = 4 where state shared across threads matters.
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import os from 'node:os';
+import { test, type TestContext } from 'node:test';
+import { startAdminServer } from '../src/admin/server.ts';
+import type { BackendView } from '../src/backends/supervisor.ts';
+import { startBlackhole } from './support/blackhole.ts';
+import { adminGet } from './support/cli.ts';
+import { startDnsServer } from './support/dns-server.ts';
+import { closedPort, configFrom, startProxy, type ProxyUnderTest } from './support/harness.ts';
+import { metricValue } from './support/metrics.ts';
+import { metric, startThreaded } from './support/threads.ts';
+import {
+  adminRequest,
+  ask,
+  eventually,
+  hangUp,
+  roundTrip,
+  setState,
+  startNamedBackend,
+  tallyAsks,
+  waitBackend,
+  type NamedBackend,
+} from './support/backends.ts';
+
+/** One listener "tcp" on 127.0.0.1 with one default route "r"; `route` adds keys and tables to the route. */
+function oneRoute(backends: string, route = '', top = '', bind = '127.0.0.1:0'): string {
+  return `
+${top}
+[[listeners]]
+name = "tcp"
+bind = ["${bind}"]
+  [[listeners.routes]]
+  name = "r"
+  default = true
+  backends = ${backends}
+${route}
+`;
+}
+
+const list = (...backends: NamedBackend[]): string => `[${backends.map((b) => `"${b.address}"`).join(', ')}]`;
+
+/** Every backend view of an in-process daemon. */
+const viewsOf = (proxy: ProxyUnderTest) => (): Promise<BackendView[]> => proxy.daemon.backendViews();
+
+async function closedWith(proxy: ProxyUnderTest, reason: string, listener = 'tcp'): Promise<number> {
+  return metricValue(proxy.daemon, 'smartproxy_connections_closed_total', { listener, reason });
+}
+
+/** Health checks every 100 ms, a 200 ms timeout, rise 2, fall 2, no jitter; passive ejection off. */
+const FAST_CHECK = `
+    [listeners.routes.health_check]
+    type = "tcp"
+    interval = "100ms"
+    timeout = "200ms"
+    rise = 2
+    fall = 2
+    jitter = 0
+    [listeners.routes.ejection]
+    consecutive_failures = 0
+`;
+const INTERVAL_MS = 100;
+const TIMEOUT_MS = 200;
+const RISE = 2;
+const FALL = 2;
+/** Room for the event loop and the 5 ms polling on a loaded machine. */
+const SLACK_MS = 300;
+
+// ---- 1. active health checks ----
+
+test('a backend killed mid-run is out within fall x interval + timeout, is dialled by no client while down, and is back after rise passed checks', { timeout: 20_000 }, async (t) => {
+  const a = await startNamedBackend(t, 'a');
+  const b = await startNamedBackend(t, 'b');
+  const proxy = await startProxy(t, oneRoute(list(a, b), FAST_CHECK), { logLevel: 'info' });
+  const port = proxy.port('tcp');
+  const views = viewsOf(proxy);
+
+  const before = await tallyAsks(port, 10);
+  assert.deepEqual(Object.fromEntries(before), { a: 5, b: 5 });
+
+  await a.close();
+  const killedAt = Date.now();
+  const down = await waitBackend(views, a.address, (v) => v.health === 'down', 'down', 5000);
+  const tookMs = Date.now() - killedAt;
+  assert.ok(tookMs <= FALL * INTERVAL_MS + TIMEOUT_MS + SLACK_MS, `down after ${tookMs} ms`);
+  assert.deepEqual(down.lastCheck && { ok: down.lastCheck.ok, reason: down.lastCheck.reason }, { ok: false, reason: 'ECONNREFUSED' });
+  assert.ok(
+    proxy.lines.some((l) => l.msg === `backend ${a.address} of route r is down: ${FALL} checks failed, last: ECONNREFUSED` && l.level === 'warn'),
+    'one warning names the backend, the route, the checks and the last error',
+  );
+
+  // No client is dialled to it while it is down: every answer comes from b and no connect to a fails.
+  const failedBefore = await metricValue(proxy.daemon, 'smartproxy_backend_connect_failures_total', { backend: a.address });
+  const whileDown = await tallyAsks(port, 20, 4);
+  assert.deepEqual(Object.fromEntries(whileDown), { b: 20 });
+  assert.equal(await metricValue(proxy.daemon, 'smartproxy_backend_connect_failures_total', { backend: a.address }), failedBefore);
+
+  // Back on the same port: up after `rise` passed checks, and clients reach it again.
+  const revived = await startNamedBackend(t, 'a', { port: a.port });
+  const revivedAt = Date.now();
+  await waitBackend(views, a.address, (v) => v.health === 'up', 'up again', 5000);
+  assert.ok(revived.accepted >= RISE, `${revived.accepted} checks before it was up`);
+  assert.equal(revived.served, 0, 'no client before it was up');
+  assert.ok(Date.now() - revivedAt >= (RISE - 1) * INTERVAL_MS - 20, `up ${Date.now() - revivedAt} ms after it was back, ${revived.accepted} checks`);
+  assert.ok(proxy.lines.some((l) => l.msg === `backend ${a.address} of route r is up: ${RISE} checks passed`));
+  const after = await tallyAsks(port, 10);
+  assert.deepEqual(Object.fromEntries(after), { a: 5, b: 5 });
+  assert.equal(revived.served, 5);
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
+
+// ---- 2. passive ejection ----
+
+test('a SYN black hole is ejected passively after consecutive connect timeouts, later clients do not wait for it, and its cooldown grows', { timeout: 20_000 }, async (t) => {
+  const hole = await startBlackhole(t);
+  const b = await startNamedBackend(t, 'b');
+  const holeAddress = `127.0.0.1:${hole.port}`;
+  const CONNECT_MS = 500;
+  const BASE_MS = 700;
+  const proxy = await startProxy(
+    t,
+    oneRoute(
+      `["${holeAddress}", "${b.address}"]`,
+      `
+    [listeners.routes.ejection]
+    consecutive_failures = 2
+    base_time = "${BASE_MS}ms"
+    max_time = "5s"
+    max_share = 50
+`,
+      '',
+    ).replace('[[listeners.routes]]', `[listeners.timeouts]\nconnect = "${CONNECT_MS}ms"\n  [[listeners.routes]]`),
+  );
+  const port = proxy.port('tcp');
+  const views = viewsOf(proxy);
+
+  // Until it is ejected, a client routed to the hole waits the connect timeout and then fails over.
+  const early: number[] = [];
+  while (!proxy.lines.some((l) => typeof l.msg === 'string' && l.msg.startsWith(`backend ${holeAddress} of route r is ejected`))) {
+    const answer = await ask(port);
+    assert.equal(answer.name, 'b');
+    early.push(answer.ms);
+    assert.ok(early.length <= 6, 'ejected after 2 timeouts');
+  }
+  assert.equal(early.filter((ms) => ms >= CONNECT_MS).length, 2, `two clients paid the connect timeout: ${early.join(', ')} ms`);
+  const first = proxy.lines.find((l) => typeof l.msg === 'string' && l.msg.startsWith(`backend ${holeAddress} of route r is ejected`))!;
+  assert.equal(first.cooldownMs, BASE_MS);
+  assert.equal(first.code, 'ETIMEDOUT');
+  assert.equal((await views()).find((v) => v.backend === holeAddress)?.health, 'ejected');
+
+  // While ejected, clients are answered at once.
+  const ejectedAt = Date.now();
+  const fast: number[] = [];
+  for (let i = 0; i < 10; i++) {
+    const answer = await ask(port);
+    assert.equal(answer.name, 'b');
+    fast.push(answer.ms);
+  }
+  assert.ok(Date.now() - ejectedAt < BASE_MS, 'all within the cooldown');
+  assert.ok(Math.max(...fast) < CONNECT_MS / 2, `clients waited ${fast.join(', ')} ms while the hole was ejected`);
+
+  // After the cooldown it is tried again; its first timeout ejects it again, for twice as long.
+  await waitBackend(views, holeAddress, (v) => v.health === 'up', 'back after its cooldown', BASE_MS * 3);
+  const ejections = (): Array<Record<string, unknown>> => proxy.lines.filter((l) => typeof l.msg === 'string' && l.msg.startsWith(`backend ${holeAddress} of route r is ejected`));
+  let waited = 0;
+  while (ejections().length < 2) {
+    const answer = await ask(port);
+    assert.equal(answer.name, 'b');
+    if (answer.ms >= CONNECT_MS) waited++;
+    assert.ok(waited <= 1, 'one timeout re-ejects a backend that has not connected since');
+  }
+  assert.equal(ejections()[1]!.cooldownMs, 2 * BASE_MS);
+  assert.equal(await metricValue(proxy.daemon, 'smartproxy_backend_ejections_total', { backend: holeAddress }), 2);
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
+
+test('a passively ejected backend returns after its cooldown, and one successful connect clears its history', { timeout: 20_000 }, async (t) => {
+  const a = await startNamedBackend(t, 'a');
+  const deadPort = await closedPort();
+  const dead = `127.0.0.1:${deadPort}`;
+  const BASE_MS = 300;
+  const proxy = await startProxy(
+    t,
+    oneRoute(
+      `["${dead}", "${a.address}"]`,
+      `
+    [listeners.routes.ejection]
+    consecutive_failures = 2
+    base_time = "${BASE_MS}ms"
+    max_time = "5s"
+`,
+    ),
+  );
+  const port = proxy.port('tcp');
+  const views = viewsOf(proxy);
+  await eventually(async () => (await ask(port)).name === 'a' && (await views()).find((v) => v.backend === dead)?.health === 'ejected', 'the refusing backend ejected');
+  const failures = await metricValue(proxy.daemon, 'smartproxy_backend_connect_failures_total', { backend: dead });
+  assert.equal(failures, 2);
+
+  // It comes back to life while ejected: no client reaches it before the cooldown ends.
+  const revived = await startNamedBackend(t, 'revived', { port: deadPort });
+  const answers = await tallyAsks(port, 6);
+  assert.deepEqual(Object.fromEntries(answers), { a: 6 });
+  const view = await waitBackend(views, dead, (v) => v.health === 'up', 'back after its cooldown', BASE_MS * 3);
+  assert.equal(view.ejectedUntil, null);
+  const after = await tallyAsks(port, 6);
+  assert.equal(after.get('revived'), 3, JSON.stringify(Object.fromEntries(after)));
+  // The success ended its streak: it is not ejected again by one failure.
+  assert.equal((await views()).find((v) => v.backend === dead)?.health, 'up');
+  assert.equal(proxy.daemon.shared.backends.snapshot(view.index, Date.now()).ejections, 0);
+  await revived.close();
+  assert.deepEqual(Object.fromEntries(await tallyAsks(port, 2)), { a: 2 });
+  assert.equal((await views()).find((v) => v.backend === dead)?.health, 'up', 'one failure after a success does not eject');
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
+
+// ---- 3. send / expect ----
+
+/** A server that answers `PING\r\n` with `reply` and greets with `banner` (when given) first; clients are echoed. */
+async function startTextServer(t: TestContext, opts: { banner?: string; pong?: string }): Promise<{ address: string; checks: number }> {
+  const sockets = new Set<net.Socket>();
+  const state = { address: '', checks: 0 };
+  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+    sockets.add(socket);
+    socket.on('error', () => {});
+    socket.on('close', () => sockets.delete(socket));
+    socket.on('end', () => socket.end());
+    if (opts.banner !== undefined) socket.write(opts.banner);
+    socket.on('data', (chunk: Buffer) => {
+      if (chunk.toString('latin1') === 'PING\r\n' && opts.pong !== undefined) {
+        state.checks++;
+        socket.write(opts.pong);
+      } else socket.write(chunk);
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  state.address = `127.0.0.1:${(server.address() as net.AddressInfo).port}`;
+  t.after(
+    () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  );
+  return state;
+}
+
+test('send/expect checks pass on a server that answers as expected and mark down, end to end, one that answers wrong', { timeout: 20_000 }, async (t) => {
+  const redis = await startTextServer(t, { pong: '+PONG\r\n' });
+  const broken = await startTextServer(t, { pong: '-ERR unknown\r\n' });
+  const smtp = await startTextServer(t, { banner: '220 mail.example ESMTP\r\n' });
+  const wrongBanner = await startTextServer(t, { banner: '554 go away\r\n' });
+  const check = (keys: string): string => `
+    on_all_down = "refuse"
+    [listeners.routes.health_check]
+    type = "send_expect"
+    interval = "100ms"
+    timeout = "300ms"
+    rise = 1
+    fall = 1
+    ${keys}
+`;
+  const listener = (name: string, backend: string, keys: string): string => `
+[[listeners]]
+name = "${name}"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "r"
+  default = true
+  backends = ["${backend}"]
+${check(keys)}`;
+  const ping = 'send = "PING\\r\\n"\n    expect = "+PONG"';
+  const pingRegex = 'send = "PING\\r\\n"\n    expect_regex = "^\\\\+PONG\\r\\n$"';
+  const banner = 'expect = "220 "';
+  const proxy = await startProxy(
+    t,
+    listener('redis', redis.address, ping) +
+      listener('broken', broken.address, ping) +
+      listener('regex', redis.address, pingRegex) +
+      listener('broken-regex', broken.address, pingRegex) +
+      listener('smtp', smtp.address, banner) +
+      listener('wrong-banner', wrongBanner.address, banner),
+  );
+  const views = viewsOf(proxy);
+  const health = async (): Promise<Record<string, string>> => {
+    const out: Record<string, string> = {};
+    for (const v of await views()) out[v.listener] = `${v.health} ${v.lastCheck === null ? 'unchecked' : v.lastCheck.ok ? 'ok' : v.lastCheck.reason}`;
+    return out;
+  };
+  let last: Record<string, string> = {};
+  await eventually(async () => Object.values((last = await health())).every((h) => !h.endsWith('unchecked')), 'every backend checked');
+  await eventually(async () => {
+    last = await health();
+    return ['broken', 'broken-regex', 'wrong-banner'].every((k) => last[k]?.startsWith('down') === true);
+  }, 'the wrong answers down');
+  assert.deepEqual(await health(), {
+    redis: 'up ok',
+    broken: 'down unexpected reply',
+    regex: 'up ok',
+    'broken-regex': 'down timeout', // a regular expression cannot fail before the reply ends or the timeout
+    smtp: 'up ok',
+    'wrong-banner': 'down unexpected reply',
+  });
+  assert.ok(redis.checks > 0 && broken.checks > 0);
+
+  // End to end: the route whose backend answers wrong refuses, the others relay.
+  const through = async (listener: string): Promise<string | null> => {
+    const answer = await ask(proxy.port(listener));
+    return answer.name;
+  };
+  assert.equal(await through('redis'), 'hi');
+  assert.equal(await through('broken'), null);
+  assert.equal(await through('broken-regex'), null);
+  assert.equal(await through('wrong-banner'), null);
+  assert.equal(await closedWith(proxy, 'no_healthy_backend', 'broken'), 1);
+  assert.equal(await closedWith(proxy, 'no_healthy_backend', 'wrong-banner'), 1);
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
+
+// ---- 4. least_conn ----
+
+test('least_conn keeps the active counts of three backends within one of each other while connections of uneven lengths come and go', { timeout: 30_000 }, async (t) => {
+  const backends = [await startNamedBackend(t, 'a'), await startNamedBackend(t, 'b'), await startNamedBackend(t, 'c')];
+  const proxy = await startProxy(t, oneRoute(list(...backends), '  balance = "least_conn"'));
+  const port = proxy.port('tcp');
+  const indexes = (await proxy.daemon.backendViews()).map((v) => v.index);
+  const active = (): number[] => indexes.map((i) => proxy.daemon.shared.backends.active(i));
+  const held: Array<{ name: string; socket: net.Socket }> = [];
+  t.after(() => Promise.all(held.map((h) => hangUp(h.socket))));
+  const open = async (): Promise<void> => {
+    const answer = await ask(port, { hold: true });
+    assert.ok(answer.name !== null);
+    held.push({ name: answer.name, socket: answer.socket });
+  };
+
+  for (let i = 0; i < 12; i++) await open();
+  assert.deepEqual(active(), [4, 4, 4]);
+  // Uneven lengths: each round ends 1-4 connections, most of them on backend "a" (its clients
+  // are short), then as many new ones arrive. Counts stay within one after every arrival.
+  let seed = 17;
+  const random = (): number => ((seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648);
+  for (let round = 0; round < 40; round++) {
+    const ending = 1 + Math.floor(random() * 4);
+    for (let k = 0; k < ending; k++) {
+      const onA = held.findIndex((h) => h.name === 'a');
+      const at = onA >= 0 && random() < 0.7 ? onA : Math.floor(random() * held.length);
+      const [gone] = held.splice(at, 1);
+      await hangUp(gone!.socket);
+    }
+    await eventually(() => active().reduce((x, y) => x + y, 0) === held.length, 'the proxy saw the ends');
+    for (let k = 0; k < ending; k++) {
+      await open();
+      const counts = active();
+      assert.ok(Math.max(...counts) - Math.min(...counts) <= 1 || k < ending - 1, `round ${round}: active ${counts.join(', ')}`);
+    }
+    const counts = active();
+    assert.ok(Math.max(...counts) - Math.min(...counts) <= 1, `round ${round}: active ${counts.join(', ')}`);
+  }
+  // /backends shows the same numbers.
+  const shown = (await proxy.daemon.backendViews()).map((v) => v.active);
+  assert.deepEqual(shown, active());
+});
+
+// ---- 5. source_hash ----
+
+test('source_hash keeps each of 100 clients (PROXY-derived addresses) on one backend, and removing one of five moves only its own clients', { timeout: 30_000 }, async (t) => {
+  const backends = await Promise.all(['a', 'b', 'c', 'd', 'e'].map((name) => startNamedBackend(t, name)));
+  const toml = (bs: NamedBackend[]): string =>
+    oneRoute(list(...bs), '  balance = "source_hash"').replace('  [[listeners.routes]]', '  [listeners.proxy_protocol]\n  accept = "v1"\n  trusted = ["127.0.0.1"]\n  [[listeners.routes]]');
+  const proxy = await startProxy(t, toml(backends));
+  const port = proxy.port('tcp');
+  const clients = Array.from({ length: 100 }, (_, i) => `10.1.${i >> 4}.${(i & 15) + 1}`);
+  const placement = async (): Promise<Map<string, string>> => {
+    const out = new Map<string, string>();
+    for (const client of clients) {
+      const names = new Set<string | null>();
+      for (let k = 0; k < 3; k++) names.add((await ask(port, { proxyFrom: client })).name);
+      assert.equal(names.size, 1, `${client} reached ${[...names].join(', ')}`);
+      out.set(client, [...names][0]!);
+    }
+    return out;
+  };
+  const before = await placement();
+  const share = (name: string): number => [...before.values()].filter((n) => n === name).length;
+  for (const b of backends) assert.ok(share(b.name) >= 5, `backend ${b.name} has ${share(b.name)} of 100 clients`);
+
+  const removed = backends[4]!;
+  await proxy.daemon.reload(configFrom(toml(backends.slice(0, 4))));
+  const after = await placement();
+  const moved = clients.filter((c) => before.get(c) !== after.get(c));
+  assert.deepEqual(
+    moved,
+    clients.filter((c) => before.get(c) === removed.name),
+    'exactly the clients of the removed backend moved',
+  );
+  assert.ok(moved.length >= 5 && moved.length <= 40, `${moved.length} of 100 moved: about a fifth`);
+  // And the moved clients spread over the remaining four rather than piling onto one.
+  assert.ok(new Set(moved.map((c) => after.get(c))).size >= Math.min(3, moved.length));
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
+
+// ---- 6. weights ----
+
+test('weights 1:3 split 4,000 round_robin connections within a few percent, and random_two roughly so', { timeout: 60_000 }, async (t) => {
+  const light = await startNamedBackend(t, 'light');
+  const heavy = await startNamedBackend(t, 'heavy');
+  const backends = `["${light.address}", { address = "${heavy.address}", weight = 3 }]`;
+  const toml = `
+[[listeners]]
+name = "rr"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "r"
+  default = true
+  backends = ${backends}
+[[listeners]]
+name = "p2c"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "r"
+  default = true
+  balance = "random_two"
+  backends = ${backends}
+`;
+  const proxy = await startProxy(t, toml);
+  const rr = await tallyAsks(proxy.port('rr'), 4000, 16);
+  assert.equal(rr.get(null), undefined, 'every connection served');
+  const rrHeavy = rr.get('heavy')! / 4000;
+  assert.ok(Math.abs(rrHeavy - 0.75) <= 0.02, `round_robin: heavy took ${(rrHeavy * 100).toFixed(1)} %`);
+  assert.equal(light.served + heavy.served, 4000);
+
+  const p2c = await tallyAsks(proxy.port('p2c'), 2000, 16);
+  const p2cHeavy = (p2c.get('heavy') ?? 0) / 2000;
+  assert.ok(Math.abs(p2cHeavy - 0.75) <= 0.06, `random_two: heavy took ${(p2cHeavy * 100).toFixed(1)} %`);
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
+
+// ---- 7. backups ----
+
+test('a backup receives nothing while a primary is up and everything while none is', { timeout: 20_000 }, async (t) => {
+  const p1 = await startNamedBackend(t, 'p1');
+  const p2 = await startNamedBackend(t, 'p2');
+  const backup = await startNamedBackend(t, 'backup');
+  const proxy = await startProxy(t, oneRoute(`["${p1.address}", "${p2.address}", { address = "${backup.address}", backup = true }]`, FAST_CHECK));
+  const port = proxy.port('tcp');
+  const views = viewsOf(proxy);
+
+  assert.deepEqual(Object.fromEntries(await tallyAsks(port, 20, 4)), { p1: 10, p2: 10 });
+  await p1.close();
+  await waitBackend(views, p1.address, (v) => v.health === 'down', 'down');
+  assert.deepEqual(Object.fromEntries(await tallyAsks(port, 20, 4)), { p2: 20 }, 'one primary up is enough');
+  assert.equal(backup.served, 0);
+
+  await p2.close();
+  await waitBackend(views, p2.address, (v) => v.health === 'down', 'down');
+  assert.deepEqual(Object.fromEntries(await tallyAsks(port, 20, 4)), { backup: 20 });
+  assert.equal(await metricValue(proxy.daemon, 'smartproxy_backend_connect_failures_total', { backend: p1.address }), 0, 'no client dialled a primary that was down');
+
+  // A primary back: the backup is idle again.
+  const back = await startNamedBackend(t, 'p2', { port: p2.port });
+  await waitBackend(views, p2.address, (v) => v.health === 'up', 'up');
+  assert.deepEqual(Object.fromEntries(await tallyAsks(port, 20, 4)), { p2: 20 });
+  assert.equal(backup.served, 20);
+  assert.equal(back.served, 20);
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
+
+// ---- 8. panic and no_healthy_backend ----
+
+test('with every backend down, panic mode still dials them and on_all_down = "refuse" closes with no_healthy_backend', { timeout: 20_000 }, async (t) => {
+  // The servers serve clients but fail the check: a health-check bug, the case panic mode is for.
+  const a = await startTextServer(t, { pong: '-ERR\r\n' });
+  const b = await startTextServer(t, { pong: '-ERR\r\n' });
+  const route = (name: string, onAllDown: string): string => `
+[[listeners]]
+name = "${name}"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "r"
+  default = true
+  backends = ["${a.address}", "${b.address}"]
+  on_all_down = "${onAllDown}"
+    [listeners.routes.health_check]
+    type = "send_expect"
+    send = "PING\\r\\n"
+    expect = "+PONG"
+    interval = "100ms"
+    rise = 1
+    fall = 1
+`;
+  const proxy = await startProxy(t, route('panic', 'panic') + route('refuse', 'refuse'));
+  await eventually(async () => (await proxy.daemon.backendViews()).every((v) => v.health === 'down'), 'every backend down');
+
+  const panic = await tallyAsks(proxy.port('panic'), 10, 2);
+  assert.deepEqual(Object.fromEntries(panic), { hi: 10 }, 'panic: still relayed');
+  const refuse = await tallyAsks(proxy.port('refuse'), 10, 2);
+  assert.deepEqual(Object.fromEntries(refuse), { null: 10 }, 'refuse: nothing relayed');
+  assert.equal(await closedWith(proxy, 'no_healthy_backend', 'refuse'), 10);
+  assert.equal(await closedWith(proxy, 'no_healthy_backend', 'panic'), 0);
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
+
+// ---- 9. max_connections ----
+
+test('a backend at its max_connections is skipped, and with every backend at its cap the connection closes with backend_full', { timeout: 20_000 }, async (t) => {
+  const a = await startNamedBackend(t, 'a');
+  const b = await startNamedBackend(t, 'b');
+  const proxy = await startProxy(t, oneRoute(`[{ address = "${a.address}", max_connections = 1 }, { address = "${b.address}", max_connections = 3 }]`));
+  const port = proxy.port('tcp');
+  const held: net.Socket[] = [];
+  t.after(() => Promise.all(held.map(hangUp)));
+  const names: Array<string | null> = [];
+  for (let i = 0; i < 4; i++) {
+    const answer = await ask(port, { hold: true });
+    names.push(answer.name);
+    held.push(answer.socket);
+  }
+  // Round-robin would give a two of four; at its cap it is skipped.
+  assert.deepEqual([...names].sort(), ['a', 'b', 'b', 'b']);
+  const full = await ask(port);
+  assert.equal(full.name, null);
+  assert.equal(await closedWith(proxy, 'backend_full'), 1);
+  assert.equal(a.served + b.served, 4, 'no dial past a cap');
+  const views = await proxy.daemon.backendViews();
+  assert.deepEqual(views.map((v) => v.active), [1, 3]);
+
+  // One place free on b: the next connection takes it, a stays at its cap.
+  const onB = held.splice(names.lastIndexOf('b'), 1)[0]!;
+  await hangUp(onB);
+  await eventually(async () => (await proxy.daemon.backendViews())[1]!.active === 2, 'b down to 2');
+  const next = await ask(port, { hold: true });
+  held.push(next.socket);
+  assert.equal(next.name, 'b');
+});
