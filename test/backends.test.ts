@@ -537,3 +537,253 @@ test('a backend at its max_connections is skipped, and with every backend at its
   held.push(next.socket);
   assert.equal(next.name, 'b');
 });
+
+// ---- 10. runtime control through the admin API ----
+
+/** This machine's first non-loopback IPv4 address, if it has one. */
+function publicAddress(): string | null {
+  for (const infos of Object.values(os.networkInterfaces())) {
+    for (const info of infos ?? []) if (info.family === 'IPv4' && !info.internal) return info.address;
+  }
+  return null;
+}
+
+test('drain and maintenance through the admin API: drain keeps established connections, maintenance closes them after drain_timeout, ready restores; each change is logged with who asked', { timeout: 20_000 }, async (t) => {
+  const a = await startNamedBackend(t, 'a');
+  const b = await startNamedBackend(t, 'b');
+  const DRAIN_MS = 300;
+  const proxy = await startProxy(t, oneRoute(list(a, b), '', `[shutdown]\ndrain_timeout = "${DRAIN_MS}ms"`));
+  const port = proxy.port('tcp');
+  const admin = await startAdminServer({ kind: 'tcp', address: { host: '127.0.0.1', port: 0, text: '127.0.0.1:0' } }, proxy.daemon);
+  t.after(() => admin.close());
+  const api = { host: '127.0.0.1', port: admin.port, localAddress: '127.0.0.3' };
+
+  const first = await ask(port, { hold: true });
+  const second = await ask(port, { hold: true });
+  const held = new Map([[first.name, first.socket], [second.name, second.socket]]);
+  assert.deepEqual([...held.keys()].sort(), ['a', 'b']);
+  t.after(() => Promise.all([...held.values()].map(hangUp)));
+
+  // drain a: no new connection reaches it, its established one stays.
+  const drained = await setState(api, a.address, 'drain');
+  assert.equal(drained.status, 200, drained.body);
+  assert.deepEqual(JSON.parse(drained.body).changed.map((c: { backend: string }) => c.backend), [a.address]);
+  assert.deepEqual(Object.fromEntries(await tallyAsks(port, 10, 2)), { b: 10 });
+  const line = proxy.lines.find((l) => l.msg === `backend ${a.address} of route r set to drain through the admin API by ${l.by}`);
+  assert.ok(line !== undefined, 'the change is logged');
+  assert.match(String(line.by), /^127\.0\.0\.3:\d+$/, 'naming who asked');
+  assert.equal((await proxy.daemon.backendViews()).find((v) => v.backend === a.address)?.state, 'drain');
+
+  // maintenance b: new connections go nowhere else than a? a is drained: nothing is ready, so none.
+  const maintenanceAt = Date.now();
+  assert.equal((await setState(api, b.address, 'maintenance')).status, 200);
+  assert.equal((await ask(port)).name, null, 'no backend left ready');
+  // b's established connection is closed after drain_timeout, with reason maintenance...
+  await new Promise<void>((resolve) => held.get('b')!.once('close', () => resolve()));
+  const closedAfter = Date.now() - maintenanceAt;
+  assert.ok(closedAfter >= DRAIN_MS - 20 && closedAfter < DRAIN_MS + 1000, `closed ${closedAfter} ms after maintenance`);
+  assert.equal(await closedWith(proxy, 'maintenance'), 1);
+  held.delete('b');
+  // ...while a's, drained, is still relaying past drain_timeout.
+  await roundTrip(held.get('a')!, 'still here');
+
+  // Back to ready: both take new connections again.
+  assert.equal((await setState(api, a.address, 'ready')).status, 200);
+  assert.equal((await setState(api, b.address, 'ready')).status, 200);
+  assert.deepEqual(Object.fromEntries(await tallyAsks(port, 10)), { a: 5, b: 5 });
+  assert.deepEqual((await proxy.daemon.backendViews()).map((v) => v.state), ['ready', 'ready']);
+
+  // Bad requests change nothing.
+  assert.equal((await setState(api, a.address, 'off')).status, 400);
+  assert.equal((await setState(api, '127.0.0.1:1', 'drain')).status, 404);
+  assert.equal((await adminRequest(api, 'GET', `/backends/state?backend=${a.address}&state=drain`)).status, 405);
+  assert.equal(await closedWith(proxy, 'maintenance'), 1);
+});
+
+test('the backend state write is refused on a TCP admin address that is not loopback, even from this machine, while reads are served', { timeout: 10_000 }, async (t) => {
+  const address = publicAddress();
+  if (address === null) {
+    t.skip('this machine has no non-loopback IPv4 address');
+    return;
+  }
+  const a = await startNamedBackend(t, 'a');
+  const proxy = await startProxy(t, oneRoute(list(a)));
+  const admin = await startAdminServer({ kind: 'tcp', address: { host: address, port: 0, text: `${address}:0` } }, proxy.daemon);
+  t.after(() => admin.close());
+  const api = { host: address, port: admin.port, localAddress: address };
+  const refused = await setState(api, a.address, 'maintenance');
+  assert.equal(refused.status, 403);
+  assert.match(refused.body, /only on the unix socket or a loopback address/);
+  assert.equal((await proxy.daemon.backendViews())[0]!.state, 'ready');
+  const read = await adminRequest(api, 'GET', '/backends');
+  assert.equal(read.status, 200);
+  assert.equal((JSON.parse(read.body) as BackendView[])[0]!.backend, a.address);
+  assert.equal((await ask(proxy.port('tcp'))).name, 'a');
+});
+
+// ---- 11. host names ----
+
+test('a backend given as a host name is resolved through the configured DNS server, and a changed answer moves new connections after the TTL', { timeout: 20_000 }, async (t) => {
+  const dns = await startDnsServer();
+  t.after(() => dns.close());
+  const first = await startNamedBackend(t, 'first', { host: '127.0.0.1' });
+  const second = await startNamedBackend(t, 'second', { host: '127.0.0.3', port: first.port });
+  dns.set('api.backend.test', { a: ['127.0.0.1'], aaaa: [], ttl: 1 });
+  const proxy = await startProxy(
+    t,
+    oneRoute(`["api.backend.test:${first.port}"]`, '', `[dns]\nservers = ["${dns.address}"]\nmin_ttl = "100ms"\ntimeout = "500ms"\nretry = "200ms"`),
+    { logLevel: 'info' },
+  );
+  const port = proxy.port('tcp');
+  const views = (await proxy.daemon.backendViews()).map((v) => ({ backend: v.backend, configured: v.configured }));
+  assert.deepEqual(views, [{ backend: first.address, configured: `api.backend.test:${first.port}` }]);
+  assert.deepEqual(Object.fromEntries(await tallyAsks(port, 5)), { first: 5 });
+
+  dns.set('api.backend.test', { a: ['127.0.0.3'], aaaa: [], ttl: 1 });
+  const changedAt = Date.now();
+  await eventually(async () => (await ask(port)).name === 'second', 'a connection to the new address', 5000);
+  const movedAfter = Date.now() - changedAt;
+  assert.ok(movedAfter <= 1000 + 1000, `moved ${movedAfter} ms after the change (TTL 1 s)`);
+  assert.deepEqual(Object.fromEntries(await tallyAsks(port, 5)), { second: 5 }, 'every new connection goes to the new address');
+  assert.ok(proxy.lines.some((l) => l.msg === `backend host api.backend.test now resolves to 127.0.0.3`));
+  assert.deepEqual(
+    (await proxy.daemon.backendViews()).map((v) => v.backend),
+    [second.address],
+  );
+  assert.ok(dns.queries('api.backend.test').a >= 2);
+
+  // A failing server keeps the last good answer.
+  dns.mode('servfail');
+  await eventually(
+    () => proxy.lines.some((l) => typeof l.msg === 'string' && l.msg.startsWith('resolving backend host api.backend.test failed') && l.msg.endsWith('keeping its last good addresses')),
+    'a warning that the last good answer is kept',
+  );
+  await dns.nextQuery('api.backend.test', 'A');
+  assert.deepEqual(Object.fromEntries(await tallyAsks(port, 3)), { second: 3 });
+  assert.equal(proxy.lines.filter((l) => typeof l.msg === 'string' && l.msg.startsWith('resolving backend host api.backend.test failed')).length, 1, 'one warning per outage');
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
+
+// ---- 12. the real process with threads = 4: backend state shared by every thread ----
+
+/** GET /backends of a threaded daemon. */
+function threadedViews(socketPath: string): () => Promise<BackendView[]> {
+  return async () => {
+    const { status, body } = await adminGet({ socketPath }, '/backends');
+    assert.equal(status, 200, body);
+    return JSON.parse(body) as BackendView[];
+  };
+}
+
+/** Client addresses to spread connections over the threads (SO_REUSEPORT hashes the 4-tuple). */
+const CLIENTS = ['127.0.0.2', '127.0.0.3', '127.0.0.4', '127.0.0.5', '127.0.0.6', '127.0.0.7'];
+
+async function tallyFromMany(port: number, n: number, concurrency: number): Promise<Map<string | null, number>> {
+  const total = new Map<string | null, number>();
+  const per = Math.ceil(n / CLIENTS.length);
+  let left = n;
+  for (const localAddress of CLIENTS) {
+    const count = Math.min(per, left);
+    left -= count;
+    if (count === 0) break;
+    for (const [name, k] of await tallyAsks(port, count, concurrency, { localAddress })) total.set(name, (total.get(name) ?? 0) + k);
+  }
+  return total;
+}
+
+test('threads = 4: a killed backend is out within fall x interval + timeout for every thread, no thread dials it, and it is back after rise', { timeout: 40_000 }, async (t) => {
+  const a = await startNamedBackend(t, 'a');
+  const b = await startNamedBackend(t, 'b');
+  const port = await closedPort();
+  const sp = await startThreaded(t, oneRoute(list(a, b), FAST_CHECK, '', `127.0.0.1:${port}`), ['tcp'], { level: 'info' });
+  const views = threadedViews(`${sp.proxy.dir}/admin.sock`);
+  const before = await tallyFromMany(port, 24, 4);
+  assert.deepEqual([...before.keys()].sort(), ['a', 'b']);
+
+  await a.close();
+  const killedAt = Date.now();
+  await waitBackend(views, a.address, (v) => v.health === 'down', 'down', 5000);
+  const tookMs = Date.now() - killedAt;
+  assert.ok(tookMs <= FALL * INTERVAL_MS + TIMEOUT_MS + SLACK_MS, `down after ${tookMs} ms`);
+  const failures = async (): Promise<number> => metric(await sp.metrics(), 'smartproxy_backend_connect_failures_total', { backend: a.address });
+  const failedBefore = await failures();
+  assert.deepEqual(Object.fromEntries(await tallyFromMany(port, 48, 4)), { b: 48 });
+  assert.equal(await failures(), failedBefore, 'no thread dialled the backend that is down');
+
+  const revived = await startNamedBackend(t, 'a', { port: a.port });
+  await waitBackend(views, a.address, (v) => v.health === 'up', 'up again', 5000);
+  assert.equal(revived.served, 0);
+  const after = await tallyFromMany(port, 48, 4);
+  assert.ok((after.get('a') ?? 0) >= 12, `a got ${after.get('a') ?? 0} of 48 once back`);
+});
+
+test('threads = 4: weights 1:3 split 4,000 round_robin connections within a few percent', { timeout: 90_000 }, async (t) => {
+  const light = await startNamedBackend(t, 'light');
+  const heavy = await startNamedBackend(t, 'heavy');
+  const port = await closedPort();
+  await startThreaded(t, oneRoute(`["${light.address}", { address = "${heavy.address}", weight = 3 }]`, '', '', `127.0.0.1:${port}`), ['tcp'], { level: 'info' });
+  const split = await tallyFromMany(port, 4000, 16);
+  assert.equal(split.get(null), undefined, 'every connection served');
+  const heavyShare = split.get('heavy')! / 4000;
+  assert.ok(Math.abs(heavyShare - 0.75) <= 0.02, `heavy took ${(heavyShare * 100).toFixed(1)} %`);
+});
+
+test('threads = 4: least_conn counts active connections over every thread', { timeout: 40_000 }, async (t) => {
+  const backends = [await startNamedBackend(t, 'a'), await startNamedBackend(t, 'b'), await startNamedBackend(t, 'c')];
+  const port = await closedPort();
+  const sp = await startThreaded(t, oneRoute(list(...backends), '  balance = "least_conn"', '', `127.0.0.1:${port}`), ['tcp'], { level: 'info' });
+  const views = threadedViews(`${sp.proxy.dir}/admin.sock`);
+  const held: net.Socket[] = [];
+  t.after(() => Promise.all(held.map(hangUp)));
+  // One at a time from six addresses, so they land on different threads; each thread picks by the shared counts.
+  for (let i = 0; i < 24; i++) {
+    const answer = await ask(port, { localAddress: CLIENTS[i % CLIENTS.length], hold: true });
+    assert.ok(answer.name !== null);
+    held.push(answer.socket);
+    const active = (await views()).map((v) => v.active);
+    assert.ok(Math.max(...active) - Math.min(...active) <= 1, `after ${i + 1}: ${active.join(', ')}`);
+  }
+  assert.deepEqual(backends.map((b) => b.served), [8, 8, 8]);
+});
+
+test('threads = 4: drain and maintenance through the admin unix socket reach every thread, and the change names the socket', { timeout: 40_000 }, async (t) => {
+  const a = await startNamedBackend(t, 'a');
+  const b = await startNamedBackend(t, 'b');
+  const port = await closedPort();
+  const DRAIN_MS = 300;
+  const sp = await startThreaded(t, oneRoute(list(a, b), '', `[shutdown]\ndrain_timeout = "${DRAIN_MS}ms"`, `127.0.0.1:${port}`), ['tcp'], { level: 'info' });
+  const socketPath = `${sp.proxy.dir}/admin.sock`;
+  const api = { socketPath };
+  const views = threadedViews(socketPath);
+
+  // Connections to both backends from every client address (so from several threads).
+  const held: Array<{ name: string; socket: net.Socket }> = [];
+  t.after(() => Promise.all(held.map((h) => hangUp(h.socket))));
+  for (let i = 0; i < 12; i++) {
+    const answer = await ask(port, { localAddress: CLIENTS[i % CLIENTS.length], hold: true });
+    assert.ok(answer.name !== null);
+    held.push({ name: answer.name, socket: answer.socket });
+  }
+  const onA = held.filter((h) => h.name === 'a');
+  const onB = held.filter((h) => h.name === 'b');
+  assert.ok(onA.length > 0 && onB.length > 0);
+
+  assert.equal((await setState(api, a.address, 'drain')).status, 200);
+  assert.deepEqual(Object.fromEntries(await tallyFromMany(port, 24, 4)), { b: 24 }, 'no thread sends a new connection to a drained backend');
+  const line = await sp.proxy.waitForLine((l) => l.msg === `backend ${a.address} of route r set to drain through the admin API by unix:${socketPath}`, { what: 'the drain logged' });
+  assert.equal(line.by, `unix:${socketPath}`);
+
+  const maintenanceAt = Date.now();
+  assert.equal((await setState(api, b.address, 'maintenance')).status, 200);
+  await Promise.all(onB.map((h) => new Promise<void>((resolve) => (h.socket.closed ? resolve() : h.socket.once('close', () => resolve())))));
+  const closedAfter = Date.now() - maintenanceAt;
+  assert.ok(closedAfter >= DRAIN_MS - 20, `closed ${closedAfter} ms after maintenance`);
+  assert.equal(metric(await sp.metrics(), 'smartproxy_connections_closed_total', { listener: 'tcp', reason: 'maintenance' }), onB.length);
+  for (const h of onA) await roundTrip(h.socket, 'drained, not closed');
+  assert.deepEqual((await views()).map((v) => [v.state, v.active]), [['drain', onA.length], ['maintenance', 0]]);
+
+  assert.equal((await setState(api, a.address, 'ready')).status, 200);
+  assert.equal((await setState(api, b.address, 'ready')).status, 200);
+  const after = await tallyFromMany(port, 24, 4);
+  assert.ok((after.get('a') ?? 0) > 0 && (after.get('b') ?? 0) > 0, JSON.stringify(Object.fromEntries(after)));
+});
