@@ -787,3 +787,92 @@ test('threads = 4: drain and maintenance through the admin unix socket reach eve
   const after = await tallyFromMany(port, 24, 4);
   assert.ok((after.get('a') ?? 0) > 0 && (after.get('b') ?? 0) > 0, JSON.stringify(Object.fromEntries(after)));
 });
+
+// ---- runtime state across reloads, filters, shared checks, names with several addresses ----
+
+test('a runtime state survives a reload that leaves its backend alone, ends with one that changes it, and listener/route narrow a change', { timeout: 20_000 }, async (t) => {
+  const a = await startNamedBackend(t, 'a');
+  const b = await startNamedBackend(t, 'b');
+  const toml = (weightOfA: number, extra = ''): string => `
+[[listeners]]
+name = "one"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "r"
+  default = true
+  backends = [{ address = "${a.address}", weight = ${weightOfA} }, "${b.address}"]
+${extra}
+[[listeners]]
+name = "two"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "r"
+  default = true
+  backends = ["${a.address}", "${b.address}"]
+`;
+  const proxy = await startProxy(t, toml(1));
+  const states = async (): Promise<string[]> => (await proxy.daemon.backendViews()).map((v) => `${v.listener} ${v.backend === a.address ? 'a' : 'b'} ${v.state}`);
+  const changed = await proxy.daemon.setBackendState({ backend: a.address, listener: 'one' }, 'drain');
+  assert.deepEqual(changed.map((c) => c.listener), ['one']);
+  assert.deepEqual(await states(), ['one a drain', 'one b ready', 'two a ready', 'two b ready']);
+  assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('one'), 4)), { b: 4 });
+  assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('two'), 4)), { a: 2, b: 2 });
+
+  // A reload that changes something else (the route's balance) keeps it.
+  await proxy.daemon.reload(configFrom(toml(1, '  balance = "least_conn"')));
+  assert.deepEqual(await states(), ['one a drain', 'one b ready', 'two a ready', 'two b ready']);
+  assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('one'), 4)), { b: 4 });
+  // One that changes that backend (its weight) starts it ready.
+  await proxy.daemon.reload(configFrom(toml(2)));
+  assert.deepEqual(await states(), ['one a ready', 'one b ready', 'two a ready', 'two b ready']);
+  assert.equal((await tallyAsks(proxy.port('one'), 6)).get('a'), 4);
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
+
+test('a backend checked with the same definition by two routes is checked once per interval, and the verdict applies to both', { timeout: 20_000 }, async (t) => {
+  const a = await startNamedBackend(t, 'a');
+  const b = await startNamedBackend(t, 'b');
+  const route = (name: string): string => `
+[[listeners]]
+name = "${name}"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "r"
+  default = true
+  backends = ["${a.address}", "${b.address}"]
+${FAST_CHECK}`;
+  const proxy = await startProxy(t, route('one') + route('two'));
+  const checks = async (): Promise<number> => metricValue(proxy.daemon, 'smartproxy_backend_health_checks_total', { backend: a.address, result: 'ok' });
+  await eventually(async () => (await checks()) >= 5, 'five checks of a');
+  const counted = await checks();
+  // Every TCP connection a accepted was one check (no client connected yet); one may be in flight.
+  assert.ok(a.accepted - counted <= 1 && a.accepted >= counted, `${a.accepted} connections for ${counted} checks`);
+  await a.close();
+  await eventually(async () => (await proxy.daemon.backendViews()).filter((v) => v.backend === a.address && v.health === 'down').length === 2, 'a down in both routes');
+  assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('one'), 4)), { b: 4 });
+  assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('two'), 4)), { b: 4 });
+});
+
+test('a host name with two addresses is two backends with its settings, and one admin change by the name covers both', { timeout: 20_000 }, async (t) => {
+  const dns = await startDnsServer();
+  t.after(() => dns.close());
+  const x = await startNamedBackend(t, 'x', { host: '127.0.0.1' });
+  const y = await startNamedBackend(t, 'y', { host: '127.0.0.3', port: x.port });
+  const z = await startNamedBackend(t, 'z');
+  dns.set('pool.backend.test', { a: ['127.0.0.1', '127.0.0.3'], aaaa: [], ttl: 60 });
+  const proxy = await startProxy(t, oneRoute(`[{ address = "pool.backend.test:${x.port}", weight = 2 }, "${z.address}"]`, '', `[dns]\nservers = ["${dns.address}"]`));
+  const views = await proxy.daemon.backendViews();
+  assert.deepEqual(
+    views.map((v) => [v.backend, v.configured, v.weight]),
+    [
+      [x.address, `pool.backend.test:${x.port}`, 2],
+      [y.address, `pool.backend.test:${x.port}`, 2],
+      [z.address, z.address, 1],
+    ],
+  );
+  assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('tcp'), 10)), { x: 4, y: 4, z: 2 });
+  const changed = await proxy.daemon.setBackendState({ backend: `pool.backend.test:${x.port}` }, 'drain');
+  assert.equal(changed.length, 2);
+  assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('tcp'), 4)), { z: 4 });
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
