@@ -12,8 +12,8 @@ import type { BackendView } from '../src/backends/supervisor.ts';
 import { startBlackhole } from './support/blackhole.ts';
 import { adminGet } from './support/cli.ts';
 import { startDnsServer } from './support/dns-server.ts';
-import { closedPort, configFrom, startProxy, type ProxyUnderTest } from './support/harness.ts';
-import { metricValue } from './support/metrics.ts';
+import { closedPort, configFrom, startProxy, startTlsBackend, type ProxyUnderTest } from './support/harness.ts';
+import { metricValue, scrape } from './support/metrics.ts';
 import { metric, startThreaded } from './support/threads.ts';
 import {
   adminRequest,
@@ -47,6 +47,12 @@ const list = (...backends: NamedBackend[]): string => `[${backends.map((b) => `"
 
 /** Every backend view of an in-process daemon. */
 const viewsOf = (proxy: ProxyUnderTest) => (): Promise<BackendView[]> => proxy.daemon.backendViews();
+
+/** Every series of `name` whose labels include `labels`, added up. */
+async function total(proxy: ProxyUnderTest, name: string, labels: Record<string, string>): Promise<number> {
+  const samples = (await scrape(proxy.daemon)).samples.filter((s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v));
+  return samples.reduce((sum, s) => sum + s.value, 0);
+}
 
 async function closedWith(proxy: ProxyUnderTest, reason: string, listener = 'tcp'): Promise<number> {
   return metricValue(proxy.daemon, 'smartproxy_connections_closed_total', { listener, reason });
@@ -95,10 +101,10 @@ test('a backend killed mid-run is out within fall x interval + timeout, is diall
   );
 
   // No client is dialled to it while it is down: every answer comes from b and no connect to a fails.
-  const failedBefore = await metricValue(proxy.daemon, 'smartproxy_backend_connect_failures_total', { backend: a.address });
+  const failedBefore = await total(proxy, 'smartproxy_backend_connect_failures_total', { backend: a.address });
   const whileDown = await tallyAsks(port, 20, 4);
   assert.deepEqual(Object.fromEntries(whileDown), { b: 20 });
-  assert.equal(await metricValue(proxy.daemon, 'smartproxy_backend_connect_failures_total', { backend: a.address }), failedBefore);
+  assert.equal(await total(proxy, 'smartproxy_backend_connect_failures_total', { backend: a.address }), failedBefore);
 
   // Back on the same port: up after `rise` passed checks, and clients reach it again.
   const revived = await startNamedBackend(t, 'a', { port: a.port });
@@ -459,7 +465,7 @@ test('a backup receives nothing while a primary is up and everything while none 
   await p2.close();
   await waitBackend(views, p2.address, (v) => v.health === 'down', 'down');
   assert.deepEqual(Object.fromEntries(await tallyAsks(port, 20, 4)), { backup: 20 });
-  assert.equal(await metricValue(proxy.daemon, 'smartproxy_backend_connect_failures_total', { backend: p1.address }), 0, 'no client dialled a primary that was down');
+  assert.equal(await total(proxy, 'smartproxy_backend_connect_failures_total', { backend: p1.address }), 0, 'no client dialled a primary that was down');
 
   // A primary back: the backup is idle again.
   const back = await startNamedBackend(t, 'p2', { port: p2.port });
@@ -851,6 +857,7 @@ ${FAST_CHECK}`;
   await eventually(async () => (await proxy.daemon.backendViews()).filter((v) => v.backend === a.address && v.health === 'down').length === 2, 'a down in both routes');
   assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('one'), 4)), { b: 4 });
   assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('two'), 4)), { b: 4 });
+  assert.equal(await total(proxy, 'smartproxy_backend_connect_failures_total', { backend: a.address }), 0, 'neither route dialled it');
 });
 
 test('a host name with two addresses is two backends with its settings, and one admin change by the name covers both', { timeout: 20_000 }, async (t) => {
@@ -874,5 +881,113 @@ test('a host name with two addresses is two backends with its settings, and one 
   const changed = await proxy.daemon.setBackendState({ backend: `pool.backend.test:${x.port}` }, 'drain');
   assert.equal(changed.length, 2);
   assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('tcp'), 4)), { z: 4 });
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
+
+// ---- check kinds: PROXY LOCAL header, tls; max_share ----
+
+/** A server that records the first bytes of every connection (or that it sent none before its FIN). */
+async function startRecorder(t: TestContext): Promise<{ address: string; first: Buffer[] }> {
+  const state = { address: '', first: [] as Buffer[] };
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+    sockets.add(socket);
+    socket.on('error', () => {});
+    socket.on('close', () => sockets.delete(socket));
+    let got = Buffer.alloc(0);
+    socket.on('data', (chunk: Buffer) => (got = Buffer.concat([got, chunk])));
+    socket.on('end', () => {
+      state.first.push(got);
+      socket.end();
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  state.address = `127.0.0.1:${(server.address() as net.AddressInfo).port}`;
+  t.after(
+    () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  );
+  return state;
+}
+
+test('checks of a route that sends PROXY open with a PROXY v2 LOCAL header unless proxy_protocol = "none", and end with a FIN', { timeout: 20_000 }, async (t) => {
+  const local = await startRecorder(t);
+  const none = await startRecorder(t);
+  const plain = await startRecorder(t);
+  const listener = (name: string, backend: string, route: string, check: string): string => `
+[[listeners]]
+name = "${name}"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "r"
+  default = true
+  backends = ["${backend}"]
+${route}
+    [listeners.routes.health_check]
+    type = "tcp"
+    interval = "50ms"
+    ${check}
+`;
+  await startProxy(
+    t,
+    listener('local', local.address, '  send_proxy_protocol = "v2"', '') +
+      listener('none', none.address, '  send_proxy_protocol = "v1"', 'proxy_protocol = "none"') +
+      listener('plain', plain.address, '', ''),
+  );
+  await eventually(() => local.first.length >= 3 && none.first.length >= 3 && plain.first.length >= 3, 'three finished checks of each');
+  const LOCAL = Buffer.from('0d0a0d0a000d0a515549540a20000000', 'hex');
+  for (const bytes of local.first) assert.equal(bytes.toString('hex'), LOCAL.toString('hex'));
+  for (const bytes of [...none.first, ...plain.first]) assert.equal(bytes.length, 0);
+});
+
+test('a tls check passes on a TLS server (self-signed, not verified) and fails on one that does not speak TLS', { timeout: 20_000 }, async (t) => {
+  const secure = await startTlsBackend(t, 'secure');
+  const plain = await startNamedBackend(t, 'plain');
+  const listener = (name: string, port: number): string => `
+[[listeners]]
+name = "${name}"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "r"
+  sni = "api.example.com"
+  default = true
+  backends = ["127.0.0.1:${port}"]
+    [listeners.routes.health_check]
+    type = "tls"
+    interval = "100ms"
+    timeout = "300ms"
+    rise = 1
+    fall = 1
+`;
+  const proxy = await startProxy(t, listener('secure', secure.port) + listener('plain', plain.port));
+  await eventually(async () => (await proxy.daemon.backendViews()).every((v) => v.lastCheck !== null), 'both checked');
+  await eventually(async () => (await proxy.daemon.backendViews()).find((v) => v.listener === 'plain')?.health === 'down', 'the plain server down');
+  const views = await proxy.daemon.backendViews();
+  assert.deepEqual(views.map((v) => [v.listener, v.health]), [['secure', 'up'], ['plain', 'down']]);
+  assert.equal(views[0]!.lastCheck?.ok, true);
+});
+
+test('passive ejection leaves at least half of a route in (max_share = 50): of four backends, three refusing, only two are ejected', { timeout: 20_000 }, async (t) => {
+  const dead = await Promise.all([closedPort(), closedPort(), closedPort()]);
+  const good = await startNamedBackend(t, 'good');
+  const proxy = await startProxy(
+    t,
+    oneRoute(
+      `[${dead.map((p) => `"127.0.0.1:${p}"`).join(', ')}, "${good.address}"]`,
+      `
+    [listeners.routes.ejection]
+    consecutive_failures = 1
+    base_time = "30s"
+    max_share = 50
+`,
+    ),
+  );
+  assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('tcp'), 20)), { good: 20 });
+  const health = (await proxy.daemon.backendViews()).map((v) => v.health);
+  assert.deepEqual(health.filter((h) => h === 'ejected').length, 2, `4 backends x 50 % = 2 may be out: ${health.join(', ')}`);
+  assert.equal(await total(proxy, 'smartproxy_backend_ejections_total', {}), 2);
   await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
 });
