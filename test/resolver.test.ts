@@ -308,3 +308,15 @@ test('the DNS server ignores malformed packets and keeps answering', BOUNDED, as
   dns.set('api.test', { a: ['10.0.0.1'], aaaa: [], ttl: 60 });
   assert.equal((await resolver.watch('api.test')).ok, true);
 });
+
+test('with the system servers, a name DNS does not know is looked up in /etc/hosts (localhost); with servers given, it is not', BOUNDED, async (t) => {
+  const system = new BackendResolver({ servers: null, onChange: () => {} });
+  t.after(() => system.close());
+  const local = await system.watch('localhost');
+  assert.equal(local.ok, true);
+  assert.ok(local.addresses.includes('127.0.0.1') || local.addresses.includes('::1'), `localhost: ${local.addresses.join(', ')}`);
+  assert.ok(local.expiresAt - local.resolvedAt >= 30_000, 'no TTL: looked up again every 30 s at most');
+  const { resolver } = await setup(t);
+  const viaServer = await resolver.watch('localhost');
+  assert.equal(viaServer.ok, false, 'the configured server alone answers');
+});

@@ -3,6 +3,9 @@
 // Queries go through one c-ares channel (dns.promises.Resolver), never dns.lookup: getaddrinfo runs
 // on libuv's 4-thread pool, where one slow resolver would stall file and crypto work, and it hides
 // the TTL. A failed resolution keeps the last good answer: a DNS outage must not empty a route.
+// One exception: with the system's servers, a name DNS does not know (NXDOMAIN, no data) is looked
+// up once more with getaddrinfo, so names from /etc/hosts (`localhost`) work as they do for every
+// other program; such an answer has no TTL and is looked up again every HOSTS_RECHECK_MS at most.
 //
 // One host's life (one timer, `refreshTimer`, held only while waiting):
 //
@@ -87,6 +90,8 @@ export class BackendResolver {
   private readonly minTtlMs: number;
   private readonly maxTtlMs: number;
   private readonly retryMs: number;
+  /** The system's servers: names DNS does not know are looked up in /etc/hosts (getaddrinfo). */
+  private readonly hostsFallback: boolean;
   private closed = false;
 
   /** Throws (ERR_INVALID_IP_ADDRESS) on a malformed server address: the config check rejects those first. */
@@ -94,6 +99,7 @@ export class BackendResolver {
     const timeoutMs = opts.timeoutMs ?? 2000;
     this.resolver = new dnsPromises.Resolver({ timeout: timeoutMs, maxTimeout: timeoutMs, tries: opts.tries ?? 2 });
     if (opts.servers !== null) this.resolver.setServers([...opts.servers]);
+    this.hostsFallback = opts.servers === null;
     this.onChange = opts.onChange;
     this.log = opts.log;
     this.minTtlMs = opts.minTtlMs ?? 1000;
@@ -155,10 +161,11 @@ export class BackendResolver {
   private async refresh(watched: Watched): Promise<ResolvedAddresses> {
     watched.refreshTimer = null;
     const host = watched.host;
-    const [a, aaaa] = await Promise.all([
+    let [a, aaaa] = await Promise.all([
       familyAnswer(() => this.resolver.resolve4(host, { ttl: true })),
       familyAnswer(() => this.resolver.resolve6(host, { ttl: true })),
     ]);
+    if (this.hostsFallback && a.kind === 'none' && aaaa.kind === 'none') [a, aaaa] = await hostsAnswer(host, Math.max(this.minTtlMs, HOSTS_RECHECK_MS));
     const now = Date.now();
     const previous = watched.current;
     let next: ResolvedAddresses;
@@ -211,6 +218,23 @@ export class BackendResolver {
     }
     if (previous === null) return; // the first answer is watch()'s result
     if (previous.ok !== next.ok || !sameAddresses(previous.addresses, next.addresses)) this.onChange(host, next);
+  }
+}
+
+/** A getaddrinfo answer has no TTL: looked up again this often. */
+const HOSTS_RECHECK_MS = 30_000;
+
+/** getaddrinfo (files, then DNS, as nsswitch says) for a name c-ares found nothing for; never rejects. */
+async function hostsAnswer(host: string, recheckMs: number): Promise<[FamilyAnswer, FamilyAnswer]> {
+  try {
+    const found = await dnsPromises.lookup(host, { all: true });
+    const of = (family: number): FamilyAnswer => {
+      const addresses = found.filter((r) => r.family === family).map((r) => r.address);
+      return addresses.length > 0 ? { kind: 'addresses', addresses, ttlMs: recheckMs } : { kind: 'none', code: 'ENODATA' };
+    };
+    return [of(4), of(6)];
+  } catch {
+    return [{ kind: 'none', code: 'ENOTFOUND' }, { kind: 'none', code: 'ENOTFOUND' }];
   }
 }
 
