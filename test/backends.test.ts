@@ -991,3 +991,34 @@ test('passive ejection leaves at least half of a route in (max_share = 50): of f
   assert.equal(await total(proxy, 'smartproxy_backend_ejections_total', {}), 2);
   await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
 });
+
+test('a DNS answer that changes while a reload is prepared reaches the reloaded routes, including a route the reload adds', { timeout: 20_000 }, async (t) => {
+  const dns = await startDnsServer();
+  t.after(() => dns.close());
+  const first = await startNamedBackend(t, 'first', { host: '127.0.0.1' });
+  const second = await startNamedBackend(t, 'second', { host: '127.0.0.3', port: first.port });
+  dns.set('api.backend.test', { a: ['127.0.0.1'], aaaa: [], ttl: 1 });
+  const listener = (name: string): string => `
+[[listeners]]
+name = "${name}"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "r"
+  default = true
+  backends = ["api.backend.test:${first.port}"]
+`;
+  const top = `[dns]\nservers = ["${dns.address}"]\nmin_ttl = "100ms"\n`;
+  const proxy = await startProxy(t, top + listener('one'), { logLevel: 'info' });
+  assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('one'), 2)), { first: 2 });
+
+  // The reload's two halves with the change in between (with threads, the time its message takes).
+  const prepared = await proxy.daemon.prepare(configFrom(top + listener('one') + listener('two')));
+  dns.set('api.backend.test', { a: ['127.0.0.3'], aaaa: [], ttl: 1 });
+  await eventually(() => proxy.lines.some((l) => l.msg === 'backend host api.backend.test now resolves to 127.0.0.3'), 'the new answer', 5000);
+  assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('one'), 2)), { second: 2 }, 'the routes in force moved');
+  proxy.daemon.commit(prepared);
+  assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('one'), 2)), { second: 2 }, 'the reloaded route has the new answer');
+  assert.deepEqual(Object.fromEntries(await tallyAsks(proxy.port('two'), 2)), { second: 2 }, 'so has the added one');
+  assert.deepEqual((await proxy.daemon.backendViews()).map((v) => `${v.listener} ${v.backend}`), [`one ${second.address}`, `two ${second.address}`]);
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});

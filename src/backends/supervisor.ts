@@ -60,6 +60,13 @@ export class BackendSupervisor {
   readonly directory: BackendDirectory;
   private readonly opts: SupervisorOptions;
   private config: Config | null = null;
+  /**
+   * A config prepared and not yet committed. Its host names are watched already, and an answer
+   * that changes before the commit must reach the routes the threads compiled from the older one.
+   */
+  private pending: Config | null = null;
+  /** A resolution changed while `pending` waited: commit() publishes the answers again. */
+  private changedWhilePending = false;
   private resolver: BackendResolver | null = null;
   private resolverSettings = '';
   private readonly checker: HealthChecker;
@@ -95,19 +102,30 @@ export class BackendSupervisor {
     }
     const full = this.directory.indexes.assignBackends(this.directory.keysOf(config), MAX_BACKENDS);
     if (full !== null) throw new Error(full);
+    this.pending = config;
+    this.changedWhilePending = false;
     return this.directory.update();
   }
 
   /** Second half: `config` is in force in every thread. */
   commit(config: Config): void {
     this.config = config;
+    this.pending = null;
     this.resolver?.retain(hostNames(config));
     for (const host of [...this.directory.resolved.keys()]) if (!hostNames(config).has(host)) this.directory.resolved.delete(host);
     this.refresh();
+    // The threads compiled this config's routes from the answers prepare() returned; one that
+    // changed since would otherwise stay unused until the name's next change.
+    if (this.changedWhilePending) {
+      this.changedWhilePending = false;
+      this.opts.publish(this.directory.update());
+    }
   }
 
   /** A prepared config that will not be committed: stop resolving names only it had. */
   abort(): void {
+    this.pending = null;
+    this.changedWhilePending = false;
     if (this.config !== null) this.resolver?.retain(hostNames(this.config));
   }
 
@@ -130,18 +148,26 @@ export class BackendSupervisor {
   }
 
   private onResolved(host: string, current: ResolvedAddresses): void {
-    if (this.closed || this.config === null || !hostNames(this.config).has(host)) return;
+    // The config in force and the one a reload prepared (either may be absent during start-up or a reload).
+    const configs = [this.config, this.pending].filter((c): c is Config => c !== null);
+    if (this.closed || !configs.some((c) => hostNames(c).has(host))) return;
     const before = this.directory.resolved.get(host) ?? [];
     if (!current.ok && current.addresses.length === 0) return;
     if (sameList(before, current.addresses)) return;
     this.directory.resolved.set(host, current.addresses);
-    const full = this.directory.indexes.assignBackends(this.directory.keysOf(this.config), MAX_BACKENDS);
+    const full = this.directory.indexes.assignBackends(
+      configs.flatMap((c) => this.directory.keysOf(c)),
+      MAX_BACKENDS,
+    );
     if (full !== null) {
       this.opts.log.error({ host }, `${full}; the new addresses of ${host} are not used`);
       this.directory.resolved.set(host, before);
       return;
     }
     this.opts.log.info({ host, addresses: current.addresses }, `backend host ${host} now resolves to ${current.addresses.join(', ') || 'nothing'}`);
+    if (this.pending !== null) this.changedWhilePending = true;
+    // Before the first commit no thread runs a config yet: commit() publishes.
+    if (this.config === null) return;
     this.refresh();
     this.opts.publish(this.directory.update());
   }
