@@ -599,11 +599,30 @@ test('drain and maintenance through the admin API: drain keeps established conne
   assert.deepEqual(Object.fromEntries(await tallyAsks(port, 10)), { a: 5, b: 5 });
   assert.deepEqual((await proxy.daemon.backendViews()).map((v) => v.state), ['ready', 'ready']);
 
+  // /stats shows them too.
+  const stats = JSON.parse((await adminRequest(api, 'GET', '/stats')).body) as { backends: BackendView[] };
+  assert.deepEqual(stats.backends.map((v) => [v.backend, v.state, v.health]), [[a.address, 'ready', 'up'], [b.address, 'ready', 'up']]);
+
+  // Maintenance taken back before drain_timeout: the established connection stays.
+  const kept = await ask(port, { hold: true });
+  held.set(`kept ${kept.name}`, kept.socket);
+  const keptAddress = kept.name === 'a' ? a.address : b.address;
+  assert.equal((await setState(api, keptAddress, 'maintenance')).status, 200);
+  assert.equal((await setState(api, keptAddress, 'ready')).status, 200);
+  const other = await ask(port, { hold: true });
+  held.set(`other ${other.name}`, other.socket);
+  assert.equal((await setState(api, other.name === 'a' ? a.address : b.address, 'maintenance')).status, 200);
+  // The deadline of the second change passes (it closes its connection); the first one's had passed too.
+  await new Promise<void>((resolve) => other.socket.once('close', () => resolve()));
+  held.delete(`other ${other.name}`);
+  await roundTrip(kept.socket, 'maintenance was taken back');
+  assert.equal((await setState(api, other.name === 'a' ? a.address : b.address, 'ready')).status, 200);
+
   // Bad requests change nothing.
   assert.equal((await setState(api, a.address, 'off')).status, 400);
   assert.equal((await setState(api, '127.0.0.1:1', 'drain')).status, 404);
   assert.equal((await adminRequest(api, 'GET', `/backends/state?backend=${a.address}&state=drain`)).status, 405);
-  assert.equal(await closedWith(proxy, 'maintenance'), 1);
+  assert.equal(await closedWith(proxy, 'maintenance'), 2);
 });
 
 test('the backend state write is refused on a TCP admin address that is not loopback, even from this machine, while reads are served', { timeout: 10_000 }, async (t) => {
