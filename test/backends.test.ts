@@ -1041,3 +1041,24 @@ bind = ["127.0.0.1:0"]
   assert.deepEqual((await proxy.daemon.backendViews()).map((v) => `${v.listener} ${v.backend}`), [`one ${second.address}`, `two ${second.address}`]);
   await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
 });
+
+test('a reload that changes [dns] and is abandoned leaves the names in force resolved through the servers in force', { timeout: 20_000 }, async (t) => {
+  const dns = await startDnsServer();
+  const other = await startDnsServer();
+  t.after(() => Promise.all([dns.close(), other.close()]));
+  const first = await startNamedBackend(t, 'first', { host: '127.0.0.1' });
+  const second = await startNamedBackend(t, 'second', { host: '127.0.0.3', port: first.port });
+  dns.set('api.backend.test', { a: ['127.0.0.1'], aaaa: [], ttl: 1 });
+  other.set('new.backend.test', { a: ['127.0.0.1'], aaaa: [], ttl: 1 });
+  const toml = (server: string, host: string): string => `[dns]\nservers = ["${server}"]\nmin_ttl = "100ms"\n` + oneRoute(`["${host}:${first.port}"]`);
+  const proxy = await startProxy(t, toml(dns.address, 'api.backend.test'), { logLevel: 'info' });
+  const port = proxy.port('tcp');
+  assert.deepEqual(Object.fromEntries(await tallyAsks(port, 2)), { first: 2 });
+
+  const prepared = await proxy.daemon.prepare(configFrom(toml(other.address, 'new.backend.test')));
+  await proxy.daemon.abort(prepared);
+  dns.set('api.backend.test', { a: ['127.0.0.3'], aaaa: [], ttl: 1 });
+  await eventually(async () => (await ask(port)).name === 'second', 'the name in force re-resolved after the abandoned reload', 5000);
+  assert.deepEqual(Object.fromEntries(await tallyAsks(port, 2)), { second: 2 });
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});

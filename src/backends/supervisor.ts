@@ -69,6 +69,8 @@ export class BackendSupervisor {
   private changedWhilePending = false;
   private resolver: BackendResolver | null = null;
   private resolverSettings = '';
+  /** The resolver in force while a prepared reload with other [dns] settings waits for its commit. */
+  private previousResolver: { readonly resolver: BackendResolver; readonly settings: string } | null = null;
   private readonly checker: HealthChecker;
   /** Check key -> the backends its result applies to. */
   private checked = new Map<string, Checked>();
@@ -101,7 +103,10 @@ export class BackendSupervisor {
       this.directory.resolved.set(host, answer.addresses);
     }
     const full = this.directory.indexes.assignBackends(this.directory.keysOf(config), MAX_BACKENDS);
-    if (full !== null) throw new Error(full);
+    if (full !== null) {
+      this.abort(); // the resolver in force stays (the caller may not abort a prepare that threw)
+      throw new Error(full);
+    }
     this.pending = config;
     this.changedWhilePending = false;
     return this.directory.update();
@@ -111,6 +116,8 @@ export class BackendSupervisor {
   commit(config: Config): void {
     this.config = config;
     this.pending = null;
+    this.previousResolver?.resolver.close();
+    this.previousResolver = null;
     this.resolver?.retain(hostNames(config));
     for (const host of [...this.directory.resolved.keys()]) if (!hostNames(config).has(host)) this.directory.resolved.delete(host);
     this.refresh();
@@ -126,13 +133,23 @@ export class BackendSupervisor {
   abort(): void {
     this.pending = null;
     this.changedWhilePending = false;
+    // Other [dns] settings were prepared: the config in force keeps its own resolver.
+    if (this.previousResolver !== null) {
+      this.resolver?.close();
+      this.resolver = this.previousResolver.resolver;
+      this.resolverSettings = this.previousResolver.settings;
+      this.previousResolver = null;
+    }
     if (this.config !== null) this.resolver?.retain(hostNames(this.config));
   }
 
   private resolverFor(config: Config): BackendResolver {
     const settings = JSON.stringify(config.dns);
     if (this.resolver !== null && settings === this.resolverSettings) return this.resolver;
-    this.resolver?.close();
+    // The resolver in force keeps re-resolving the names in force until the commit (closed
+    // there, or back in force at an abort). One prepared earlier and not committed goes.
+    if (this.previousResolver === null && this.resolver !== null) this.previousResolver = { resolver: this.resolver, settings: this.resolverSettings };
+    else this.resolver?.close();
     this.resolverSettings = settings;
     const { dns } = config;
     this.resolver = new BackendResolver({
@@ -307,6 +324,7 @@ export class BackendSupervisor {
     this.closed = true;
     this.checker.close();
     this.resolver?.close();
+    this.previousResolver?.resolver.close();
   }
 }
 
