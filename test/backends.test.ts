@@ -1062,3 +1062,67 @@ test('a reload that changes [dns] and is abandoned leaves the names in force res
   assert.deepEqual(Object.fromEntries(await tallyAsks(port, 2)), { second: 2 });
   await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
 });
+
+test('threads = 4: a changed DNS answer reaches every thread', { timeout: 40_000 }, async (t) => {
+  const dns = await startDnsServer();
+  t.after(() => dns.close());
+  const first = await startNamedBackend(t, 'first', { host: '127.0.0.1' });
+  const second = await startNamedBackend(t, 'second', { host: '127.0.0.3', port: first.port });
+  dns.set('api.backend.test', { a: ['127.0.0.1'], aaaa: [], ttl: 1 });
+  const port = await closedPort();
+  const sp = await startThreaded(
+    t,
+    oneRoute(`["api.backend.test:${first.port}"]`, '', `[dns]\nservers = ["${dns.address}"]\nmin_ttl = "100ms"`, `127.0.0.1:${port}`),
+    ['tcp'],
+    { level: 'info' },
+  );
+  assert.deepEqual(Object.fromEntries(await tallyFromMany(port, 24, 4)), { first: 24 });
+  dns.set('api.backend.test', { a: ['127.0.0.3'], aaaa: [], ttl: 1 });
+  await sp.proxy.waitForLine((l) => l.msg === 'backend host api.backend.test now resolves to 127.0.0.3', { what: 'the new answer', ms: 5000 });
+  await eventually(async () => (await tallyFromMany(port, 12, 4)).get('second') === 12, 'every thread on the new address', 5000);
+  assert.deepEqual(Object.fromEntries(await tallyFromMany(port, 48, 4)), { second: 48 });
+  assert.deepEqual((await threadedViews(`${sp.proxy.dir}/admin.sock`)()).map((v) => v.backend), [second.address]);
+});
+
+test('a check never has more than one connection in flight per backend and definition, even when it times out slower than the interval', { timeout: 20_000 }, async (t) => {
+  let open = 0;
+  let most = 0;
+  let accepted = 0;
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((socket) => {
+    accepted++;
+    open++;
+    most = Math.max(most, open);
+    sockets.add(socket);
+    socket.on('error', () => {});
+    socket.on('close', () => {
+      open--;
+      sockets.delete(socket);
+    });
+    socket.resume(); // reads and never answers
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => new Promise<void>((resolve) => {
+    for (const s of sockets) s.destroy();
+    server.close(() => resolve());
+  }));
+  const address = `127.0.0.1:${(server.address() as net.AddressInfo).port}`;
+  const proxy = await startProxy(
+    t,
+    oneRoute(
+      `["${address}"]`,
+      `
+    [listeners.routes.health_check]
+    type = "send_expect"
+    send = "PING\\r\\n"
+    expect = "+PONG"
+    interval = "10ms"
+    timeout = "150ms"
+    fall = 1
+`,
+    ),
+  );
+  await eventually(() => accepted >= 5, 'five checks');
+  assert.equal(most, 1, 'one check connection at a time');
+  assert.equal((await proxy.daemon.backendViews())[0]!.lastCheck?.reason, 'timeout');
+});
