@@ -10,7 +10,7 @@ import { test, type TestContext } from 'node:test';
 import { startAdminServer } from '../src/admin/server.ts';
 import type { BackendView } from '../src/backends/supervisor.ts';
 import { startBlackhole } from './support/blackhole.ts';
-import { adminGet } from './support/cli.ts';
+import { adminGet, startCli } from './support/cli.ts';
 import { startDnsServer } from './support/dns-server.ts';
 import { closedPort, configFrom, startProxy, startTlsBackend, type ProxyUnderTest } from './support/harness.ts';
 import { metricValue, scrape } from './support/metrics.ts';
@@ -1125,4 +1125,27 @@ test('a check never has more than one connection in flight per backend and defin
   await eventually(() => accepted >= 5, 'five checks');
   assert.equal(most, 1, 'one check connection at a time');
   assert.equal((await proxy.daemon.backendViews())[0]!.lastCheck?.reason, 'timeout');
+});
+
+test('threads = 4: the real process with its admin API on a non-loopback address (allow_public) serves reads and refuses the state write', { timeout: 40_000 }, async (t) => {
+  const address = publicAddress();
+  if (address === null) {
+    t.skip('this machine has no non-loopback IPv4 address');
+    return;
+  }
+  const a = await startNamedBackend(t, 'a');
+  const port = await closedPort();
+  // The config takes no port 0 for the admin API: one that was free a moment ago.
+  const probe = net.createServer();
+  await new Promise<void>((resolve) => probe.listen(0, address, resolve));
+  const adminPort = (probe.address() as net.AddressInfo).port;
+  await new Promise<void>((resolve) => probe.close(() => resolve()));
+  const proxy = await startCli(t, `[admin]\nlisten = "${address}:${adminPort}"\nallow_public = true\n[process]\nthreads = 4\n` + oneRoute(list(a), '', '', `127.0.0.1:${port}`), { ready: ['tcp'], admin: true });
+  assert.equal(proxy.lines.find((l) => l.msg === 'admin API listening')?.admin, `${address}:${adminPort}`);
+  const api = { host: address, port: adminPort, localAddress: address };
+  const refused = await setState(api, a.address, 'drain');
+  assert.equal(refused.status, 403, refused.body);
+  const views = JSON.parse((await adminRequest(api, 'GET', '/backends')).body) as BackendView[];
+  assert.deepEqual(views.map((v) => [v.backend, v.state]), [[a.address, 'ready']]);
+  assert.deepEqual(Object.fromEntries(await tallyFromMany(port, 12, 4)), { a: 12 });
 });
