@@ -195,3 +195,26 @@ test('passive ejection honours max_share and can be off', () => {
   for (let i = 0; i < 5; i++) assert.equal(states.connectFailed(1, 0, { ...NO_EJECTION, consecutiveFailures: 0 }, () => true), 0);
   assert.ok(!states.isEjected(1, 0));
 });
+
+test('backend indexes given back are used again before new ones, and a process never runs out by churn', async () => {
+  const { CountIndexes } = await import('../src/governance/shared-counts.ts');
+  const indexes = new CountIndexes();
+  assert.equal(indexes.assignBackends(['a', 'b', 'c'], 4), null);
+  assert.deepEqual([indexes.backend('a'), indexes.backend('b'), indexes.backend('c')], [0, 1, 2]);
+  indexes.releaseBackend('b');
+  assert.equal(indexes.assignBackends(['d'], 4), null);
+  assert.equal(indexes.backend('d'), 1, 'the freed index');
+  assert.equal(indexes.assignBackends(['e'], 4), null);
+  assert.equal(indexes.backend('e'), 3);
+  assert.match(indexes.assignBackends(['f'], 4) ?? '', /more than 4 backends at once/);
+  // 10,000 rotations of one address through a table of 4.
+  for (let i = 0; i < 10_000; i++) {
+    indexes.releaseBackend(i === 0 ? 'e' : `r${i - 1}`);
+    assert.equal(indexes.assignBackends([`r${i}`], 4), null);
+  }
+  assert.equal(indexes.backends.size, 4);
+  // A copy made from the owner's JSON continues after the highest index it saw.
+  const copy = new CountIndexes(indexes.toJSON());
+  assert.equal(copy.assignBackends(['x'], 5), null);
+  assert.equal(copy.backend('x'), 4);
+});

@@ -78,6 +78,12 @@ export class BackendSupervisor {
   private live = new Map<string, string>();
   /** Backend key -> when it entered the config or its health last changed. */
   private readonly since = new Map<string, number>();
+  /**
+   * Backend key -> when it left the config (a reload, or an address a name no longer resolves
+   * to). Its index is given back once it has been gone RECYCLE_AFTER_MS with no connection left,
+   * so a name whose addresses rotate (a cloud load balancer) never uses up the indexes.
+   */
+  private readonly gone = new Map<string, number>();
   private closed = false;
 
   constructor(opts: SupervisorOptions) {
@@ -226,6 +232,15 @@ export class BackendSupervisor {
       }
     }
     for (const key of this.since.keys()) if (!live.has(key)) this.since.delete(key);
+    for (const key of this.live.keys()) if (!live.has(key)) this.gone.set(key, now);
+    const pending = new Set(this.pending === null ? [] : this.directory.keysOf(this.pending));
+    for (const [key, left] of this.gone) {
+      if (live.has(key) || pending.has(key)) this.gone.delete(key);
+      else if (now - left >= RECYCLE_AFTER_MS && states.active(this.directory.indexes.backend(key)) === 0) {
+        this.gone.delete(key);
+        this.directory.indexes.releaseBackend(key);
+      }
+    }
     this.live = live;
     this.checked = new Map([...checks].map(([key, check]) => [key, { entries: check.entries }]));
     this.checker.update([...checks].map(([key, check]) => ({ key, target: check.target, def: check.def })));
@@ -327,6 +342,9 @@ export class BackendSupervisor {
     this.previousResolver?.resolver.close();
   }
 }
+
+/** How long a backend must have left the config before its state index may serve another. */
+const RECYCLE_AFTER_MS = 10 * 60_000;
 
 /** Host names (not IP literals) among the backends of `config`. */
 function hostNames(config: Config): Set<string> {

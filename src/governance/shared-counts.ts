@@ -203,19 +203,35 @@ export class CountIndexes {
   readonly routes: Map<string, number>;
   /** Backend state indexes (backends/backend-states.ts), keyed by backendKey(listener, route, address). */
   readonly backends: Map<string, number>;
+  /** Backend indexes given back (releaseBackend), used again before new ones. */
+  private readonly freeBackends: number[] = [];
+  private nextBackend: number;
 
   constructor(init?: { listeners: Array<[string, number]>; routes: Array<[string, number]>; backends?: Array<[string, number]> }) {
     this.listeners = new Map(init?.listeners ?? []);
     this.routes = new Map(init?.routes ?? []);
     this.backends = new Map(init?.backends ?? []);
+    this.nextBackend = Math.max(-1, ...this.backends.values()) + 1;
   }
 
   /** Indexes for backend keys not seen before; null, or a message when the process has used them up. */
   assignBackends(keys: Iterable<string>, max: number): string | null {
     const fresh = [...new Set(keys)].filter((key) => !this.backends.has(key));
-    if (this.backends.size + fresh.length > max) return `more than ${max} distinct backends in the life of the process; restart to reset`;
-    for (const key of fresh) this.backends.set(key, this.backends.size);
+    if (this.backends.size + fresh.length > max) return `more than ${max} backends at once (backends in the config, and those that left it less than 10 minutes ago)`;
+    for (const key of fresh) this.backends.set(key, this.freeBackends.pop() ?? this.nextBackend++);
     return null;
+  }
+
+  /**
+   * A backend gone from the config (and its connections) for good: its index may serve another.
+   * Other threads may keep the old key in their copy; it is never looked up again unless the
+   * owner assigns it anew, and then the owner's mapping replaces it.
+   */
+  releaseBackend(key: string): void {
+    const index = this.backends.get(key);
+    if (index === undefined) return;
+    this.backends.delete(key);
+    this.freeBackends.push(index);
   }
 
   backend(key: string): number {
