@@ -435,6 +435,7 @@ export class ListenerMetrics {
   private readonly rejectedChildren = new Map<string, client.Counter.Internal>();
   private readonly closedChildren = new Map<string, client.Counter.Internal>();
   private readonly routedChildren = new Map<string, client.Counter.Internal>();
+  private readonly connectTimeChildren = new Map<string, client.Histogram.Internal<'listener' | 'route'>>();
   /** True once the duration histogram has this listener's series (observed, or zeroed at a scrape). */
   private durationSeeded = false;
 
@@ -488,7 +489,12 @@ export class ListenerMetrics {
 
   /** A dial connected after `ms`. */
   backendConnected(route: string, ms: number): void {
-    this.families.connectTime.observe({ listener: this.name, route }, ms / 1000);
+    let child = this.connectTimeChildren.get(route);
+    if (child === undefined) {
+      child = this.families.connectTime.labels({ listener: this.name, route });
+      this.connectTimeChildren.set(route, child);
+    }
+    child.observe(ms / 1000);
   }
 
   /** Once per admitted connection, from the single release point. */
