@@ -218,3 +218,12 @@ test('backend indexes given back are used again before new ones, and a process n
   assert.equal(copy.assignBackends(['x'], 5), null);
   assert.equal(copy.backend('x'), 4);
 });
+
+test('panic is for a route with nothing up, not for a connection that tried every up backend', () => {
+  const { states, pool: p } = pool('round_robin', [{}, {}]);
+  states.setCheckDown(1, true);
+  const first = p.choose([], 'c', 0) as Member;
+  assert.equal(first.index, 0);
+  states.release(0);
+  assert.equal(p.choose([0], 'c', 0), 'backend_unavailable', 'the down backend is not dialled after the up one failed');
+});

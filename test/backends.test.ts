@@ -1149,3 +1149,101 @@ test('threads = 4: the real process with its admin API on a non-loopback address
   assert.deepEqual(views.map((v) => [v.backend, v.state]), [[a.address, 'ready']]);
   assert.deepEqual(Object.fromEntries(await tallyFromMany(port, 12, 4)), { a: 12 });
 });
+
+// ---- found in review: state that a reload or a DNS flap must not lose ----
+
+test('a reload to [dns] servers that do not answer keeps the addresses in force (a reload never empties a route)', { timeout: 20_000 }, async (t) => {
+  const dns = await startDnsServer();
+  const dead = await startDnsServer();
+  dead.mode('drop');
+  t.after(() => Promise.all([dns.close(), dead.close()]));
+  const a = await startNamedBackend(t, 'a', { host: '127.0.0.1' });
+  const toml = (server: string): string => `[dns]\nservers = ["${server}"]\ntimeout = "200ms"\nmin_ttl = "100ms"\n
+[[listeners]]
+name = "tcp"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "r"
+  default = true
+  backends = ["api.backend.test:${a.port}"]
+`;
+  dns.set('api.backend.test', { a: ['127.0.0.1'], aaaa: [], ttl: 60 });
+  const proxy = await startProxy(t, toml(dns.address), { logLevel: 'warn' });
+  assert.equal((await ask(proxy.port('tcp'))).name, 'a');
+  await proxy.daemon.reload(configFrom(toml(dead.address)));
+  assert.deepEqual((await proxy.daemon.backendViews()).map((v) => v.backend), [`127.0.0.1:${a.port}`]);
+  assert.equal((await ask(proxy.port('tcp'))).name, 'a');
+  assert.ok(proxy.lines.some((l) => String(l.msg).includes('keeping the addresses in force')));
+});
+
+test('a reload that changes only the check interval keeps a dead backend down', { timeout: 20_000 }, async (t) => {
+  const live = await startNamedBackend(t, 'live');
+  const dead = await closedPort();
+  const toml = (interval: string): string => `
+[[listeners]]
+name = "tcp"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "r"
+  default = true
+  backends = ["127.0.0.1:${live.port}", "127.0.0.1:${dead}"]
+    [listeners.routes.health_check]
+    interval = "${interval}"
+    timeout = "200ms"
+    fall = 2
+    jitter = 0
+    [listeners.routes.ejection]
+    consecutive_failures = 0
+`;
+  const proxy = await startProxy(t, toml('100ms'), { logLevel: 'warn' });
+  await eventually(async () => (await proxy.daemon.backendViews()).some((v) => v.health === 'down'), 'the dead backend is down');
+  await proxy.daemon.reload(configFrom(toml('10s')));
+  const views = await proxy.daemon.backendViews();
+  assert.equal(views.find((v) => v.backend === `127.0.0.1:${dead}`)?.health, 'down');
+  for (let i = 0; i < 6; i++) assert.equal((await ask(proxy.port('tcp'))).name, 'live');
+  const failures = await metricValue(proxy.daemon, 'smartproxy_backend_connect_failures_total', { backend: `127.0.0.1:${dead}` });
+  assert.equal(failures, 0, 'no client was dialled to the dead backend');
+});
+
+test('maintenance set by host name covers addresses the name resolves to later, and an address that leaves and returns keeps it', { timeout: 30_000 }, async (t) => {
+  const dns = await startDnsServer();
+  t.after(() => dns.close());
+  const a = await startNamedBackend(t, 'a', { host: '127.0.0.1' });
+  await startNamedBackend(t, 'b', { host: '127.0.0.3', port: a.port });
+  dns.set('api.backend.test', { a: ['127.0.0.1'], aaaa: [], ttl: 1 });
+  const proxy = await startProxy(t, `[dns]\nservers = ["${dns.address}"]\nmin_ttl = "100ms"\n
+[[listeners]]
+name = "tcp"
+bind = ["127.0.0.1:0"]
+  [[listeners.routes]]
+  name = "r"
+  default = true
+  backends = ["api.backend.test:${a.port}", "127.0.0.2:${a.port}"]
+`, { logLevel: 'warn' });
+  await proxy.daemon.setBackendState({ backend: `api.backend.test:${a.port}` }, 'maintenance');
+  const states = async (): Promise<string[]> => (await proxy.daemon.backendViews()).map((v) => `${v.backend} ${v.state}`).sort();
+  dns.set('api.backend.test', { a: ['127.0.0.1', '127.0.0.3'], aaaa: [], ttl: 1 });
+  await eventually(async () => (await proxy.daemon.backendViews()).length === 3, 'the new address');
+  assert.deepEqual(await states(), [`127.0.0.1:${a.port} maintenance`, `127.0.0.2:${a.port} ready`, `127.0.0.3:${a.port} maintenance`]);
+  dns.set('api.backend.test', { a: ['127.0.0.3'], aaaa: [], ttl: 1 });
+  await eventually(async () => (await proxy.daemon.backendViews()).length === 2, 'the address left');
+  dns.set('api.backend.test', { a: ['127.0.0.1', '127.0.0.3'], aaaa: [], ttl: 1 });
+  await eventually(async () => (await proxy.daemon.backendViews()).length === 3, 'the address is back');
+  assert.deepEqual(await states(), [`127.0.0.1:${a.port} maintenance`, `127.0.0.2:${a.port} ready`, `127.0.0.3:${a.port} maintenance`]);
+  await proxy.daemon.setBackendState({ backend: `api.backend.test:${a.port}` }, 'ready');
+  assert.deepEqual(await states(), [`127.0.0.1:${a.port} ready`, `127.0.0.2:${a.port} ready`, `127.0.0.3:${a.port} ready`]);
+});
+
+test('a state change from a web page (a request with an Origin header) is refused, even on loopback', { timeout: 10_000 }, async (t) => {
+  const a = await startNamedBackend(t, 'a');
+  const proxy = await startProxy(t, oneRoute(list(a)));
+  const admin = await startAdminServer({ kind: 'tcp', address: { host: '127.0.0.1', port: 0, text: '127.0.0.1:0' } }, proxy.daemon);
+  t.after(() => admin.close());
+  const api = { host: '127.0.0.1', port: admin.port };
+  const path = `/backends/state?backend=${encodeURIComponent(a.address)}&state=maintenance`;
+  const refused = await adminRequest(api, 'POST', path, { origin: 'http://evil.example' });
+  assert.equal(refused.status, 403);
+  assert.equal((await proxy.daemon.backendViews())[0]!.state, 'ready');
+  assert.equal((await adminRequest(api, 'POST', path)).status, 200);
+  assert.equal((await proxy.daemon.backendViews())[0]!.state, 'maintenance');
+});

@@ -132,6 +132,9 @@ async function setBackendState(daemon: AdminSource, listen: AdminListen, url: UR
   if (listen.kind === 'tcp' && (!isLoopbackHost(listen.address.host) || peer === undefined || !isLoopbackHost(peer))) {
     return send(res, 403, 'text/plain', 'forbidden: backend state changes are served only on the unix socket or a loopback address\n');
   }
+  // A browser on this host could be made to send this POST by any page it visits (or a name
+  // rebound to 127.0.0.1): a browser always says where the request comes from, curl never does.
+  if (req.headers.origin !== undefined) return send(res, 403, 'text/plain', 'forbidden: requests from a web page (with an Origin header) may not change state\n');
   const backend = url.searchParams.get('backend');
   const state = url.searchParams.get('state') as AdminState | null;
   if (backend === null || backend === '' || state === null || !ADMIN_STATES.includes(state)) {

@@ -103,7 +103,10 @@ export class BackendPool {
     }
     let candidates = primaries.length > 0 ? primaries : backups;
     if (candidates.length === 0) {
-      if (this.onAllDown === 'refuse') return tried.length === 0 && !anyUp ? 'no_healthy_backend' : 'backend_unavailable';
+      // Up backends exist and this connection tried them all: that is failover exhausted, not
+      // "nothing is up" (panic would dial a black hole known to be down).
+      if (anyUp) return 'backend_unavailable';
+      if (this.onAllDown === 'refuse') return tried.length === 0 ? 'no_healthy_backend' : 'backend_unavailable';
       // Panic: whatever the operator left ready, primaries first, health ignored.
       for (const backup of [false, true]) {
         for (let i = 0; i < members.length; i++) {

@@ -23,7 +23,11 @@ const ADMIN = 2;
 const FAILS = 3;
 /** Passive ejections since its last successful connect: the cooldown grows with it. */
 const EJECTIONS = 4;
-/** 1 while it is passively ejected (until EJECTED_UNTIL). */
+/**
+ * 1 once it has been passively ejected (since it entered the config): only then is EJECTED_UNTIL
+ * worth reading. Set before EJECTED_UNTIL and never cleared by a reader, so no thread can miss an
+ * ejection another thread is making.
+ */
 const EJECTED = 5;
 
 export type AdminState = 'ready' | 'drain' | 'maintenance';
@@ -85,11 +89,9 @@ export class SharedBackendStates {
     return Atomics.load(this.i32, base + EJECTED) === 0 || !this.stillEjected(index, now);
   }
 
+  /** EJECTED_UNTIL is the one truth: after it, the backend takes connections again. */
   private stillEjected(index: number, now: number): boolean {
-    if (Number(Atomics.load(this.until, index)) > now) return true;
-    // The cooldown is over: it takes connections again, and its next failure ejects it again.
-    Atomics.store(this.i32, index * FIELDS + EJECTED, 0);
-    return false;
+    return Number(Atomics.load(this.until, index)) > now;
   }
 
   setCheckDown(index: number, down: boolean): void {
@@ -129,14 +131,15 @@ export class SharedBackendStates {
     const base = index * FIELDS;
     const fails = Atomics.add(this.i32, base + FAILS, 1) + 1;
     const ejections = Atomics.load(this.i32, base + EJECTIONS);
-    if (Atomics.load(this.i32, base + EJECTED) === 1 && this.stillEjected(index, now)) return 0;
     if (fails < policy.consecutiveFailures && ejections === 0) return 0;
+    const until = Atomics.load(this.until, index);
+    if (Number(until) > now) return 0; // already out
     if (!mayEject()) return 0;
-    // One thread ejects: the one that moves EJECTED from 0 to 1.
-    if (Atomics.compareExchange(this.i32, base + EJECTED, 0, 1) !== 0) return 0;
-    const times = Atomics.add(this.i32, base + EJECTIONS, 1) + 1;
-    const cooldown = Math.min(policy.baseTimeMs * times, policy.maxTimeMs);
-    Atomics.store(this.until, index, BigInt(now + cooldown));
+    Atomics.store(this.i32, base + EJECTED, 1); // before UNTIL: a reader that sees UNTIL sees the hint
+    const cooldown = Math.min(policy.baseTimeMs * (ejections + 1), policy.maxTimeMs);
+    // One thread ejects: the one whose compare-and-swap moves UNTIL from the value it read.
+    if (Atomics.compareExchange(this.until, index, until, BigInt(now + cooldown)) !== until) return 0;
+    Atomics.add(this.i32, base + EJECTIONS, 1);
     Atomics.store(this.i32, base + FAILS, 0);
     return cooldown;
   }

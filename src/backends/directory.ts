@@ -44,12 +44,12 @@ export class BackendDirectory {
     }));
   }
 
-  /** The key of every backend of `config` with the answers known now. */
-  keysOf(config: Config): string[] {
+  /** The key of every backend of `config` with the answers known now (or those given). */
+  keysOf(config: Config, resolved: ReadonlyMap<string, readonly string[]> = this.resolved): string[] {
     const keys: string[] = [];
     for (const listener of config.listeners) {
       for (const route of listener.routes) {
-        for (const { address } of routeAddresses(route, (host) => this.resolved.get(host))) keys.push(backendKey(listener.name, route.name, address.text));
+        for (const { address } of routeAddresses(route, (host) => resolved.get(host))) keys.push(backendKey(listener.name, route.name, address.text));
       }
     }
     return keys;

@@ -7,6 +7,7 @@
 // the latest timeoutMs later; after a failure it is destroyed at once.
 import net from 'node:net';
 import tls from 'node:tls';
+import { MAX_TIMER_MS } from '../config/units.ts';
 
 export type CheckType = 'tcp' | 'send_expect' | 'tls';
 
@@ -269,11 +270,12 @@ export class HealthChecker {
    * Replaces the watched set. A key kept with an identical definition and target keeps its state
    * and schedule; a new key, or one whose target or definition changed, starts up with streak 0;
    * removed keys stop (an in-flight check's result is dropped). A key given twice: the last wins.
-   * Ignored after close().
+   * `initialUp: false` starts a new key down (a backend already known down whose check definition
+   * changed must not come back up by a reload). Ignored after close().
    */
-  update(entries: ReadonlyArray<{ key: string; target: CheckTarget; def: CheckDefinition }>): void {
+  update(entries: ReadonlyArray<{ key: string; target: CheckTarget; def: CheckDefinition; initialUp?: boolean }>): void {
     if (this.closed) return;
-    const wanted = new Map<string, { key: string; target: CheckTarget; def: CheckDefinition }>();
+    const wanted = new Map<string, { key: string; target: CheckTarget; def: CheckDefinition; initialUp?: boolean }>();
     for (const entry of entries) wanted.set(entry.key, entry);
     for (const [key, watch] of this.watches) {
       const entry = wanted.get(key);
@@ -285,6 +287,7 @@ export class HealthChecker {
     for (const entry of wanted.values()) {
       if (this.watches.has(entry.key)) continue;
       const watch = new Watch(entry.key, entry.target, entry.def);
+      watch.up = entry.initialUp ?? true;
       this.watches.set(entry.key, watch);
       // Spread first checks over one interval so targets added together do not run in lockstep.
       this.schedule(watch, this.random() * entry.def.intervalMs);
@@ -352,10 +355,10 @@ export class HealthChecker {
   }
 }
 
-/** interval ± jitterPct %, never negative. */
+/** interval ± jitterPct %, never negative, never past setTimeout's limit (Node would make it 1 ms). */
 function nextDelay(def: CheckDefinition, random: () => number): number {
   const spread = Math.min(100, Math.max(0, def.jitterPct)) / 100;
-  return Math.max(0, def.intervalMs * (1 + spread * (2 * random() - 1)));
+  return Math.min(MAX_TIMER_MS, Math.max(0, def.intervalMs * (1 + spread * (2 * random() - 1))));
 }
 
 function sameTarget(a: CheckTarget, b: CheckTarget): boolean {

@@ -52,6 +52,12 @@ export interface SupervisorOptions {
   readonly publish: (update: BackendUpdate) => void;
 }
 
+interface ResolverUse {
+  readonly resolver: BackendResolver;
+  /** The [dns] table it was made for, as JSON. */
+  readonly settings: string;
+}
+
 interface Checked {
   readonly entries: BackendEntry[];
 }
@@ -61,16 +67,15 @@ export class BackendSupervisor {
   private readonly opts: SupervisorOptions;
   private config: Config | null = null;
   /**
-   * A config prepared and not yet committed. Its host names are watched already, and an answer
-   * that changes before the commit must reach the routes the threads compiled from the older one.
+   * A config prepared and not yet committed, and the answers its routes were compiled from. An
+   * answer that changes before the commit is kept here and published again at the commit.
    */
   private pending: Config | null = null;
-  /** A resolution changed while `pending` waited: commit() publishes the answers again. */
+  private pendingResolved: Map<string, readonly string[]> | null = null;
   private changedWhilePending = false;
-  private resolver: BackendResolver | null = null;
-  private resolverSettings = '';
-  /** The resolver in force while a prepared reload with other [dns] settings waits for its commit. */
-  private previousResolver: { readonly resolver: BackendResolver; readonly settings: string } | null = null;
+  /** The resolver of the config in force, and the one a prepared reload uses (the same one unless [dns] changed). */
+  private inForce: ResolverUse | null = null;
+  private prepared: ResolverUse | null = null;
   private readonly checker: HealthChecker;
   /** Check key -> the backends its result applies to. */
   private checked = new Map<string, Checked>();
@@ -81,9 +86,15 @@ export class BackendSupervisor {
   /**
    * Backend key -> when it left the config (a reload, or an address a name no longer resolves
    * to). Its index is given back once it has been gone RECYCLE_AFTER_MS with no connection left,
-   * so a name whose addresses rotate (a cloud load balancer) never uses up the indexes.
+   * so a name whose addresses rotate (a cloud load balancer) never uses up the indexes. An address
+   * of a name that comes back before then keeps its state (a DNS answer that flaps).
    */
   private readonly gone = new Map<string, number>();
+  /**
+   * Runtime states set by host name (listener/route/configured entry): every address the name
+   * resolves to, later ones too, gets it. Dropped when a reload changes or removes the entry.
+   */
+  private readonly namedStates = new Map<string, { readonly state: AdminState; readonly settings: string }>();
   private closed = false;
 
   constructor(opts: SupervisorOptions) {
@@ -103,29 +114,45 @@ export class BackendSupervisor {
   async prepare(config: Config): Promise<BackendUpdate> {
     const resolver = this.resolverFor(config);
     const hosts = hostNames(config);
-    const answers = await Promise.all([...hosts].map(async (host) => [host, await resolver.watch(host)] as const));
-    for (const [host, answer] of answers) {
-      if (answer.addresses.length === 0) this.opts.log.warn({ host, error: answer.error }, `backend host ${host} does not resolve; its backends are left out until it does`);
-      this.directory.resolved.set(host, answer.addresses);
+    await Promise.all([...hosts].map((host) => resolver.watch(host)));
+    // The answers as they stand now (one may have changed during the wait). A name the prepared
+    // servers cannot resolve keeps the answer in force: a reload must not empty a route.
+    const resolved = new Map<string, readonly string[]>();
+    for (const host of hosts) {
+      const answer = resolver.current(host);
+      const inForce = this.directory.resolved.get(host) ?? [];
+      let addresses = answer?.addresses ?? [];
+      if (addresses.length === 0 && inForce.length > 0) {
+        addresses = inForce;
+        this.opts.log.warn({ host, error: answer?.error }, `backend host ${host} does not resolve with the new [dns] settings; keeping the addresses in force`);
+      } else if (addresses.length === 0) {
+        this.opts.log.warn({ host, error: answer?.error }, `backend host ${host} does not resolve; its backends are left out until it does`);
+      }
+      resolved.set(host, addresses);
     }
-    const full = this.directory.indexes.assignBackends(this.directory.keysOf(config), MAX_BACKENDS);
+    const full = this.assign([...this.directory.keysOf(config, resolved), ...(this.config === null ? [] : this.directory.keysOf(this.config))]);
     if (full !== null) {
       this.abort(); // the resolver in force stays (the caller may not abort a prepare that threw)
       throw new Error(full);
     }
     this.pending = config;
+    this.pendingResolved = resolved;
     this.changedWhilePending = false;
-    return this.directory.update();
+    return { resolved: [...resolved].map(([host, ips]) => [host, [...ips]]), indexes: this.directory.indexes.toJSON() };
   }
 
   /** Second half: `config` is in force in every thread. */
   commit(config: Config): void {
+    if (this.prepared !== null && this.prepared !== this.inForce) {
+      this.inForce?.resolver.close();
+      this.inForce = this.prepared;
+    }
+    this.prepared = null;
     this.config = config;
+    this.directory.resolved = this.pendingResolved ?? new Map();
     this.pending = null;
-    this.previousResolver?.resolver.close();
-    this.previousResolver = null;
-    this.resolver?.retain(hostNames(config));
-    for (const host of [...this.directory.resolved.keys()]) if (!hostNames(config).has(host)) this.directory.resolved.delete(host);
+    this.pendingResolved = null;
+    this.inForce?.resolver.retain(hostNames(config));
     this.refresh();
     // The threads compiled this config's routes from the answers prepare() returned; one that
     // changed since would otherwise stay unused until the name's next change.
@@ -135,62 +162,75 @@ export class BackendSupervisor {
     }
   }
 
-  /** A prepared config that will not be committed: stop resolving names only it had. */
+  /** A prepared config that will not be committed: its resolver and answers go, nothing in force changes. */
   abort(): void {
+    if (this.prepared !== null && this.prepared !== this.inForce) this.prepared.resolver.close();
+    this.prepared = null;
     this.pending = null;
+    this.pendingResolved = null;
     this.changedWhilePending = false;
-    // Other [dns] settings were prepared: the config in force keeps its own resolver.
-    if (this.previousResolver !== null) {
-      this.resolver?.close();
-      this.resolver = this.previousResolver.resolver;
-      this.resolverSettings = this.previousResolver.settings;
-      this.previousResolver = null;
-    }
-    if (this.config !== null) this.resolver?.retain(hostNames(this.config));
+    if (this.config !== null) this.inForce?.resolver.retain(hostNames(this.config));
   }
 
+  /** The resolver for `config`'s [dns]: the one in force when unchanged, else a new one (in force at the commit). */
   private resolverFor(config: Config): BackendResolver {
     const settings = JSON.stringify(config.dns);
-    if (this.resolver !== null && settings === this.resolverSettings) return this.resolver;
-    // The resolver in force keeps re-resolving the names in force until the commit (closed
-    // there, or back in force at an abort). One prepared earlier and not committed goes.
-    if (this.previousResolver === null && this.resolver !== null) this.previousResolver = { resolver: this.resolver, settings: this.resolverSettings };
-    else this.resolver?.close();
-    this.resolverSettings = settings;
+    if (this.prepared !== null && this.prepared !== this.inForce) this.prepared.resolver.close();
+    if (this.inForce !== null && this.inForce.settings === settings) {
+      this.prepared = this.inForce;
+      return this.inForce.resolver;
+    }
     const { dns } = config;
-    this.resolver = new BackendResolver({
+    const use: { resolver: BackendResolver | null; settings: string } = { resolver: null, settings };
+    use.resolver = new BackendResolver({
       servers: dns.servers?.map((s) => s.text) ?? null,
       timeoutMs: dns.timeoutMs,
       minTtlMs: dns.minTtlMs,
       maxTtlMs: dns.maxTtlMs,
       retryMs: dns.retryMs,
       log: this.opts.log,
-      onChange: (host, current) => this.onResolved(host, current),
+      onChange: (host, current) => this.onResolved(use as ResolverUse, host, current),
     });
-    return this.resolver;
+    this.prepared = use as ResolverUse;
+    if (this.inForce === null) this.inForce = this.prepared; // start-up
+    return use.resolver;
   }
 
-  private onResolved(host: string, current: ResolvedAddresses): void {
-    // The config in force and the one a reload prepared (either may be absent during start-up or a reload).
-    const configs = [this.config, this.pending].filter((c): c is Config => c !== null);
-    if (this.closed || !configs.some((c) => hostNames(c).has(host))) return;
-    const before = this.directory.resolved.get(host) ?? [];
-    if (!current.ok && current.addresses.length === 0) return;
-    if (sameList(before, current.addresses)) return;
-    this.directory.resolved.set(host, current.addresses);
-    const full = this.directory.indexes.assignBackends(
-      configs.flatMap((c) => this.directory.keysOf(c)),
-      MAX_BACKENDS,
-    );
+  /** Indexes for `keys`; a new index starts from a clean state (it may have served another backend). */
+  private assign(keys: string[]): string | null {
+    const indexes = this.directory.indexes;
+    const known = new Set(indexes.backends.keys());
+    const full = indexes.assignBackends(keys, MAX_BACKENDS);
+    if (full !== null) return full;
+    for (const [key, index] of indexes.backends) if (!known.has(key)) this.opts.states.reset(index);
+    return null;
+  }
+
+  /** A resolver's answer for `host` changed: the config in force, a prepared one, or both take it. */
+  private onResolved(source: ResolverUse, host: string, current: ResolvedAddresses): void {
+    if (this.closed || (!current.ok && current.addresses.length === 0)) return;
+    const inForce = source === this.inForce && this.config !== null && hostNames(this.config).has(host)
+      && !sameList(this.directory.resolved.get(host) ?? [], current.addresses);
+    const pending = source === this.prepared && this.pending !== null && this.pendingResolved !== null && hostNames(this.pending).has(host)
+      && !sameList(this.pendingResolved.get(host) ?? [], current.addresses);
+    if (!inForce && !pending) return;
+    const before = { inForce: this.directory.resolved.get(host), pending: this.pendingResolved?.get(host) };
+    if (inForce) this.directory.resolved.set(host, current.addresses);
+    if (pending) this.pendingResolved!.set(host, current.addresses);
+    const keys = [
+      ...(this.config === null ? [] : this.directory.keysOf(this.config)),
+      ...(this.pending === null ? [] : this.directory.keysOf(this.pending, this.pendingResolved!)),
+    ];
+    const full = this.assign(keys);
     if (full !== null) {
       this.opts.log.error({ host }, `${full}; the new addresses of ${host} are not used`);
-      this.directory.resolved.set(host, before);
+      if (inForce) this.directory.resolved.set(host, before.inForce ?? []);
+      if (pending) this.pendingResolved!.set(host, before.pending ?? []);
       return;
     }
     this.opts.log.info({ host, addresses: current.addresses }, `backend host ${host} now resolves to ${current.addresses.join(', ') || 'nothing'}`);
-    if (this.pending !== null) this.changedWhilePending = true;
-    // Before the first commit no thread runs a config yet: commit() publishes.
-    if (this.config === null) return;
+    if (pending) this.changedWhilePending = true;
+    if (!inForce) return;
     this.refresh();
     this.opts.publish(this.directory.update());
   }
@@ -201,7 +241,8 @@ export class BackendSupervisor {
     const states = this.opts.states;
     const now = Date.now();
     const live = new Map<string, string>();
-    const checks = new Map<string, { target: { host: string; port: number }; def: CheckDefinition; entries: BackendEntry[] }>();
+    const named = new Set<string>();
+    const checks = new Map<string, { target: { host: string; port: number }; def: CheckDefinition; entries: BackendEntry[]; wasDown: boolean }>();
     for (const listener of config.listeners) {
       for (const route of listener.routes) {
         const def = route.healthCheck === null ? null : checkDefinition(route.healthCheck, route);
@@ -210,9 +251,15 @@ export class BackendSupervisor {
           const index = this.directory.indexes.backend(key);
           const settings = JSON.stringify(entry);
           const previous = this.live.get(key);
+          const fromName = ipFamily(entry.address.host) === null;
+          const namedKey = backendKey(listener.name, route.name, entry.address.text);
+          const namedState = this.namedStates.get(namedKey);
+          if (namedState !== undefined && namedState.settings === settings) named.add(namedKey);
           if (previous === undefined) {
-            states.reset(index);
+            // An address of a name back within RECYCLE_AFTER_MS keeps its state; anything else starts afresh.
+            if (!(fromName && this.gone.has(key))) states.reset(index);
             this.since.set(key, now);
+            if (named.has(namedKey)) states.setAdmin(index, namedState!.state);
           } else if (previous !== settings) {
             states.setAdmin(index, 'ready');
           }
@@ -221,19 +268,24 @@ export class BackendSupervisor {
             states.setCheckDown(index, false);
             continue;
           }
-          const checkKey = `${address.text}\u0000${JSON.stringify(route.healthCheck)}\u0000${def.tlsServerName ?? ''}\u0000${def.proxyHeader === null ? '' : 'pp'}`;
+          const checkKey = `${address.text}\u0000${JSON.stringify(route.healthCheck)}\u0000${def.tlsServerName ?? ''}\u0000${def.proxyHeader?.toString('latin1') ?? ''}`;
           let check = checks.get(checkKey);
           if (check === undefined) {
-            check = { target: { host: address.host, port: address.port }, def, entries: [] };
+            check = { target: { host: address.host, port: address.port }, def, entries: [], wasDown: false };
             checks.set(checkKey, check);
           }
+          // Known down before (by a check of another definition, or before the reload): a new check starts down.
+          if (previous !== undefined || (fromName && this.gone.has(key))) check.wasDown ||= states.snapshot(index, now).checkDown;
           check.entries.push({ listener: listener.name, route: route.name, backend: address.text, configured: entry.address.text, index });
         }
       }
     }
+    for (const key of this.namedStates.keys()) if (!named.has(key)) this.namedStates.delete(key);
     for (const key of this.since.keys()) if (!live.has(key)) this.since.delete(key);
     for (const key of this.live.keys()) if (!live.has(key)) this.gone.set(key, now);
-    const pending = new Set(this.pending === null ? [] : this.directory.keysOf(this.pending));
+    const pending = new Set(this.pending === null ? [] : this.directory.keysOf(this.pending, this.pendingResolved!));
+    // Indexes assigned and never in force (an aborted reload, an answer replaced before its commit) go too.
+    for (const key of this.directory.indexes.backends.keys()) if (!live.has(key) && !pending.has(key) && !this.gone.has(key)) this.gone.set(key, now);
     for (const [key, left] of this.gone) {
       if (live.has(key) || pending.has(key)) this.gone.delete(key);
       else if (now - left >= RECYCLE_AFTER_MS && states.active(this.directory.indexes.backend(key)) === 0) {
@@ -243,7 +295,7 @@ export class BackendSupervisor {
     }
     this.live = live;
     this.checked = new Map([...checks].map(([key, check]) => [key, { entries: check.entries }]));
-    this.checker.update([...checks].map(([key, check]) => ({ key, target: check.target, def: check.def })));
+    this.checker.update([...checks].map(([key, check]) => ({ key, target: check.target, def: check.def, initialUp: !check.wasDown })));
     // A check kept across the reload keeps its verdict; apply it to entries that joined it.
     for (const [key, check] of this.checked) {
       const state = this.checker.state(key);
@@ -330,7 +382,16 @@ export class BackendSupervisor {
         (target.listener === undefined || e.listener === target.listener) &&
         (target.route === undefined || e.route === target.route),
     );
-    for (const entry of matched) this.opts.states.setAdmin(entry.index, state);
+    for (const entry of matched) {
+      this.opts.states.setAdmin(entry.index, state);
+      // Set by host name: later addresses of the name get it too.
+      if (entry.configured === target.backend && ipFamily(parseHost(entry.configured)) === null) {
+        const key = backendKey(entry.listener, entry.route, entry.configured);
+        const settings = JSON.stringify(findEntry(this.config!, entry));
+        if (state === 'ready') this.namedStates.delete(key);
+        else this.namedStates.set(key, { state, settings });
+      }
+    }
     return matched;
   }
 
@@ -338,8 +399,8 @@ export class BackendSupervisor {
     if (this.closed) return;
     this.closed = true;
     this.checker.close();
-    this.resolver?.close();
-    this.previousResolver?.resolver.close();
+    if (this.prepared !== null && this.prepared !== this.inForce) this.prepared.resolver.close();
+    this.inForce?.resolver.close();
   }
 }
 
@@ -353,6 +414,11 @@ function hostNames(config: Config): Set<string> {
     for (const route of listener.routes) for (const b of route.backends) if (ipFamily(b.address.host) === null) hosts.add(b.address.host);
   }
   return hosts;
+}
+
+/** The host of a `host:port` as written (IPv6 in brackets). */
+function parseHost(text: string): string {
+  return text.startsWith('[') ? text.slice(1, text.indexOf(']')) : text.slice(0, text.lastIndexOf(':'));
 }
 
 function sameList(a: readonly string[], b: readonly string[]): boolean {
@@ -384,6 +450,8 @@ export function checkDefinition(check: HealthCheckConfig, route: RouteConfig): C
           : null,
     tlsServerName: check.type === 'tls' ? (check.tlsServerName ?? firstExactName) : null,
     tlsVerify: check.tlsVerify,
-    proxyHeader: check.proxyProtocol === 'local' ? writeProxyHeaderV2Local() : null,
+    // The spec's header for a connection that carries no client: v2 LOCAL, or v1 UNKNOWN on a v1
+    // route (a backend that parses only v1 would fail every check on a v2 header).
+    proxyHeader: check.proxyProtocol !== 'local' ? null : route.sendProxyProtocol === 'v1' ? Buffer.from('PROXY UNKNOWN\r\n', 'latin1') : writeProxyHeaderV2Local(),
   };
 }

@@ -12,7 +12,7 @@ export interface HostPort {
 }
 
 export interface Timeouts {
-  /** Backend TCP connect, including DNS. */
+  /** Backend TCP connect (host names are resolved ahead of time: backends/resolver.ts). */
   readonly connectMs: number;
   /**
    * Absolute deadline for the bytes needed to route (and the PROXY header), from the moment a

@@ -162,7 +162,7 @@ export class Connection {
   // For the access log: when a worker took it, when the first dial began, when a backend answered.
   private startedAt = 0;
   private dialStartedAt = 0;
-  /** When the current dial began (the connect-time histogram is per dial). */
+  /** performance.now() when the current dial began (the connect-time histogram is per dial, sub-ms). */
   lastDialAt = 0;
   private connectedAt = 0;
   private clientEnded = false;
@@ -419,7 +419,7 @@ export class Connection {
     const target = choice.address;
     this.tried.push(choice.index);
     this.attempts++;
-    this.lastDialAt = Date.now();
+    this.lastDialAt = performance.now();
     const socket = net.connect({
       host: target.host,
       port: target.port,

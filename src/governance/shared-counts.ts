@@ -244,6 +244,8 @@ export class CountIndexes {
   adopt(json: ReturnType<CountIndexes['toJSON']>): void {
     for (const [name, index] of json.listeners) this.listeners.set(name, index);
     for (const [key, index] of json.routes) this.routes.set(key, index);
+    // The owner sends its whole map: keys it recycled must not linger in this copy.
+    this.backends.clear();
     for (const [key, index] of json.backends) this.backends.set(key, index);
   }
 

@@ -493,7 +493,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
   /** ConnectionOwner: the dial connected. */
   backendConnected(conn: Connection): void {
     this.deps.shared.backends.connected(conn.backendIndex);
-    this.metrics.backendConnected(conn.route!.name, Date.now() - conn.lastDialAt);
+    this.metrics.backendConnected(conn.route!.name, performance.now() - conn.lastDialAt);
   }
 
   /**

@@ -181,10 +181,10 @@ export function roundTrip(socket: net.Socket, text: string, ms = 2000): Promise<
 export type AdminTarget = { host: string; port: number; localAddress?: string } | { socketPath: string };
 
 /** One request to the admin API. */
-export function adminRequest(target: AdminTarget, method: 'GET' | 'POST', path: string): Promise<{ status: number; body: string }> {
+export function adminRequest(target: AdminTarget, method: 'GET' | 'POST', path: string, headers: Record<string, string> = {}): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
     const where = 'socketPath' in target ? { socketPath: target.socketPath } : { host: target.host, port: target.port, localAddress: target.localAddress };
-    const req = http.request({ ...where, method, path, agent: false }, (res) => {
+    const req = http.request({ ...where, method, path, headers, agent: false }, (res) => {
       let body = '';
       res.setEncoding('utf8');
       res.on('data', (c: string) => (body += c));
