@@ -201,6 +201,7 @@ test('a passively ejected backend returns after its cooldown, and one successful
     max_time = "5s"
 `,
     ),
+    { logLevel: 'info' },
   );
   const port = proxy.port('tcp');
   const views = viewsOf(proxy);
@@ -219,6 +220,7 @@ test('a passively ejected backend returns after its cooldown, and one successful
   // The success ended its streak: it is not ejected again by one failure.
   assert.equal((await views()).find((v) => v.backend === dead)?.health, 'up');
   assert.equal(proxy.daemon.shared.backends.snapshot(view.index, Date.now()).ejections, 0);
+  assert.equal(proxy.lines.filter((l) => l.msg === `backend ${dead} of route r is back: a connect succeeded after its ejection`).length, 1, 'its return is one log line');
   await revived.close();
   assert.deepEqual(Object.fromEntries(await tallyAsks(port, 2)), { a: 2 });
   assert.equal((await views()).find((v) => v.backend === dead)?.health, 'up', 'one failure after a success does not eject');

@@ -113,12 +113,16 @@ export class SharedBackendStates {
 
   // ---- passive ejection ----
 
-  /** A connect succeeded: the failure streak and the ejection history end. */
-  connected(index: number): void {
+  /**
+   * A connect succeeded: the failure streak and the ejection history end. True when this ended an
+   * ejection history (the backend is back: one log line, from the thread that saw it first).
+   */
+  connected(index: number): boolean {
     const base = index * FIELDS;
     // Read first: a healthy backend's fields stay untouched, so threads do not fight over the line.
     if (Atomics.load(this.i32, base + FAILS) !== 0) Atomics.store(this.i32, base + FAILS, 0);
-    if (Atomics.load(this.i32, base + EJECTIONS) !== 0) Atomics.store(this.i32, base + EJECTIONS, 0);
+    if (Atomics.load(this.i32, base + EJECTIONS) === 0) return false;
+    return Atomics.exchange(this.i32, base + EJECTIONS, 0) !== 0;
   }
 
   /**

@@ -492,7 +492,11 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
 
   /** ConnectionOwner: the dial connected. */
   backendConnected(conn: Connection): void {
-    this.deps.shared.backends.connected(conn.backendIndex);
+    if (this.deps.shared.backends.connected(conn.backendIndex)) {
+      const route = conn.route!;
+      const backend = conn.backendAddress!.text;
+      this.deps.log.info({ listener: this.name, route: route.name, backend }, `backend ${backend} of route ${route.name} is back: a connect succeeded after its ejection`);
+    }
     this.metrics.backendConnected(conn.route!.name, performance.now() - conn.lastDialAt);
   }
 
