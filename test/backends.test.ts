@@ -1249,3 +1249,27 @@ test('a state change from a web page (a request with an Origin header) is refuse
   assert.equal((await adminRequest(api, 'POST', path)).status, 200);
   assert.equal((await proxy.daemon.backendViews())[0]!.state, 'maintenance');
 });
+
+test('an admin request that reaches the threads after they stopped (SIGTERM under way) answers 503 with no error line', { timeout: 10_000 }, async (t) => {
+  // Found by the adversarial layer: POST /backends/state sent just before SIGTERM reached
+  // EventLoops after the threads had exited and logged "admin request failed" at error level.
+  const [{ default: http }, { ShuttingDownError }, { memoryLogger }] = await Promise.all([import('node:http'), import('../src/daemon.ts'), import('./support/harness.ts')]);
+  const { log, lines } = memoryLogger('debug');
+  const gone = (): Promise<never> => Promise.reject(new ShuttingDownError());
+  const admin = await startAdminServer(
+    { kind: 'tcp', address: { host: '127.0.0.1', port: 0, text: '127.0.0.1:0' } },
+    { accepting: false, log, metricsText: gone, stats: gone, connections: gone, backendViews: gone, setBackendState: gone },
+  );
+  t.after(() => admin.close());
+  const post = await new Promise<number>((resolve, reject) => {
+    const req = http.request({ host: '127.0.0.1', port: admin.port, method: 'POST', path: '/backends/state?backend=127.0.0.1:1&state=drain' }, (res) => {
+      res.resume();
+      res.on('end', () => resolve(res.statusCode ?? 0));
+    });
+    req.on('error', reject);
+    req.end();
+  });
+  assert.equal(post, 503);
+  assert.equal((await adminGet({ port: admin.port }, '/stats')).status, 503);
+  assert.deepEqual(lines.filter((l) => (l.level as number) >= 50), []);
+});

@@ -37,6 +37,14 @@ export interface AdminServer {
 export async function startAdminServer(listen: AdminListen, daemon: AdminSource): Promise<AdminServer> {
   const server = http.createServer((req, res) => {
     handle(daemon, listen, req, res).catch((err: unknown) => {
+      // A request that reaches the threads after they stopped (a SIGTERM under way) is no error:
+      // the admin API outlives them by a moment while the process exits.
+      if ((err as { code?: unknown } | null)?.code === 'ESHUTTINGDOWN') {
+        daemon.log.debug({ url: req.url }, 'admin request during shutdown: 503');
+        if (!res.headersSent) res.writeHead(503, { 'content-type': 'text/plain', 'cache-control': 'no-store' });
+        res.end('shutting down\n');
+        return;
+      }
       daemon.log.error({ err }, 'admin request failed');
       if (!res.headersSent) res.writeHead(500, { 'content-type': 'text/plain' });
       res.end('internal error\n');

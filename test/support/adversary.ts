@@ -11,6 +11,14 @@
 // chain, so one client's operations are serial while clients interleave); a `wait` step lets time
 // pass; `burst` opens many clients at once; `reload` rewrites the file and sends SIGHUP.
 //
+// Pool backends (issue 17): routes "pool" (SNI pool.test) over four counting echo servers p0..p3
+// and the SYN black hole, with every balance mode, weights, backups, per-backend max_connections,
+// tcp and send_expect checks every 50-200 ms, short ejections and both on_all_down. Their steps
+// come from a second PRNG (a seed's other steps are unchanged): pool clients and bursts, `backend`
+// (a server dies, every connection reset, and comes back), `state` (POST /backends/state: drain,
+// maintenance, ready; in every route or one; unknown backends, routes and broken requests); a
+// reload may give a pool route a new table or check definition, or drop or add it.
+//
 // Invariants (each failure is one line of RunResult.failures):
 //   - the daemon never exits before SIGTERM; after it, it exits 0 within drain_timeout + slack;
 //   - no fatal, "uncaught exception", "unhandled rejection" or "bug" log line; no error line but
@@ -22,10 +30,17 @@
 //     lifetime), idle longer than `idle` or half-closed longer than `half_close`;
 //   - every client socket is ended by the proxy within its deadlines (+ slack);
 //   - once every client is gone: /stats active 0, busy 0, queued 0, route actives 0, no top client,
-//     /connections empty, the /metrics gauges 0, and the daemon's descriptor count (less its
-//     listening sockets) back to the baseline taken after start-up.
+//     /connections empty, every /backends active and the /metrics gauges (backend connections
+//     included) 0, and the daemon's descriptor count (less its listening sockets and its sockets to
+//     the pool backends: checks) back to the baseline taken after start-up;
+//   - /backends answers throughout, no row negative or over its max_connections; POST
+//     /backends/state answers 200, 404 (unknown backend or route) or 400/405 (broken) as it should;
+//   - no pool server accepts a proxied connection from IN_FLIGHT_DIAL_MS after a drain or
+//     maintenance (of every route) was acknowledged until it is set ready again or a reload changes
+//     its entries; no pool server holds more proxied connections than its routes' caps together.
 import { once } from 'node:events';
 import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import type { TestContext } from 'node:test';
 import { writeProxyHeaderV1, writeProxyHeaderV2, writeProxyHeaderV2Local } from '../../src/proxy-protocol/write.ts';
@@ -111,6 +126,31 @@ export interface RouteSpec {
   /** Route max_connections; 0 = unlimited. */
   readonly maxConnections: number;
   readonly onRemoval: Removal | null;
+  /** A route to the pool backends (issue 17): balance, weights, backups, caps, checks, ejection. */
+  readonly pool?: PoolSpec;
+}
+
+/** The pool backends: four counting echo servers (which die and come back) and the SYN black hole. */
+export const POOL = ['p0', 'p1', 'p2', 'p3', 'hole'] as const;
+export type PoolName = (typeof POOL)[number];
+export type Balance = 'round_robin' | 'least_conn' | 'random_two' | 'source_hash';
+
+export interface PoolMember {
+  readonly backend: PoolName;
+  readonly weight: number;
+  readonly backup: boolean;
+  /** 0 = uncapped. */
+  readonly maxConnections: number;
+}
+
+export interface PoolSpec {
+  readonly balance: Balance;
+  readonly onAllDown: 'panic' | 'refuse';
+  readonly members: readonly PoolMember[];
+  /** `send_expect` sends "PING\r\n" and expects "+PONG" (what the pool servers answer). */
+  readonly check: { readonly type: 'tcp' | 'send_expect'; readonly intervalMs: number; readonly timeoutMs: number; readonly rise: number; readonly fall: number } | null;
+  /** null: the defaults (3 failures, 30 s); else short cooldowns. */
+  readonly ejection: { readonly failures: number; readonly baseMs: number; readonly maxShare: number } | null;
 }
 
 export interface ListenerSpec {
@@ -164,7 +204,23 @@ export type Step =
   /** Clients first..first+count-1 connect at once (sources in turn), then each runs `script`. */
   | { readonly kind: 'burst'; readonly first: number; readonly count: number; readonly target: number; readonly sources: readonly string[]; readonly script: readonly ClientOp[] }
   /** Writes configs[version] and sends SIGHUP; `await` = wait for the outcome before going on. */
-  | { readonly kind: 'reload'; readonly version: number; readonly await: boolean };
+  | { readonly kind: 'reload'; readonly version: number; readonly await: boolean }
+  /** Pool server `backend` (0..3) dies (listening socket closed, its connections reset) or comes back on its port. */
+  | { readonly kind: 'backend'; readonly backend: number; readonly up: boolean }
+  /**
+   * POST /backends/state. `backend` 'unknown' names no backend of any config; `bad` sends a broken
+   * request instead (no state, an unknown state, no backend, or a GET); `route` (with its listener)
+   * narrows it, and a route that does not exist must give 404. `await` = wait for the answer.
+   */
+  | {
+      readonly kind: 'state';
+      readonly backend: PoolName | 'unknown';
+      readonly state: 'ready' | 'drain' | 'maintenance';
+      readonly listener: string | null;
+      readonly route: string | null;
+      readonly bad: 'nostate' | 'badstate' | 'nobackend' | 'get' | null;
+      readonly await: boolean;
+    };
 
 export interface Plan {
   readonly format: 1;
@@ -177,7 +233,13 @@ export interface Plan {
    * After the counts returned to 0: open `openAtTerm` clients, optionally SIGHUP to `hupVersion`,
    * then SIGTERM `termAfterMs` later.
    */
-  readonly final: { readonly openAtTerm: number; readonly hupVersion: number | null; readonly termAfterMs: number };
+  readonly final: {
+    readonly openAtTerm: number;
+    readonly hupVersion: number | null;
+    readonly termAfterMs: number;
+    /** POST /backends/state drain for this pool backend, not waited for, just before SIGTERM. */
+    readonly stateAtTerm?: PoolName | null;
+  };
 }
 
 export interface GenerateOptions {
@@ -214,6 +276,15 @@ const SNI_CHOICES: ReadonlyArray<string | null> = ['echo.test', 'talk.test', 'si
 /** The generator's view of the daemon while it writes steps. */
 class Generator {
   readonly rng: Rng;
+  /**
+   * Every choice about the pool backends (routes, clients, deaths, runtime states) comes from this
+   * second generator, so a seed's other steps are the same as before the pool existed.
+   */
+  readonly prng: Rng;
+  /** Pool client scripts still to be interleaved (advanced by prng). */
+  private readonly poolActive: Array<{ client: number; ops: ClientOp[] }> = [];
+  /** Which pool servers (p0..p3) are up at this point of the plan. */
+  private readonly poolUp = [true, true, true, true];
   readonly configs: ConfigVersion[] = [];
   readonly steps: Step[] = [];
   /** The version in force (the last valid one reloaded). */
@@ -228,6 +299,7 @@ class Generator {
 
   constructor(seed: number, moveBinds: boolean) {
     this.rng = new Rng(seed);
+    this.prng = new Rng((seed ^ 0x5eed17) >>> 0);
     this.moveBinds = moveBinds;
     const names: Array<[string, ListenerKind]> = [['a', 'sni'], ['b', 'pp'], ['c', 'plain']];
     if (this.rng.chance(0.5)) names.push([this.freshName(), this.rng.pick(['sni', 'pp', 'plain'] as const)]);
@@ -270,6 +342,7 @@ class Generator {
         onRemoval: r.chance(0.3) ? r.pick(['keep', 'drain', 'close'] as const) : null,
       });
     }
+    if (kind !== 'plain' && this.prng.chance(0.75)) routes.push(this.poolRoute());
     return {
       name,
       kind,
@@ -319,6 +392,147 @@ class Generator {
     return listeners.filter((l) => names.includes(l.name)).map((l) => ({ ...l, binds: held(l.name) }));
   }
 
+  /** The route to the pool backends ("pool.test"). */
+  poolRoute(): RouteSpec {
+    const p = this.prng;
+    return {
+      name: 'pool',
+      sni: ['pool.test'],
+      default: false,
+      backends: [],
+      maxConnections: p.chance(0.1) ? p.int(2, 4) : 0,
+      onRemoval: p.chance(0.3) ? p.pick(['keep', 'drain', 'close'] as const) : null,
+      pool: this.poolSpec(),
+    };
+  }
+
+  /** A backend table (weights, backups, caps, maybe the black hole), a balance mode, checks, ejection. */
+  poolSpec(): PoolSpec {
+    const p = this.prng;
+    const names: PoolName[] = p.shuffle(['p0', 'p1', 'p2', 'p3'] as PoolName[]).slice(0, p.int(1, 4));
+    if (p.chance(0.35)) names.push('hole');
+    const members = names.map((backend, i) => ({
+      backend,
+      weight: p.weighted([[1, 4], [2, 1], [3, 1]] as const),
+      backup: i > 0 && p.chance(0.25), // the first is a primary: a route needs one
+      maxConnections: p.chance(0.4) ? p.int(1, 3) : 0,
+    }));
+    return {
+      balance: p.pick(['round_robin', 'least_conn', 'random_two', 'source_hash'] as const),
+      onAllDown: p.pick(['panic', 'refuse'] as const),
+      members,
+      check: p.chance(0.6)
+        ? { type: p.pick(['tcp', 'send_expect'] as const), intervalMs: p.pick([50, 100, 200]), timeoutMs: p.pick([100, 200, 300]), rise: p.int(1, 2), fall: p.int(1, 3) }
+        : null,
+      ejection: p.chance(0.7) ? { failures: p.int(1, 3), baseMs: p.pick([50, 100, 300]), maxShare: p.pick([50, 100]) } : null,
+    };
+  }
+
+  /** Pool routes of a new version: some get a new table or check definition, some go, some come. */
+  repool(listeners: ListenerSpec[]): ListenerSpec[] {
+    const p = this.prng;
+    return listeners.map((l) => {
+      if (l.kind === 'plain') return l;
+      const i = l.routes.findIndex((r) => r.pool !== undefined);
+      if (i < 0) return p.chance(0.3) ? { ...l, routes: [...l.routes, this.poolRoute()] } : l;
+      const what = p.weighted([['same', 5], ['table', 3], ['remove', 1]] as const);
+      if (what === 'same') return l;
+      if (what === 'remove' && l.routes.length > 1) return { ...l, routes: l.routes.filter((_, j) => j !== i) };
+      return { ...l, routes: l.routes.map((r, j) => (j === i ? { ...r, pool: this.poolSpec() } : r)) };
+    });
+  }
+
+  /** Listeners of the version in force with a pool route. */
+  private poolListeners(): ListenerSpec[] {
+    return this.current.listeners.filter((l) => l.routes.some((r) => r.pool !== undefined));
+  }
+
+  /** After each main action, maybe one pool action: a client, a burst, a death or return, a runtime state. */
+  poolAction(): void {
+    const p = this.prng;
+    const action = p.weighted([['none', 60], ['client', 22], ['advance', this.poolActive.length > 0 ? 25 : 0], ['burst', 3], ['backend', 2], ['state', 6]] as const);
+    const listeners = this.poolListeners();
+    if (action === 'advance') this.poolAdvance();
+    else if (action === 'client' && listeners.length > 0) {
+      // Connect, PROXY header and ClientHello in a row (the hello is what routes it); the rest interleaved.
+      const ops = this.poolScript(p.pick(listeners));
+      const client = this.newClientId();
+      const hello = ops.findIndex((op) => op.op === 'hello');
+      for (const op of ops.slice(0, hello + 1)) this.steps.push({ kind: 'client', client, do: op });
+      if (ops.length > hello + 1) this.poolActive.push({ client, ops: ops.slice(hello + 1) });
+    } else if (action === 'burst' && listeners.length > 0) {
+      const l = p.pick(listeners);
+      const script: ClientOp[] = [];
+      const sources = l.kind === 'pp' ? [p.pick(TRUSTED)] : p.shuffle([...SOURCES]).slice(0, p.int(1, 6));
+      if (l.kind === 'pp') script.push({ op: 'proxy', version: p.pick(['v1', 'v2'] as const), form: 'valid', source: p.pick(REAL_CLIENTS), tiny: false, variant: p.int(0, 9) });
+      script.push(this.poolHello(), { op: 'wait', ms: p.int(100, 700) }, p.pick([{ op: 'end' }, { op: 'reset' }] as const));
+      const count = p.int(3, 16);
+      const first = this.nextClient;
+      this.nextClient += count;
+      this.steps.push({ kind: 'burst', first, count, target: p.pick(l.binds), sources, script });
+    } else if (action === 'backend') {
+      const i = p.int(0, 3);
+      this.poolUp[i] = !this.poolUp[i];
+      this.steps.push({ kind: 'backend', backend: i, up: this.poolUp[i]! });
+    } else if (action === 'state') {
+      this.steps.push(this.stateStep());
+    }
+  }
+
+  private poolHello(): ClientOp {
+    const p = this.prng;
+    return { op: 'hello', sni: 'pool.test', form: p.weighted([['whole', 4], ['tiny', 1]] as const), pad: 0, variant: p.int(0, 99) };
+  }
+
+  /** A pool client: connect, a PROXY header on a PROXY listener, the ClientHello, traffic, an ending. */
+  private poolScript(l: ListenerSpec): ClientOp[] {
+    const p = this.prng;
+    const src = l.kind === 'pp' && p.chance(0.8) ? p.pick(TRUSTED) : p.pick(SOURCES);
+    const ops: ClientOp[] = [{ op: 'connect', target: p.pick(l.binds), src, halfOpen: p.chance(0.3) }];
+    if (l.kind === 'pp' && (TRUSTED as readonly string[]).includes(src)) {
+      ops.push({ op: 'proxy', version: p.pick(['v1', 'v2'] as const), form: 'valid', source: p.pick(REAL_CLIENTS), tiny: false, variant: p.int(0, 9) });
+    }
+    ops.push(this.poolHello());
+    for (let i = p.int(0, 3); i > 0; i--) {
+      const what = p.weighted([['bytes', 3], ['wait', 3], ['pause', 1]] as const);
+      if (what === 'bytes') ops.push({ op: 'bytes', n: p.int(1, 5000), pieces: p.int(1, 3) });
+      else if (what === 'wait') ops.push({ op: 'wait', ms: p.int(20, 400) });
+      else ops.push({ op: 'pause', ms: p.int(50, 300) });
+    }
+    const last = p.weighted([['end', 4], ['reset', 2], ['abandon', 2]] as const);
+    if (last !== 'abandon') ops.push({ op: last });
+    return ops;
+  }
+
+  poolAdvance(): void {
+    if (this.poolActive.length === 0) return;
+    const i = this.prng.int(0, this.poolActive.length - 1);
+    const script = this.poolActive[i]!;
+    this.steps.push({ kind: 'client', client: script.client, do: script.ops.shift()! });
+    if (script.ops.length === 0) this.poolActive.splice(i, 1);
+  }
+
+  get poolPending(): number {
+    return this.poolActive.length;
+  }
+
+  /** POST /backends/state: mostly a pool backend in every route, sometimes one route, an unknown backend, a broken request. */
+  private stateStep(): Step {
+    const p = this.prng;
+    const kind = p.weighted([['all', 8], ['route', 2], ['unknown', 1], ['bad', 1], ['noroute', 1]] as const);
+    const state = p.weighted([['ready', 3], ['drain', 3], ['maintenance', 2]] as const);
+    const listeners = this.poolListeners();
+    const inForce = [...new Set(listeners.flatMap((l) => l.routes.flatMap((r) => r.pool?.members.map((m) => m.backend) ?? [])))];
+    const backend = inForce.length > 0 && p.chance(0.8) ? p.pick(inForce) : p.pick(POOL);
+    const one = listeners.length > 0 ? p.pick(listeners).name : null;
+    const step = { kind: 'state', backend, state, listener: null, route: null, bad: null, await: p.chance(0.8) } as const;
+    if (kind === 'unknown') return { ...step, backend: 'unknown' };
+    if (kind === 'bad') return { ...step, bad: p.pick(['nostate', 'badstate', 'nobackend', 'get'] as const) };
+    if (kind === 'noroute') return { ...step, listener: this.current.listeners[0]!.name, route: 'nosuchroute' };
+    if (kind === 'route' && one !== null) return { ...step, listener: one, route: 'pool' };
+    return step;
+  }
+
   /** The next config: listeners kept (possibly changed), removed, added; binds moved. */
   nextConfig(opts: { flood?: boolean } = {}): ConfigVersion {
     const r = this.rng;
@@ -345,7 +559,7 @@ class Generator {
       else if (listeners.length < 5) listeners.push(flood);
       else listeners[0] = { ...flood, name: this.freshName() };
     }
-    listeners = this.assignBinds(listeners, previousOwner);
+    listeners = this.repool(this.assignBinds(listeners, previousOwner));
     return { valid: true, maxConnections: r.chance(0.5) ? prev.maxConnections : this.pickMaxConnections(), listeners };
   }
 
@@ -568,11 +782,13 @@ export function generatePlan(seed: number, opts: GenerateOptions = {}): Plan {
       const next = g.nextConfig();
       g.reload(invalid ? { ...g.current, valid: false } : next, true);
     }
+    g.poolAction();
   }
   while (g.pending > 0) {
     if (r.chance(0.15)) g.wait(r.pick([5, 20, 50]));
     else g.advance();
   }
+  while (g.poolPending > 0) g.poolAdvance();
   let hupVersion: number | null = null;
   let termAfterMs = 0;
   if (r.chance(0.3)) {
@@ -587,7 +803,7 @@ export function generatePlan(seed: number, opts: GenerateOptions = {}): Plan {
     addresses: ADDRESSES,
     configs: g.configs,
     steps: g.steps,
-    final: { openAtTerm: r.chance(0.4) ? r.int(1, 3) : 0, hupVersion, termAfterMs },
+    final: { openAtTerm: r.chance(0.4) ? r.int(1, 3) : 0, hupVersion, termAfterMs, stateAtTerm: g.prng.chance(0.3) ? g.prng.pick(POOL) : null },
   };
 }
 
@@ -748,6 +964,101 @@ interface Env {
   readonly latePort: number;
   readonly adminPort: number;
   readonly backends: Readonly<Record<BackendName, string>>;
+  /** The pool backends' addresses ("hole" is the blackhole). */
+  readonly pool: Readonly<Record<PoolName, string>>;
+  readonly poolServers: readonly PoolServer[];
+}
+
+/**
+ * A pool backend (p0..p3): echoes, answers a check's "PING" with "+PONG", and keeps its own books:
+ * when it accepted each proxied connection (first byte 0x16, a ClientHello; a check sends "PING" or
+ * nothing) and how many it held at once. It can die (listening socket closed, every connection
+ * reset) and come back on the same port.
+ */
+export class PoolServer {
+  private server: net.Server | null = null;
+  private readonly sockets = new Set<net.Socket>();
+  private readonly proxied = new Set<net.Socket>();
+  /** Date.now() of the accept of every proxied connection. */
+  readonly accepts: number[] = [];
+  /** Every proxied connection: accepted at, closed at (0 = still open). */
+  readonly held: Array<{ at: number; closedAt: number }> = [];
+  peak = 0;
+  /** Most proxied connections the configs allow at once (set by the run); Infinity = no bound. */
+  cap = Infinity;
+  /** Moments it held more than `cap` proxied connections for longer than a close takes to arrive. */
+  readonly over: Array<{ at: number; open: number }> = [];
+
+  constructor(
+    readonly name: string,
+    readonly port: number,
+  ) {}
+
+  get address(): string {
+    return `127.0.0.1:${this.port}`;
+  }
+
+  /** Listens (again); false when the port could not be bound. */
+  async up(): Promise<boolean> {
+    if (this.server !== null) return true;
+    const server = net.createServer((socket) => this.accept(socket));
+    const ok = await new Promise<boolean>((resolve) => {
+      server.once('error', () => resolve(false));
+      server.listen({ host: '127.0.0.1', port: this.port }, () => resolve(true));
+    });
+    if (!ok) return false;
+    server.on('error', () => {});
+    this.server = server;
+    return true;
+  }
+
+  /** Dies: no more accepts (connects are refused), every open connection reset. */
+  down(): void {
+    this.server?.close();
+    this.server = null;
+    for (const socket of this.sockets) socket.resetAndDestroy();
+  }
+
+  private accept(socket: net.Socket): void {
+    const at = Date.now();
+    this.sockets.add(socket);
+    let kind: 'unknown' | 'proxied' | 'check' = 'unknown';
+    socket.on('error', () => {});
+    socket.on('close', () => {
+      this.sockets.delete(socket);
+      this.proxied.delete(socket);
+    });
+    socket.on('end', () => socket.end());
+    socket.on('data', (chunk: Buffer) => {
+      if (kind === 'unknown') {
+        kind = chunk[0] === 0x16 ? 'proxied' : 'check';
+        if (kind === 'proxied') this.opened(socket, at);
+        else if (chunk.subarray(0, 4).toString('latin1') === 'PING') return void socket.end('+PONG\r\n');
+      }
+      if (socket.writable) socket.write(chunk);
+    });
+  }
+
+  private opened(socket: net.Socket, at: number): void {
+    this.accepts.push(at);
+    const held = { at, closedAt: 0 };
+    this.held.push(held);
+    socket.once('close', () => (held.closedAt = Date.now()));
+    this.proxied.add(socket);
+    this.peak = Math.max(this.peak, this.proxied.size);
+    if (this.proxied.size <= this.cap) return;
+    // The proxy's close of an earlier connection and this accept can reach this process in either
+    // order: over the cap only if the connections open now are still open a moment later.
+    const open = [...this.proxied];
+    setTimeout(() => {
+      const still = open.filter((s) => this.proxied.has(s)).length;
+      if (still > this.cap) this.over.push({ at, open: still });
+    }, 100).unref();
+  }
+
+  stop(): void {
+    this.down();
+  }
 }
 
 /** Bytes the talker backend sends on each connection before its FIN. */
@@ -817,6 +1128,13 @@ async function prepareEnv(scope: Scope, plan: Plan): Promise<Env> {
     closedPort(),
     startBlackhole(t),
   ]);
+  const poolServers: PoolServer[] = [];
+  for (const name of ['p0', 'p1', 'p2', 'p3']) {
+    const server = new PoolServer(name, await freePort('127.0.0.1'));
+    if (!(await server.up())) throw new Error(`pool backend ${name} could not listen on ${server.address}`);
+    scope.after(() => server.stop());
+    poolServers.push(server);
+  }
   const binds: string[] = [];
   for (let i = 0; i < plan.addresses; i++) {
     const host = `127.0.0.${11 + i}`;
@@ -833,6 +1151,8 @@ async function prepareEnv(scope: Scope, plan: Plan): Promise<Env> {
       closed: `127.0.0.1:${closed}`,
       blackhole: `127.0.0.1:${blackhole.port}`,
     },
+    pool: { p0: poolServers[0]!.address, p1: poolServers[1]!.address, p2: poolServers[2]!.address, p3: poolServers[3]!.address, hole: `127.0.0.1:${blackhole.port}` },
+    poolServers,
   };
 }
 
@@ -884,9 +1204,23 @@ export function renderConfig(config: ConfigVersion, env: Env): string {
       out.push('  [[listeners.routes]]', `  name = ${q(r.name)}`);
       if (r.sni.length > 0) out.push(`  sni = [${r.sni.map(q).join(', ')}]`);
       if (r.default) out.push('  default = true');
-      out.push(`  backends = [${r.backends.map((b) => q(env.backends[b])).join(', ')}]`);
+      const pool = r.pool;
+      if (pool === undefined) out.push(`  backends = [${r.backends.map((b) => q(env.backends[b])).join(', ')}]`);
+      else {
+        const entry = (m: PoolMember): string => `{ address = ${q(env.pool[m.backend])}, weight = ${m.weight}, backup = ${m.backup}, max_connections = ${m.maxConnections} }`;
+        out.push(`  backends = [${pool.members.map(entry).join(', ')}]`, `  balance = ${q(pool.balance)}`, `  on_all_down = ${q(pool.onAllDown)}`);
+      }
       if (r.onRemoval !== null) out.push(`  on_removal = ${q(r.onRemoval)}`);
       if (r.maxConnections > 0) out.push('    [listeners.routes.limits]', `    max_connections = ${r.maxConnections}`);
+      if (pool?.check) {
+        const c = pool.check;
+        out.push('    [listeners.routes.health_check]', `    type = ${q(c.type)}`, `    interval = "${c.intervalMs}ms"`, `    timeout = "${c.timeoutMs}ms"`, `    rise = ${c.rise}`, `    fall = ${c.fall}`);
+        if (c.type === 'send_expect') out.push(`    send = ${q('PING\r\n')}`, `    expect = ${q('+PONG')}`);
+      }
+      if (pool?.ejection) {
+        const e = pool.ejection;
+        out.push('    [listeners.routes.ejection]', `    consecutive_failures = ${e.failures}`, `    base_time = "${e.baseMs}ms"`, `    max_time = "1s"`, `    max_share = ${e.maxShare}`);
+      }
     }
   });
   return `${out.join('\n')}\n`;
@@ -1000,6 +1334,47 @@ interface ConnInfo {
   bytesFromBackend: number;
 }
 
+/** A row of GET /backends. */
+interface BackendRow {
+  listener: string;
+  route: string;
+  backend: string;
+  health: string;
+  state: string;
+  active: number;
+}
+
+/**
+ * How long after a drain or maintenance was acknowledged a pool server may still see a connection
+ * the proxy dialled before it: a loopback dial completes at once, but this process may handle the
+ * accept and the answer in either order (and late, when its event loop is busy with a flood).
+ */
+const IN_FLIGHT_DIAL_MS = TIMEOUTS.connectMs + 200;
+
+/** An HTTP request to the admin API (POST /backends/state is its one write). */
+function adminRequest(port: number, method: string, urlPath: string): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: '127.0.0.1', port, method, path: urlPath, agent: false }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (body += d));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+/** The entries (listener/route/weight/backup/max) that name `address` in a version: a runtime state lasts while these stay. */
+function entriesOf(config: ConfigVersion, name: PoolName): string {
+  const out: string[] = [];
+  for (const l of config.listeners) {
+    for (const r of l.routes) for (const m of r.pool?.members ?? []) if (m.backend === name) out.push(`${l.name}/${r.name}/${m.weight}/${m.backup}/${m.maxConnections}`);
+  }
+  return out.sort().join(' ');
+}
+
 const OUTCOME_OK = 'configuration reloaded';
 const OUTCOME_FAILED = /^reload failed/;
 const MAX_FAILURES = 40;
@@ -1026,10 +1401,32 @@ class Run {
   private exitedEarly = false;
   private stopSampling = false;
   private baselineFds = -1;
+  private baselineKinds = new Map<string, number>();
   private readonly idleSeen = new Map<number, { bytes: number; since: number }>();
   private readonly closingSeen = new Map<number, number>();
   private endings = '';
   private samples = 0;
+  /**
+   * Drain or maintenance of a pool backend in every route, acknowledged at `from`: no proxied
+   * connection may reach it from `from` + IN_FLIGHT_DIAL_MS until `to` (a "ready" for it was sent,
+   * or a reload that changes its entries). `reloads`: reloads sent before the POST (all of them
+   * must have taken effect before it, or the routes it applied to are not known).
+   */
+  private readonly windows: Array<{ backend: PoolName; state: string; sentAt: number; from: number; to: number; reloads: number; dropped: number }> = [];
+  /** Per listener/route/address: the largest max_connections any version gives it (Infinity = uncapped). */
+  private readonly rowCaps = new Map<string, number>();
+  private readonly posts: Array<Promise<void>> = [];
+  private postsSent = 0;
+  private postsOk = 0;
+  private windowsChecked = 0;
+  /**
+   * When a reload last dropped a route of a pool backend: connections of a removed route keep
+   * going under on_removal "keep", and a runtime state applies to the routes in force only.
+   */
+  private readonly dropped = new Map<PoolName, number>();
+  private deaths = 0;
+  /** The last valid version sent with SIGHUP (a runtime state ends when a reload changes its backend's entries). */
+  private lastSent: ConfigVersion;
   /** Listeners and routes a reload removed under on_removal "close" or "drain" (in every version that had them). */
   private readonly removals: Array<{ listener: string; route: string | null; at: number; policy: 'close' | 'drain' }> = [];
 
@@ -1038,6 +1435,7 @@ class Run {
     this.slack = opts.slackMs ?? 2000;
     this.progress = opts.progress ?? (() => {});
     this.inForce = plan.configs[0]!;
+    this.lastSent = this.inForce;
     // Upper bounds over every version: connections keep the limits of the version that admitted them.
     let unlimitedGlobal = false;
     for (const config of plan.configs) {
@@ -1085,6 +1483,7 @@ class Run {
   async execute(scope: Scope): Promise<void> {
     const plan = this.plan;
     this.env = await prepareEnv(scope, plan);
+    this.setPoolCaps();
     const first = plan.configs[0]!;
     this.proxy = await startCli(scope as unknown as TestContext, renderConfig(first, this.env), { ready: first.listeners.map((l) => l.name), admin: true });
     void this.proxy.exited.then((r) => {
@@ -1096,6 +1495,7 @@ class Run {
     const sampler = this.sample();
     const hardDeadline = Date.now() + plan.steps.reduce((ms, s) => ms + (s.kind === 'wait' ? s.ms : 0), 0) + 30_000;
     await this.runSteps(hardDeadline);
+    await within(Promise.all(this.posts), 6000, []);
     await this.settleClients();
     this.stopSampling = true;
     await sampler;
@@ -1106,6 +1506,153 @@ class Run {
     }
     await this.finish();
     this.checkLogs();
+    this.checkPool();
+  }
+
+  // ---- the pool backends ----
+
+  /**
+   * Each pool server's bound: the sum over every listener/route that ever has it of the largest
+   * max_connections a version gives that entry (the cap is per route); unbounded if any is uncapped.
+   */
+  private setPoolCaps(): void {
+    const env = this.env!;
+    const perServer = new Map<string, Map<string, number>>();
+    for (const config of this.plan.configs) {
+      if (!config.valid) continue;
+      for (const l of config.listeners) {
+        for (const r of l.routes) {
+          for (const m of r.pool?.members ?? []) {
+            const cap = m.maxConnections === 0 ? Infinity : m.maxConnections;
+            const row = `${l.name}/${r.name}/${env.pool[m.backend]}`;
+            this.rowCaps.set(row, Math.max(this.rowCaps.get(row) ?? 0, cap));
+            const keys = perServer.get(m.backend) ?? new Map<string, number>();
+            keys.set(`${l.name}/${r.name}`, Math.max(keys.get(`${l.name}/${r.name}`) ?? 0, cap));
+            perServer.set(m.backend, keys);
+          }
+        }
+      }
+    }
+    for (const server of env.poolServers) {
+      const keys = perServer.get(server.name);
+      server.cap = keys === undefined ? 0 : [...keys.values()].reduce((a, b) => a + b, 0);
+    }
+  }
+
+  private async poolBackend(step: Extract<Step, { kind: 'backend' }>): Promise<void> {
+    const server = this.env!.poolServers[step.backend]!;
+    if (!step.up) {
+      this.deaths++;
+      server.down();
+    } else if (!(await server.up())) this.progress(`  pool backend ${server.name} could not listen again on ${server.address}`);
+  }
+
+  /** POST /backends/state as the step says; checks the answer and opens or ends no-connection windows. */
+  private async postState(step: Extract<Step, { kind: 'state' }>): Promise<void> {
+    const env = this.env!;
+    const address = step.backend === 'unknown' ? '127.0.0.1:1' : env.pool[step.backend];
+    const params = new URLSearchParams();
+    if (step.bad !== 'nobackend') params.set('backend', address);
+    if (step.bad === 'badstate') params.set('state', 'offline');
+    else if (step.bad !== 'nostate') params.set('state', step.state);
+    if (step.listener !== null) params.set('listener', step.listener);
+    if (step.route !== null) params.set('route', step.route);
+    const urlPath = `/backends/state?${params}`;
+    this.collectOutcomes();
+    const reloads = this.reloadsSent.length;
+    const settled = this.outcomes.length === reloads;
+    const sentAt = Date.now();
+    this.postsSent++;
+    if (step.state === 'ready' && step.backend !== 'unknown' && step.bad === null) {
+      for (const w of this.windows) if (w.backend === step.backend && w.to > sentAt) w.to = sentAt;
+    }
+    const ask = async (): Promise<void> => {
+      const res = await within(
+        adminRequest(env.adminPort, step.bad === 'get' ? 'GET' : 'POST', urlPath).catch((err: NodeJS.ErrnoException) => ({ status: -1, body: err.code ?? err.message })),
+        5000,
+        null,
+      );
+      const ackAt = Date.now();
+      const what = `${step.bad === 'get' ? 'GET' : 'POST'} ${urlPath}`;
+      if (res === null) return this.fail(`${what}: no answer within 5 s`, 'post-timeout');
+      if (res.status === -1) {
+        if (!this.sigtermSent) this.fail(`${what}: ${res.body}`, `post-error:${res.body}`);
+        return;
+      }
+      let expected: number[];
+      if (step.bad === 'get') expected = [405];
+      else if (step.bad !== null) expected = [400];
+      else if (step.backend === 'unknown' || step.route === 'nosuchroute') expected = [404];
+      else if (!settled || this.reloadsSent.length !== reloads) expected = [200, 404]; // which routes are in force is not known
+      else {
+        // The black hole is also the first backend of the catalog's "slow" route.
+        const named = (r: RouteSpec): boolean => (r.pool?.members.some((m) => m.backend === step.backend) ?? false) || (step.backend === 'hole' && r.backends.includes('blackhole'));
+        const has = this.inForce.listeners.some((l) => (step.listener === null || l.name === step.listener) && l.routes.some((r) => (step.route === null || r.name === step.route) && named(r)));
+        expected = [has ? 200 : 404];
+      }
+      if (!expected.includes(res.status)) this.fail(`${what} answered ${res.status} (${res.body.trim().slice(0, 200)}), expected ${expected.join(' or ')}`, `post:${step.bad}:${step.backend === 'unknown'}:${res.status}`);
+      if (res.status !== 200) return;
+      this.postsOk++;
+      if (step.bad === null && step.backend !== 'unknown' && step.backend !== 'hole' && step.state !== 'ready' && step.listener === null && this.reloadsSent.length === reloads) {
+        this.windows.push({ backend: step.backend, state: step.state, sentAt, from: ackAt, to: Infinity, reloads, dropped: this.dropped.get(step.backend) ?? 0 });
+      }
+    };
+    if (step.await) await ask();
+    else this.posts.push(ask());
+  }
+
+  /** A reload that changes a pool backend's entries (or removes them) gives it back its "ready": its windows end. */
+  private reloadSent(config: ConfigVersion): void {
+    if (!config.valid) return;
+    const now = Date.now();
+    const keys = (c: ConfigVersion, name: PoolName): string[] => entriesOf(c, name).split(' ').filter((e) => e !== '').map((e) => e.split('/').slice(0, 2).join('/'));
+    for (const name of POOL) {
+      const kept = new Set(keys(config, name));
+      if ([...keys(this.inForce, name), ...keys(this.lastSent, name)].some((k) => !kept.has(k))) this.dropped.set(name, now);
+    }
+    for (const w of this.windows) {
+      if (w.to <= now) continue;
+      const after = entriesOf(config, w.backend);
+      if (after !== entriesOf(this.inForce, w.backend) || after !== entriesOf(this.lastSent, w.backend)) w.to = now;
+    }
+    this.lastSent = config;
+  }
+
+  /**
+   * After the run: no proxied connection reached a drained or maintained backend (beyond the dial
+   * in flight), and no pool server ever held more connections than every route's caps together.
+   */
+  private checkPool(): void {
+    const env = this.env!;
+    this.collectOutcomes();
+    for (const w of this.windows) {
+      // Every reload sent before the POST must have been in force when it was sent.
+      const loggedAt = (o: Record<string, unknown>): number => (typeof o.time === 'number' ? o.time : Date.parse(String(o.time)));
+      const unsettled = this.outcomes.length < w.reloads || this.outcomes.slice(0, w.reloads).some((o) => !(loggedAt(o) < w.sentAt));
+      if (unsettled) continue;
+      const server = env.poolServers.find((x) => x.name === w.backend)!;
+      const late = server.accepts.filter((at) => at > w.from + IN_FLIGHT_DIAL_MS && at < w.to);
+      this.windowsChecked++;
+      // Maintenance also ends what the backend still holds, after drain_timeout.
+      const bound = w.from + TIMEOUTS.drainMs + this.slack;
+      if (w.state === 'maintenance' && w.to > bound) {
+        const since = w.dropped;
+        const kept = server.held.filter((h) => h.at > since && h.at < w.from && (h.closedAt === 0 || h.closedAt > bound));
+        if (kept.length > 0) this.fail(`pool backend ${w.backend} still held ${kept.length} connection(s) ${TIMEOUTS.drainMs + this.slack} ms after its "maintenance" was acknowledged at ${this.since(w.from)} (drain_timeout ${TIMEOUTS.drainMs} ms)`, `maint:${w.backend}:${w.from}`);
+      }
+      if (late.length > 0) {
+        this.fail(
+          `pool backend ${w.backend} (${server.address}) accepted ${late.length} proxied connection(s) after its "${w.state}" was acknowledged at ${this.since(w.from)} (first at ${this.since(late[0]!)}; the state lasted until ${w.to === Infinity ? 'the end' : this.since(w.to)})`,
+          `window:${w.backend}:${w.from}`,
+        );
+      }
+    }
+    for (const server of env.poolServers) {
+      if (server.over.length > 0) {
+        const o = server.over[0]!;
+        this.fail(`pool backend ${server.name} held ${o.open} proxied connections at ${this.since(o.at)}, more than the max_connections of its routes allow together (${server.cap})`, `over:${server.name}`);
+      }
+    }
   }
 
   // ---- admin API ----
@@ -1131,9 +1678,83 @@ class Run {
 
   // ---- descriptors ----
 
-  /** Open descriptors of the daemon, less its listening sockets (reloads change how many there are). */
+  /**
+   * Open descriptors of the daemon, less its listening sockets (reloads change how many there are)
+   * and its sockets to the pool backends (active health checks come and go on their own). One
+   * reading of the descriptors and one of the socket tables, so a check that opens or closes
+   * meanwhile is counted at most once.
+   */
   private descriptors(): number {
-    return readdirSync(`/proc/${this.pid}/fd`).length - listeningPorts(this.pid).length;
+    const env = this.env!;
+    const poolPorts = new Set(Object.values(env.pool).map((a) => Number(a.split(':')[1]).toString(16).toUpperCase().padStart(4, '0')));
+    const sockets: string[] = [];
+    let others = 0;
+    for (const fd of readdirSync(`/proc/${this.pid}/fd`)) {
+      try {
+        const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${this.pid}/fd/${fd}`));
+        if (m !== null) sockets.push(m[1]!);
+        else others++;
+      } catch {
+        /* closed while we looked */
+      }
+    }
+    const skip = new Set<string>();
+    for (const table of ['tcp', 'tcp6']) {
+      for (const row of readFileSync(`/proc/${this.pid}/net/${table}`, 'utf8').split('\n').slice(1)) {
+        const cols = row.trim().split(/\s+/);
+        if (cols.length >= 10 && (cols[3] === '0A' || poolPorts.has(cols[2]!.split(':').pop()!))) skip.add(cols[9]!);
+      }
+    }
+    return others + sockets.filter((inode) => !skip.has(inode)).length;
+  }
+
+  /** The daemon's TCP sockets as "local>remote state" (hex, as /proc/net/tcp has them), for a report. */
+  private tcpSockets(): string[] {
+    const inodes = new Set<string>();
+    for (const fd of readdirSync(`/proc/${this.pid}/fd`)) {
+      try {
+        const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${this.pid}/fd/${fd}`));
+        if (m !== null) inodes.add(m[1]!);
+      } catch {
+        /* closed while we looked */
+      }
+    }
+    const out: string[] = [];
+    const listed = new Set<string>();
+    for (const table of ['tcp', 'tcp6', 'udp', 'udp6', 'unix']) {
+      for (const row of readFileSync(`/proc/${this.pid}/net/${table}`, 'utf8').split('\n').slice(1)) {
+        const cols = row.trim().split(/\s+/);
+        const inode = table === 'unix' ? cols[6] : cols[9];
+        if (inode === undefined || !inodes.has(inode)) continue;
+        listed.add(inode);
+        if (table.startsWith('tcp') && cols[3] !== '0A') out.push(`${cols[1]}>${cols[2]} ${cols[3]}`);
+        else if (!table.startsWith('tcp')) out.push(`${table} ${cols.slice(1, 3).join('>')}`);
+      }
+    }
+    const unlisted = [...inodes].filter((i) => !listed.has(i)).length;
+    if (unlisted > 0) out.push(`${unlisted} in no table (closed by the peer or never connected, descriptor still open)`);
+    return out;
+  }
+
+  /** The daemon's sockets whose peer is a pool backend (a check, once no client is left). */
+  private checkSockets(): number {
+    const env = this.env!;
+    const ports = new Set(Object.values(env.pool).map((a) => Number(a.split(':')[1]).toString(16).toUpperCase().padStart(4, '0')));
+    const inodes = new Set<string>();
+    for (const fd of readdirSync(`/proc/${this.pid}/fd`)) {
+      try {
+        const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${this.pid}/fd/${fd}`));
+        if (m !== null) inodes.add(m[1]!);
+      } catch {
+        /* closed while we looked */
+      }
+    }
+    let n = 0;
+    for (const row of readFileSync(`/proc/${this.pid}/net/tcp`, 'utf8').split('\n').slice(1)) {
+      const cols = row.trim().split(/\s+/);
+      if (cols.length >= 10 && inodes.has(cols[9]!) && ports.has(cols[2]!.split(':')[1]!)) n++;
+    }
+    return n;
   }
 
   private async takeBaseline(): Promise<void> {
@@ -1149,6 +1770,7 @@ class Run {
       last = now;
     }
     this.baselineFds = last;
+    this.baselineKinds = this.descriptorKinds();
   }
 
   // ---- steps ----
@@ -1197,6 +1819,12 @@ class Run {
         }
         case 'reload':
           await this.reload(step.version, step.await);
+          break;
+        case 'backend':
+          await this.poolBackend(step);
+          break;
+        case 'state':
+          await this.postState(step);
           break;
       }
     }
@@ -1297,6 +1925,7 @@ class Run {
     const config = this.plan.configs[version]!;
     this.proxy!.writeConfig(renderConfig(config, this.env!));
     this.reloadsSent.push({ version, valid: config.valid });
+    this.reloadSent(config);
     process.kill(this.pid, 'SIGHUP');
     if (!wait) {
       // A SIGHUP sent while the previous one is still pending would merge into it (standard
@@ -1421,6 +2050,7 @@ class Run {
         const sent = Date.now();
         const conns = await this.connections();
         this.checkSample(stats, conns.connections, sent, Date.now());
+        this.checkBackends(JSON.parse(await this.admin('/backends')) as BackendRow[]);
         this.samples++;
       } catch (err) {
         if (!this.exitedEarly) this.fail(`admin API while running: ${(err as Error).message}`, 'admin-running');
@@ -1500,6 +2130,17 @@ class Run {
     }
   }
 
+  /** /backends answers while traffic flows, and no row is negative or over its max_connections. */
+  private checkBackends(rows: BackendRow[]): void {
+    if (!Array.isArray(rows)) return this.fail(`/backends answered ${JSON.stringify(rows).slice(0, 200)}, not a list`, 'backends-shape');
+    for (const row of rows) {
+      const cap = this.rowCaps.get(`${row.listener}/${row.route}/${row.backend}`) ?? Infinity;
+      if (row.active < 0 || row.active > cap) {
+        this.fail(`/backends: ${row.backend} of ${row.listener}/${row.route} has ${row.active} active connections (max_connections ${cap})`, `row:${row.listener}/${row.route}/${row.backend}`);
+      }
+    }
+  }
+
   // ---- after the steps: every client ended within its deadlines ----
 
   /** The latest moment the proxy may end this client's connection. */
@@ -1559,9 +2200,12 @@ class Run {
     }
     const conns = await this.connections();
     if (conns.total !== 0) problems.push(`/connections total = ${conns.total}: ${conns.connections.slice(0, 5).map((c) => JSON.stringify(c)).join('; ')}`);
+    for (const row of JSON.parse(await this.admin('/backends')) as BackendRow[]) {
+      if (row.active !== 0) problems.push(`/backends ${row.listener}/${row.route} ${row.backend} active = ${row.active}`);
+    }
     const samples = parseExposition(await this.admin('/metrics')).samples;
     for (const s of samples) {
-      if (!['smartproxy_connections_active', 'smartproxy_workers_busy', 'smartproxy_queue_depth'].includes(s.name) || s.value === 0) continue;
+      if (!['smartproxy_connections_active', 'smartproxy_workers_busy', 'smartproxy_queue_depth', 'smartproxy_backend_connections_active'].includes(s.name) || s.value === 0) continue;
       problems.push(`${s.name}${JSON.stringify(s.labels)} = ${s.value}`);
     }
     const by = (name: string): string => {
@@ -1596,6 +2240,13 @@ class Run {
       now = this.descriptors();
     }
     if (now !== this.baselineFds) {
+      const kinds = this.descriptorKinds();
+      this.fail(`the daemon holds ${now} descriptors (listening sockets aside), ${this.baselineFds} after start-up: ${JSON.stringify(Object.fromEntries(kinds))} (at start-up ${JSON.stringify(Object.fromEntries(this.baselineKinds))}); its TCP sockets: ${this.tcpSockets().join(', ')}`);
+    }
+  }
+
+  private descriptorKinds(): Map<string, number> {
+    {
       const kinds = new Map<string, number>();
       for (const fd of readdirSync(`/proc/${this.pid}/fd`)) {
         let target = '?';
@@ -1606,7 +2257,7 @@ class Run {
         }
         kinds.set(target, (kinds.get(target) ?? 0) + 1);
       }
-      this.fail(`the daemon holds ${now} descriptors (listening sockets aside), ${this.baselineFds} after start-up: ${JSON.stringify(Object.fromEntries(kinds))}`);
+      return kinds;
     }
   }
 
@@ -1630,6 +2281,14 @@ class Run {
       proxy.writeConfig(renderConfig(this.plan.configs[hupVersion]!, this.env!));
       process.kill(this.pid, 'SIGHUP');
       if (this.plan.final.termAfterMs > 0) await delay(this.plan.final.termAfterMs);
+    }
+    // A runtime state no longer bounds anything once the file may change and the daemon stops.
+    const now = Date.now();
+    for (const w of this.windows) w.to = Math.min(w.to, now);
+    const stateAtTerm = this.plan.final.stateAtTerm ?? null;
+    if (stateAtTerm !== null) {
+      const urlPath = `/backends/state?backend=${encodeURIComponent(this.env!.pool[stateAtTerm])}&state=drain`;
+      void adminRequest(this.env!.adminPort, 'POST', urlPath).catch(() => {}); // answered or not: the daemon is stopping
     }
     this.sigtermSent = true;
     process.kill(this.pid, 'SIGTERM');
@@ -1678,7 +2337,8 @@ class Run {
     const flood = this.plan.steps.find((s) => s.kind === 'burst' && s.count > 100);
     return (
       `${all.length} clients (${connected} connected), ${this.reloadsSent.length} reloads (${applied} applied, ${refusedReloads} refused)` +
-      `${flood !== undefined && flood.kind === 'burst' ? `, a flood of ${flood.count}` : ''}, ${this.samples} admin samples; ${this.endings}`
+      `${flood !== undefined && flood.kind === 'burst' ? `, a flood of ${flood.count}` : ''}, ${this.samples} admin samples, ${this.postsSent} backend states posted (${this.postsOk} applied, ${this.windowsChecked} drain/maintenance windows checked), ` +
+      `${this.deaths} pool backend deaths, pool accepts ${this.env?.poolServers.map((x) => `${x.name} ${x.accepts.length} (peak ${x.peak})`).join(', ') ?? '-'}; ${this.endings}`
     );
   }
 
@@ -1748,6 +2408,10 @@ export function describePlan(plan: Plan): string {
     parts.push(`${reloads.length} reloads${extras.length > 0 ? ` (${extras.join(', ')})` : ''}`);
   }
   if (flood !== undefined && flood.kind === 'burst') parts.push(`a flood of ${flood.count.toLocaleString('en')} queued clients`);
+  const balances = new Set(plan.configs.flatMap((c) => c.listeners.flatMap((l) => l.routes.flatMap((r) => (r.pool === undefined ? [] : [r.pool.balance])))));
+  const states = plan.steps.filter((s) => s.kind === 'state').length;
+  const deaths = plan.steps.filter((s) => s.kind === 'backend' && !s.up).length;
+  if (balances.size > 0) parts.push(`pool routes (${[...balances].sort().join(', ')}) with ${states} runtime states and ${deaths} backend deaths`);
   if (plan.final.openAtTerm > 0) parts.push(`SIGTERM with ${plan.final.openAtTerm} open`);
   if (plan.final.hupVersion !== null) {
     const slow = plan.configs[plan.final.hupVersion]!.slow !== undefined ? 'a slow ' : '';
