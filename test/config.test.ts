@@ -140,6 +140,7 @@ describe('resolution', () => {
           onRemoval: 'keep',
         }],
       }],
+      cluster: null,
     };
     assert.deepEqual(config, expected);
   });
