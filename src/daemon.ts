@@ -13,6 +13,8 @@ import type { ListenerGeneration } from './listener/listener-generation.ts';
 import { SlotPool } from './listener/slot-pool.ts';
 import type { Logger } from './logging/logger.ts';
 import { Metrics } from './metrics.ts';
+import { Cluster } from './cluster/cluster.ts';
+import type { RedisStore } from './cluster/store.ts';
 
 export interface ShutdownResult {
   /** Connections that finished by themselves during the drain. */
@@ -34,6 +36,8 @@ export interface PreparedReload {
   readonly created: Map<string, Listener>;
   readonly bound: Array<[Listener, string]>;
   readonly moves: Array<[Listener, Listener, string]>;
+  /** A store for a new [cluster] address, connected at commit; null when the one in use stays. */
+  readonly store: RedisStore | null;
 }
 
 /** The counts of a daemon that is the process's only event loop. */
@@ -66,6 +70,8 @@ export class Daemon {
   /** Listeners removed by a reload that still have connections draining. */
   readonly retired = new Set<Listener>();
   readonly shared: SharedState;
+  /** [cluster] of this event loop: outlives generations, as the per-client table does. */
+  readonly cluster: Cluster;
   private readonly slots: SlotPool;
   private generation: Generation;
   /** Bind options every listener of this thread uses (reusePort and the port each address got). */
@@ -85,7 +91,9 @@ export class Daemon {
     this.bindOptions = bindOptions;
     this.slots = new SlotPool(shared.counts, shared.threads);
     this.generation = compileGeneration(config, shared.indexes);
+    this.cluster = new Cluster(shared.thread, log, metrics.cluster);
     metrics.attach({
+      clusterMode: () => this.cluster.mode,
       listeners: () => this.allListeners(),
       connections: () => this.registry.values(),
       capacity: () => ({ maxConnections: this.config.limits.maxConnections, maxTrackedIps: shared.clients.maxTrackedIps }),
@@ -106,6 +114,7 @@ export class Daemon {
     const shared = opts.shared ?? ownSharedState(config);
     const daemon = new Daemon(config, log, opts.metrics ?? new Metrics(), shared, opts.bind ?? { reusePort: false, portFor: () => undefined });
     try {
+      daemon.cluster.commit(config.cluster, daemon.cluster.prepare(config.cluster));
       for (const gen of daemon.generation.listeners.values()) {
         const listener = daemon.createListener(gen.name);
         await listener.bind(gen.config.bind, daemon.bindOptions);
@@ -209,6 +218,8 @@ export class Daemon {
       for (const [key, index] of indexes.routes) this.shared.indexes.routes.set(key, index);
     }
     const next = compileGeneration(config, this.shared.indexes);
+    // First, as it can fail (password_file) and binds nothing.
+    const store = this.cluster.prepare(config.cluster);
     const created = new Map<string, Listener>();
     const bound: Array<[Listener, string]> = [];
     /** Listening sockets to hand from one listener to another at commit: [from, to, address]. */
@@ -233,10 +244,10 @@ export class Daemon {
         }
       }
     } catch (err) {
-      await this.undo({ config, next, created, bound, moves });
+      await this.undo({ config, next, created, bound, moves, store });
       throw err;
     }
-    return { config, next, created, bound, moves };
+    return { config, next, created, bound, moves, store };
   }
 
   /** Undoes a prepared reload that will not be committed (another thread failed to prepare). */
@@ -245,6 +256,7 @@ export class Daemon {
   }
 
   private async undo(prepared: PreparedReload): Promise<void> {
+    this.cluster.discard(prepared.store);
     for (const [listener, text] of prepared.bound) await listener.unbind(text);
     for (const listener of prepared.created.values()) {
       await listener.stopAccepting();
@@ -260,6 +272,7 @@ export class Daemon {
     const { config, next, created, moves } = prepared;
     const result: ReloadResult = { added: [], removed: [], changed: [] };
     this.generation = next;
+    this.cluster.commit(config.cluster, prepared.store);
     for (const [from, to, text] of moves) to.adopt(text, from.release(text)!);
     for (const [name, listener] of this.listeners) {
       const gen = next.listeners.get(name);
@@ -304,6 +317,7 @@ export class Daemon {
       metrics: this.metrics,
       shared: this.shared,
       rejectionSummaryIntervalMs: config.logging.rejectionSummaryIntervalMs,
+      cluster: this.cluster,
     };
   }
 
@@ -407,6 +421,7 @@ export class Daemon {
 
   private async releaseAll(): Promise<void> {
     this.slots.stop();
+    this.cluster.close();
     if (this.sweepTimer !== null) clearInterval(this.sweepTimer);
     for (const timer of this.drainTimers) clearTimeout(timer);
     this.drainTimers.clear();

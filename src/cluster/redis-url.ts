@@ -60,7 +60,7 @@ export function parseRedisUrl(text: string): ParsedRedisUrl {
 /** The URL with any password replaced by "redacted": what logs, dumps and messages show. */
 export function redactRedisUrl(text: string): string {
   // Not through URL: it would normalise (or refuse) what the operator wrote.
-  return text.replace(/^(rediss?:\/\/)([^@/]*)@/, (_all, scheme: string, userinfo: string) => {
+  return text.replace(/^([A-Za-z][A-Za-z0-9+.-]*:\/\/)([^@/]*)@/, (_all, scheme: string, userinfo: string) => {
     const colon = userinfo.indexOf(':');
     return colon < 0 ? `${scheme}${userinfo}@` : `${scheme}${userinfo.slice(0, colon)}:redacted@`;
   });

@@ -225,12 +225,16 @@ export class RedisStore {
     this.closed = true;
     const hard = setTimeout(() => this.client.disconnect(false), 1000);
     hard.unref();
-    this.client.quit().then(
-      () => clearTimeout(hard),
-      () => {
-        clearTimeout(hard);
-        this.client.disconnect(false);
-      },
-    );
+    // QUIT is never auto-pipelined: sent now it would overtake the calls of this tick, which
+    // leave on the next one.
+    setImmediate(() => {
+      this.client.quit().then(
+        () => clearTimeout(hard),
+        () => {
+          clearTimeout(hard);
+          this.client.disconnect(false);
+        },
+      );
+    });
   }
 }
