@@ -257,7 +257,10 @@ const cluster = z.strictObject(
     lease_ttl: duration({ positive: true })
       .refine((ms) => ms >= MIN_LEASE_TTL_MS, { error: `must be at least ${MIN_LEASE_TTL_MS}ms` })
       .default(15_000),
-    key_prefix: z.string(expecting('a string')).max(64).default('smartproxy:'),
+    key_prefix: z
+      .string(expecting('a string'))
+      .refine((text) => text.length <= 64, { error: 'must be at most 64 characters' })
+      .default('smartproxy:'),
     limits: z.array(z.enum(CLUSTER_LIMITS), expecting('a list of limit names')).default([...CLUSTER_LIMITS]),
   },
   table('[cluster]'),
