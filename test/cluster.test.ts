@@ -9,7 +9,10 @@ import { storeErrorKind } from '../src/cluster/store.ts';
 import type { Daemon } from '../src/daemon.ts';
 import { admission } from './support/clients.ts';
 import { configFrom, connect, startBackend, startProxy, type ProxyUnderTest } from './support/harness.ts';
-import { listeningPorts, startCli } from './support/cli.ts';
+import { listeningPorts, startCli, tempDir } from './support/cli.ts';
+import { writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { dumpConfig } from '../src/config/dump.ts';
 import { formatIssue, parseConfigText } from '../src/config/load.ts';
 import { metricValue } from './support/metrics.ts';
 import { startRedis, type TestRedis } from './support/redis.ts';
@@ -323,6 +326,78 @@ test('reload: [cluster] removed keeps the local counts, added again republishes 
   for (const s of held) s.destroy();
   await until(() => daemon.registry.size === 0);
   assert.equal((await waitCounts(other, 0)).size, 0);
+});
+
+test('behind a trusted PROXY balancer the real client named in the header is counted over the instances', { timeout: 30_000 }, async (t) => {
+  const redis = await startRedis(t);
+  const backend = await startBackend(t);
+  const proxyProtocol = '  [listeners.proxy_protocol]\n  trusted = ["127.0.0.0/8"]';
+  const [a, b] = await startInstances(t, redis, backend.port, [
+    { instance: 'a', perIp: 1, listener: proxyProtocol },
+    { instance: 'b', perIp: 1, listener: proxyProtocol },
+  ]);
+  const viaBalancer = async (port: number, client: string): Promise<net.Socket | null> => {
+    const socket = await connect(port);
+    return new Promise((resolve) => {
+      socket.once('data', () => resolve(socket));
+      socket.once('error', () => resolve(null));
+      socket.once('close', () => resolve(null));
+      socket.write(`PROXY TCP4 ${client} 127.0.0.1 40000 443\r\nx`);
+    });
+  };
+  const first = await viaBalancer(a!.port('tcp'), '192.0.2.1');
+  assert.ok(first !== null, 'relayed once the store admitted it');
+  assert.equal(await viaBalancer(b!.port('tcp'), '192.0.2.1'), null, 'the same client through the other instance');
+  assert.equal(await rejectionMetric(b!.daemon, 'tcp', 'cluster_ip_limit'), 1);
+  const other = await viaBalancer(b!.port('tcp'), '192.0.2.2');
+  assert.ok(other !== null, 'another client is not affected');
+  first.destroy();
+  other.destroy();
+  await Promise.all([a!, b!].map((p) => until(() => p.daemon.registry.size === 0 && p.daemon.cluster.leases === 0)));
+});
+
+test('password_file: the password is read from it (never logged); a wrong one is an auth error and degraded; an unreadable one fails the start and a reload', { timeout: 30_000 }, async (t) => {
+  const redis = await startRedis(t, { password: 's3cret-pw' });
+  const backend = await startBackend(t);
+  const dir = tempDir(t);
+  const good = path.join(dir, 'good');
+  const bad = path.join(dir, 'bad');
+  writeFileSync(good, 's3cret-pw\n');
+  writeFileSync(bad, 'nope\n');
+  const toml = (file: string): string => clusterToml(redis, backend.port, { instance: 'a', perIp: 1, extra: `password_file = "${file}"` });
+  const ok = await startProxy(t, toml(good), { logLevel: 'info' });
+  await modeIs(ok.daemon, 'ok');
+  const held = await hold(ok.port('tcp'));
+  assert.ok(held !== null);
+  assert.equal(await admission(ok.port('tcp')), 'reset');
+  const wrong = await startProxy(t, toml(bad), { logLevel: 'info' });
+  await untilAsync(async () => (await metricValue(wrong.daemon, 'smartproxy_cluster_store_errors_total', { kind: 'auth' })) > 0);
+  assert.equal(wrong.daemon.cluster.mode, 'degraded');
+  assert.equal(await admission(wrong.port('tcp')), 'relayed', 'on_store_failure = "local": its own limit');
+  for (const line of [...ok.lines, ...wrong.lines]) assert.ok(!JSON.stringify(line).includes('s3cret'), JSON.stringify(line));
+  await assert.rejects(startProxy(t, toml(path.join(dir, 'missing'))), /password_file .*missing: cannot read it \(ENOENT\)/);
+  await assert.rejects(ok.daemon.reload(configFrom(toml(path.join(dir, 'missing')))), /cannot read it/);
+  assert.equal(ok.daemon.cluster.mode, 'ok', 'the failed reload changed nothing');
+  assert.equal(await admission(ok.port('tcp')), 'reset');
+  held.destroy();
+});
+
+async function untilAsync(predicate: () => Promise<boolean>, ms = 5000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await predicate())) {
+    if (Date.now() > deadline) throw new Error('timed out');
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+test('check-config --dump writes [cluster] with the URL password redacted', () => {
+  const config = configFrom(`[cluster]\nredis = "redis://u:topsecret@127.0.0.1:1/2"\ninstance = "x"\n[[listeners]]\nname = "l"\nbind = "127.0.0.1:0"\n[[listeners.routes]]\nname = "r"\ndefault = true\nbackends = "127.0.0.1:1"\n`);
+  const text = dumpConfig(config);
+  assert.match(text, /^redis = "redis:\/\/u:redacted@127\.0\.0\.1:1\/2"$/m);
+  assert.ok(!text.includes('topsecret'));
+  const reloaded = parseConfigText(text, 'dump.toml');
+  assert.ok(reloaded.ok);
+  assert.deepEqual({ ...reloaded.config.cluster, redis: '' }, { ...config.cluster, redis: '' });
 });
 
 test('the Redis address is checked, and a password in it is never shown', () => {

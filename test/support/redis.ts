@@ -21,13 +21,13 @@ export interface TestRedis {
   counts(): Promise<Map<string, number>>;
 }
 
-export async function startRedis(t: TestContext): Promise<TestRedis> {
+export async function startRedis(t: TestContext, opts: { password?: string } = {}): Promise<TestRedis> {
   const port = await closedPort();
   let child: ChildProcess | null = null;
   let exited: Promise<void> = Promise.resolve();
 
   const start = async (): Promise<void> => {
-    const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--protected-mode', 'yes', '--loglevel', 'notice'], {
+    const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--protected-mode', 'yes', '--loglevel', 'notice', ...(opts.password !== undefined ? ['--requirepass', opts.password] : [])], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     child = proc;
@@ -45,7 +45,7 @@ export async function startRedis(t: TestContext): Promise<TestRedis> {
     await exited;
   };
   await start();
-  const client = new Redis({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 1, retryStrategy: () => 50 });
+  const client = new Redis({ port, host: '127.0.0.1', lazyConnect: true, ...(opts.password !== undefined ? { password: opts.password } : {}), maxRetriesPerRequest: 1, retryStrategy: () => 50 });
   client.on('error', () => {});
   t.after(async () => {
     client.disconnect();
