@@ -45,7 +45,9 @@ const USAGE = `usage: npm run bench -- [options]
   --variant NAME=SPEC   another smartproxy contender in the same run (repeatable); SPEC is comma-separated
                         node=PATH (default: node_modules/.bin/node), entry=PATH (another build's
                         dist/smartproxy.js), flags=FLAGS (node command line), env.VAR=VALUE, and
-                        no-threads-key (a build before [process] threads). Not in the flood scenario
+                        no-threads-key (a build before [process] threads), per-ip (per-client limits set
+                        too high to refuse: their code runs on every admission) and cluster (per-ip, shared
+                        through a loopback redis-server the bench starts: [cluster]). Not in the flood scenario
   --node-flags="FLAGS"  Node/V8 flags on smartproxy's command line (default none; A/B runs). They reach
                         every thread, except the heap flags the daemon sets itself before it starts its
                         threads (src/event-loops.ts THREAD_V8_FLAGS), which win there

@@ -44,7 +44,7 @@ export function storeErrorKind(err: unknown): StoreErrorKind {
 // nothing; concurrency is asked first, as locally.
 // KEYS: concurrency hash, rate hash. ARGV: field, max (0 = off), rate count (0 = off), per ms, lease ttl ms.
 // Returns 0 admitted (and counted), 1 over max_connections_per_ip, 2 over connection_rate_per_ip.
-const ADMIT = `
+export const ADMIT_SCRIPT = `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local field = ARGV[1]
@@ -89,7 +89,7 @@ return 0
 // Gives back n connections of this field. A missing field (Redis restarted, or the count
 // expired) stays missing: the next renewal writes what this instance holds.
 // KEYS: concurrency hash. ARGV: field, n.
-const RELEASE = `
+export const RELEASE_SCRIPT = `
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v then return 0 end
 local left = tonumber(v) - tonumber(ARGV[2])
@@ -172,8 +172,8 @@ export class RedisStore {
       retryStrategy: (attempt: number) => Math.min(attempt * 100, 1000),
       connectionName: `smartproxy:${this.field}`,
     }) as ScriptedRedis;
-    this.client.defineCommand('spAdmit', { numberOfKeys: 2, lua: ADMIT });
-    this.client.defineCommand('spRelease', { numberOfKeys: 1, lua: RELEASE });
+    this.client.defineCommand('spAdmit', { numberOfKeys: 2, lua: ADMIT_SCRIPT });
+    this.client.defineCommand('spRelease', { numberOfKeys: 1, lua: RELEASE_SCRIPT });
     this.client.defineCommand('spRenew', { numberOfKeys: 1, lua: RENEW });
     this.client.on('ready', () => {
       if (!this.closed) events.ready();
