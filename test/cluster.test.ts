@@ -9,7 +9,7 @@ import { storeErrorKind } from '../src/cluster/store.ts';
 import type { Daemon } from '../src/daemon.ts';
 import { admission } from './support/clients.ts';
 import { configFrom, connect, startBackend, startProxy, type ProxyUnderTest } from './support/harness.ts';
-import { listeningPorts, startCli, tempDir } from './support/cli.ts';
+import { TEST_THREADS, listeningPorts, startCli, tempDir } from './support/cli.ts';
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { dumpConfig } from '../src/config/dump.ts';
@@ -266,7 +266,11 @@ test('an instance killed with SIGKILL stops counting within its lease_ttl', { ti
   const backend = await startBackend(t);
   const ttl = 1500;
   const cli = await startCli(t, clusterToml(redis, backend.port, { instance: 'doomed', perIp: 4, extra: `lease_ttl = "${ttl}ms"` }), { ready: ['tcp'] });
-  await cli.waitForLine((l) => l.msg === 'cluster store ok: cluster-wide limits apply', { what: 'the store ok' });
+  // Every event-loop thread has its own store connection: wait until each is ok.
+  for (let from = 0, i = 0; i < TEST_THREADS; i++) {
+    await cli.waitForLine((l) => l.msg === 'cluster store ok: cluster-wide limits apply', { from, what: `the store ok in ${TEST_THREADS} threads` });
+    from = cli.lines.findIndex((l, at) => at >= from && l.msg === 'cluster store ok: cluster-wide limits apply') + 1;
+  }
   const [ports] = listeningPorts(cli.pid);
   assert.ok(ports !== undefined);
   const [survivor] = await startInstances(t, redis, backend.port, [{ instance: 'survivor', perIp: 4, extra: `lease_ttl = "${ttl}ms"` }]);
