@@ -13,6 +13,7 @@ import { TEST_THREADS, listeningPorts, startCli, tempDir } from './support/cli.t
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { dumpConfig } from '../src/config/dump.ts';
+import { explain, type ListenerExplanation } from '../src/explain.ts';
 import { formatIssue, parseConfigText } from '../src/config/load.ts';
 import { metricValue } from './support/metrics.ts';
 import { startRedis, type TestRedis } from './support/redis.ts';
@@ -402,6 +403,16 @@ test('check-config --dump writes [cluster] with the URL password redacted', () =
   const reloaded = parseConfigText(text, 'dump.toml');
   assert.ok(reloaded.ok);
   assert.deepEqual({ ...reloaded.config.cluster, redis: '' }, { ...config.cluster, redis: '' });
+});
+
+test('check-config --explain says which per-client limits are cluster-wide and what a store failure does', () => {
+  const config = configFrom(`[limits]\nmax_connections_per_ip = 5\n[cluster]\nredis = "redis://127.0.0.1:1"\non_store_failure = "closed"\nlimits = ["max_connections_per_ip"]\n[[listeners]]\nname = "l"\nbind = "127.0.0.1:0"\n[[listeners.routes]]\nname = "r"\ndefault = true\nbackends = "127.0.0.1:1"\n`);
+  const [listener] = explain(config, { client: '10.0.0.1', sni: null, listener: null }) as ListenerExplanation[];
+  const step = listener!.steps.find((s) => s.startsWith('[cluster]'));
+  assert.match(step ?? '', /^\[cluster\]: max_connections_per_ip also over every instance together.*on_store_failure = "closed", cluster_unavailable/);
+  const off = configFrom(`[cluster]\nredis = "redis://127.0.0.1:1"\n[[listeners]]\nname = "l"\nbind = "127.0.0.1:0"\n[[listeners.routes]]\nname = "r"\ndefault = true\nbackends = "127.0.0.1:1"\n`);
+  const [plain] = explain(off, { client: '10.0.0.1', sni: null, listener: null }) as ListenerExplanation[];
+  assert.ok(plain!.steps.includes('[cluster]: no per-client limit of this listener is cluster-wide: the store is not asked'));
 });
 
 test('the Redis address is checked, and a password in it is never shown', () => {
