@@ -262,6 +262,27 @@ test('a silent Redis costs at most one timeout: then the breaker answers at once
   assert.equal(proxy!.daemon.cluster.leases, 0);
 });
 
+test('a shutdown while the store is asked closes the waiting connection when the answer comes, not at the drain deadline, and counts nothing', { timeout: 30_000 }, async (t) => {
+  const redis = await startRedis(t);
+  const backend = await startBackend(t);
+  const [proxy] = await startInstances(t, redis, backend.port, [{ instance: 'a', perIp: 5, extra: 'timeout = "300ms"' }]);
+  const daemon = proxy!.daemon;
+  redis.freeze();
+  t.after(() => redis.thaw());
+  const client = await connect(proxy!.port('tcp'));
+  client.on('error', () => {});
+  const clientClosed = new Promise((r) => client.once('close', r));
+  await until(() => daemon.registry.size === 1);
+  const started = Date.now();
+  const result = await daemon.shutdown({ drainTimeoutMs: 10_000 });
+  await clientClosed;
+  assert.ok(Date.now() - started < 5000, `closed after ${Date.now() - started} ms`);
+  assert.deepEqual(result, { drained: 1, cut: 0 });
+  assert.equal(await rejectionMetric(daemon, 'tcp', 'draining'), 1);
+  assert.equal(daemon.cluster.leases, 0);
+  assert.equal(backend.accepted, 0, 'never dialled');
+});
+
 test('an instance killed with SIGKILL stops counting within its lease_ttl', { timeout: 60_000 }, async (t) => {
   const redis = await startRedis(t);
   const backend = await startBackend(t);

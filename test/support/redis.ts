@@ -58,7 +58,9 @@ export async function startRedis(t: TestContext, opts: { password?: string } = {
     stop,
     start,
     freeze: () => process.kill(child!.pid!, 'SIGSTOP'),
-    thaw: () => process.kill(child!.pid!, 'SIGCONT'),
+    thaw: () => {
+      if (child !== null) process.kill(child.pid!, 'SIGCONT');
+    },
     async scriptCalls() {
       const info = await client.info('commandstats');
       let calls = 0;
