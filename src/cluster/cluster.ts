@@ -220,11 +220,14 @@ export class Cluster {
     const ttl = this.settings?.leaseTtlMs ?? 0;
     this.nextRenewal = Date.now() + Math.max(100, Math.floor(ttl / 3));
     try {
-      // Releases first: the renewal's counts already have them subtracted.
-      this.flushReleases(store);
-      const tags = [...this.held.keys()].filter((tag) => !this.pending.has(tag));
+      const tags = [...this.held.keys()];
       for (let i = 0; i < tags.length; i += RENEW_BATCH) {
-        await Promise.all(tags.slice(i, i + RENEW_BATCH).map((tag) => {
+        // Before each batch, as the counts are read now: releases not sent yet are already
+        // subtracted from them (sent after, they would count twice), and a tag with an admission
+        // in flight waits for the next round (its count does not include that one yet).
+        this.flushReleases(store);
+        const batch = tags.slice(i, i + RENEW_BATCH).filter((tag) => !this.pending.has(tag) && this.held.has(tag));
+        await Promise.all(batch.map((tag) => {
           const n = this.held.get(tag) ?? 0;
           return store.renew(tag, n, ttl).then(() => {
             if (n === 0 && this.held.get(tag) === 0) this.held.delete(tag);
