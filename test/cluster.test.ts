@@ -9,7 +9,9 @@ import { storeErrorKind } from '../src/cluster/store.ts';
 import type { Daemon } from '../src/daemon.ts';
 import { admission } from './support/clients.ts';
 import { configFrom, connect, startBackend, startProxy, type ProxyUnderTest } from './support/harness.ts';
-import { TEST_THREADS, listeningPorts, startCli, tempDir } from './support/cli.ts';
+import { TEST_THREADS, adminGet, listeningPorts, startCli, tempDir } from './support/cli.ts';
+import type { DaemonStats } from '../src/admin/stats.ts';
+import { renderStatus } from '../src/admin/status.ts';
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { dumpConfig } from '../src/config/dump.ts';
@@ -112,6 +114,9 @@ test('max_connections_per_ip = 10 holds across three instances together and free
   for (const port of ports) assert.equal(await admission(port), 'reset', 'the 11th, on any instance, is refused');
   assert.equal(await rejectionMetric(proxies[0]!.daemon, 'tcp', 'cluster_ip_limit'), 1);
   assert.deepEqual(proxies.map((p) => p.daemon.cluster.leases), [4, 3, 3]);
+  const stats = await proxies[0]!.daemon.stats();
+  assert.deepEqual(stats.cluster, { mode: 'ok', leases: 4 });
+  assert.match(renderStatus(stats), /^cluster store ok {2}connections counted in it 4$/m);
   // Three close (one on each instance): three places come back, wherever the client goes next.
   for (const i of [0, 1, 2]) {
     const socket = held.shift()!;
@@ -287,7 +292,7 @@ test('an instance killed with SIGKILL stops counting within its lease_ttl', { ti
   const redis = await startRedis(t);
   const backend = await startBackend(t);
   const ttl = 1500;
-  const cli = await startCli(t, clusterToml(redis, backend.port, { instance: 'doomed', perIp: 4, extra: `lease_ttl = "${ttl}ms"` }), { ready: ['tcp'] });
+  const cli = await startCli(t, `[admin]\nlisten = "unix:{{dir}}/admin.sock"\n${clusterToml(redis, backend.port, { instance: 'doomed', perIp: 4, extra: `lease_ttl = "${ttl}ms"` })}`, { ready: ['tcp'], admin: true });
   // Every event-loop thread has its own store connection: wait until each is ok.
   for (let from = 0, i = 0; i < TEST_THREADS; i++) {
     await cli.waitForLine((l) => l.msg === 'cluster store ok: cluster-wide limits apply', { from, what: `the store ok in ${TEST_THREADS} threads` });
@@ -303,6 +308,8 @@ test('an instance killed with SIGKILL stops counting within its lease_ttl', { ti
   const mine = await hold(sp);
   assert.ok(mine !== null);
   assert.equal(await admission(sp), 'reset', '3 on the doomed instance + 1 here');
+  const stats = JSON.parse((await adminGet({ socketPath: path.join(cli.dir, 'admin.sock') }, '/stats')).body) as DaemonStats;
+  assert.deepEqual(stats.cluster, { mode: 'ok', leases: 3 }, 'summed over the event-loop threads');
   process.kill(cli.pid, 'SIGKILL');
   const killedAt = Date.now();
   await cli.exited;
