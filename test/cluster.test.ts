@@ -176,6 +176,48 @@ test('a client\'s rate over three instances together stays within count', { time
   assert.equal(refusedByCluster, 20);
 });
 
+test('connections closed in one event-loop turn give back their counts in one call, and after churn the store holds exactly what the instance holds', { timeout: 30_000 }, async (t) => {
+  const redis = await startRedis(t);
+  const backend = await startBackend(t);
+  const [proxy] = await startInstances(t, redis, backend.port, [{ instance: 'a', perIp: 1000, extra: 'lease_ttl = "5m"' }]);
+  const port = proxy!.port('tcp');
+  const daemon = proxy!.daemon;
+  // Churn: 4 clients (127.0.0.1-4), 40 at a time, 400 connections opened and closed.
+  let next = 0;
+  await Promise.all(Array.from({ length: 40 }, async () => {
+    while (next < 400) {
+      const i = next++;
+      const socket = await connect(port, { localAddress: `127.0.0.${1 + (i % 4)}` });
+      await new Promise((resolve) => {
+        socket.once('data', resolve);
+        socket.write('x');
+      });
+      socket.destroy();
+    }
+  }));
+  // Then each client holds 3 + its number.
+  const held: net.Socket[] = [];
+  for (let c = 1; c <= 4; c++) {
+    for (let k = 0; k < 3 + c; k++) {
+      const socket = await connect(port, { localAddress: `127.0.0.${c}` });
+      await new Promise((resolve) => {
+        socket.once('data', resolve);
+        socket.write('x');
+      });
+      held.push(socket);
+    }
+  }
+  await until(() => daemon.registry.size === 22 && daemon.cluster.leases === 22);
+  const counts = await waitCounts(redis, 4);
+  assert.deepEqual([...counts.values()].sort(), [4, 5, 6, 7]);
+  const before = await redis.scriptCalls();
+  daemon.listeners.get('tcp')!.closeAll('shutdown');
+  assert.equal(daemon.cluster.leases, 0);
+  assert.equal((await waitCounts(redis, 0)).size, 0);
+  assert.equal(await redis.scriptCalls(), before + 4, 'one release call per client for the 22 connections');
+  for (const s of held) s.destroy();
+});
+
 test('a locally refused connection makes no Redis call', { timeout: 30_000 }, async (t) => {
   const redis = await startRedis(t);
   const backend = await startBackend(t);
