@@ -157,7 +157,8 @@ export class Cluster {
       },
       (err: unknown) => {
         this.settled(tag);
-        this.failed(null, err);
+        // A store a reload replaced meanwhile says nothing about the one in use.
+        if (store === this.store) this.failed(null, err);
         // The settings in force now: a reload may have come in between.
         return this.settings === null ? 'ok' : this.fallback(tag, max, this.settings.onStoreFailure);
       },
@@ -198,7 +199,9 @@ export class Cluster {
 
   private flushReleases(store: RedisStore): void {
     for (const [tag, n] of this.releases) {
-      store.release(tag, n).catch((err: unknown) => this.failed(null, err));
+      store.release(tag, n).catch((err: unknown) => {
+        if (store === this.store) this.failed(null, err);
+      });
     }
     this.releases.clear();
   }
