@@ -339,6 +339,39 @@ test('a shutdown while the store is asked closes the waiting connection when the
   assert.equal(backend.accepted, 0, 'never dialled');
 });
 
+test('a timeout that fires late because the event loop was blocked answers that connection with on_store_failure, but does not turn the store degraded', { timeout: 30_000 }, async (t) => {
+  const redis = await startRedis(t);
+  const backend = await startBackend(t);
+  // "closed": were the store declared degraded, everybody would be refused for a second.
+  const [proxy] = await startInstances(t, redis, backend.port, [{ instance: 'a', perIp: 5, extra: 'timeout = "20ms"\non_store_failure = "closed"' }]);
+  const daemon = proxy!.daemon;
+  const port = proxy!.port('tcp');
+  const cluster = daemon.cluster;
+  const admit = cluster.admit.bind(cluster);
+  let block = true;
+  cluster.admit = (tag, limits) => {
+    const answer = admit(tag, limits);
+    if (block) {
+      block = false;
+      // After ioredis has written the call (its auto-pipeline flush is the setImmediate queued
+      // first) and armed its timer: the event loop stays busy past the timeout while the answer
+      // waits in the socket, and the timers phase comes before the poll phase that would read it.
+      setImmediate(() => {
+        const end = performance.now() + 150;
+        while (performance.now() < end);
+      });
+    }
+    return answer;
+  };
+  assert.equal(await admission(port), 'reset', 'that one connection followed on_store_failure');
+  assert.equal(await rejectionMetric(daemon, 'tcp', 'cluster_unavailable'), 1);
+  assert.equal(await metricValue(daemon, 'smartproxy_cluster_store_errors_total', { kind: 'late' }), 1);
+  assert.equal(await metricValue(daemon, 'smartproxy_cluster_store_errors_total', { kind: 'timeout' }), 0);
+  assert.equal(cluster.mode, 'ok');
+  assert.equal(await admission(port), 'relayed', 'the next one is asked and admitted');
+  assert.equal(proxy!.lines.filter((l) => l.msg === 'cluster store unavailable: on_store_failure applies').length, 0);
+});
+
 test('an instance killed with SIGKILL stops counting within its lease_ttl', { timeout: 60_000 }, async (t) => {
   const redis = await startRedis(t);
   const backend = await startBackend(t);

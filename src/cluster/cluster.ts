@@ -36,6 +36,8 @@ export interface ClusterMetrics {
 
 /** Tags renewed per batch: each batch must come back within `timeout`. */
 const RENEW_BATCH = 256;
+/** How long timeouts that fired late may go on, with no call answered, before the store counts as degraded. */
+const LATE_TIMEOUTS_FOR_MS = 1000;
 
 export class Cluster {
   private settings: ClusterConfig | null = null;
@@ -52,6 +54,8 @@ export class Cluster {
   private nextRenewal = 0;
   private recovering = false;
   private renewing = false;
+  /** When the current run of late timeouts began (0 = none since the last answer). */
+  private lateSince = 0;
   /** Called on every change of mode (tests await it). */
   readonly modeListeners = new Set<(mode: ClusterMode) => void>();
 
@@ -148,6 +152,7 @@ export class Cluster {
     return store.admit(tag, max, rate, limits.connectionRatePerIp.perMs, s.leaseTtlMs).then(
       (code: AdmitCode) => {
         this.settled(tag);
+        this.lateSince = 0;
         this.metrics.storeLatency((performance.now() - started) / 1000);
         if (code === 1) return 'cluster_ip_limit';
         if (code === 2) return 'cluster_ip_rate';
@@ -158,7 +163,7 @@ export class Cluster {
       (err: unknown) => {
         this.settled(tag);
         // A store a reload replaced meanwhile says nothing about the one in use.
-        if (store === this.store) this.failed(null, err);
+        if (store === this.store) this.callFailed(err, started);
         // The settings in force now: a reload may have come in between.
         return this.settings === null ? 'ok' : this.fallback(tag, max, this.settings.onStoreFailure);
       },
@@ -198,9 +203,10 @@ export class Cluster {
   }
 
   private flushReleases(store: RedisStore): void {
+    const started = performance.now();
     for (const [tag, n] of this.releases) {
       store.release(tag, n).catch((err: unknown) => {
-        if (store === this.store) this.failed(null, err);
+        if (store === this.store) this.callFailed(err, started);
       });
     }
     this.releases.clear();
@@ -222,9 +228,12 @@ export class Cluster {
     this.renewing = true;
     const ttl = this.settings?.leaseTtlMs ?? 0;
     this.nextRenewal = Date.now() + Math.max(100, Math.floor(ttl / 3));
+    /** When the batch out now was sent (a failure's lateness is measured from it). */
+    let started = performance.now();
     try {
       const tags = [...this.held.keys()];
       for (let i = 0; i < tags.length; i += RENEW_BATCH) {
+        started = performance.now();
         // Before each batch, as the counts are read now: releases not sent yet are already
         // subtracted from them (sent after, they would count twice), and a tag with an admission
         // in flight waits for the next round (its count does not include that one yet).
@@ -240,7 +249,7 @@ export class Cluster {
       }
       return true;
     } catch (err) {
-      if (store === this.store) this.failed(null, err);
+      if (store === this.store) this.callFailed(err, started);
       return false;
     } finally {
       this.renewing = false;
@@ -265,6 +274,29 @@ export class Cluster {
       .finally(() => {
         this.recovering = false;
       });
+  }
+
+  /**
+   * A call sent at `started` failed. A timeout that fired long after `timeout` (twice it) means
+   * this event loop was blocked (a flood of accepts, a long GC), not that the store was slow: the
+   * answer may be waiting in the socket. That connection follows on_store_failure, but the store
+   * is not declared degraded for it, or anyone able to slow the event loop could switch the
+   * cluster-wide limits off ("local", "open") or refuse everybody ("closed") for a second at a
+   * time. Only late timeouts going on for LATE_TIMEOUTS_FOR_MS with no answer in between are.
+   */
+  private callFailed(err: unknown, started: number): void {
+    const kind = storeErrorKind(err);
+    const timeoutMs = this.settings?.timeoutMs ?? 0;
+    if (kind === 'timeout' && performance.now() - started > 2 * timeoutMs) {
+      const now = Date.now();
+      if (this.lateSince === 0) this.lateSince = now;
+      if (now - this.lateSince < LATE_TIMEOUTS_FOR_MS) {
+        this.metrics.storeError('late');
+        return;
+      }
+    }
+    this.lateSince = 0;
+    this.failed(kind, null);
   }
 
   /** A call failed (`err`) or the connection reported a failure (`kind`): degraded, once. */

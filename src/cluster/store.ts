@@ -16,8 +16,11 @@ import { Redis } from 'ioredis';
 import type { ClusterConfig } from '../config/types.ts';
 import { parseRedisUrl, redactRedisUrl } from './redis-url.ts';
 
-/** Why a store call failed, as the metric label `kind`. */
-export const STORE_ERROR_KINDS = ['timeout', 'connection', 'auth', 'oom', 'readonly', 'script', 'other'] as const;
+/**
+ * Why a store call failed, as the metric label `kind`. `late`: a timeout that fired long after
+ * `timeout` because this event loop was blocked (cluster/cluster.ts, lateTimeout).
+ */
+export const STORE_ERROR_KINDS = ['timeout', 'late', 'connection', 'auth', 'oom', 'readonly', 'script', 'other'] as const;
 export type StoreErrorKind = (typeof STORE_ERROR_KINDS)[number];
 
 /**
