@@ -353,9 +353,9 @@ test('a timeout that fires late because the event loop was blocked answers that 
     const answer = admit(tag, limits);
     if (block) {
       block = false;
-      // After ioredis has written the call (its auto-pipeline flush is the setImmediate queued
-      // first) and armed its timer: the event loop stays busy past the timeout while the answer
-      // waits in the socket, and the timers phase comes before the poll phase that would read it.
+      // After ioredis has written the call and armed its timer: the event loop stays busy past
+      // the timeout while the answer waits in the socket, and the timers phase comes before the
+      // poll phase that would read it.
       setImmediate(() => {
         const end = performance.now() + 150;
         while (performance.now() < end);
