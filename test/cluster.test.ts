@@ -496,6 +496,23 @@ test('password_file: the password is read from it (never logged); a wrong one is
   await assert.rejects(ok.daemon.reload(configFrom(toml(path.join(dir, 'missing')))), /cannot read it/);
   assert.equal(ok.daemon.cluster.mode, 'ok', 'the failed reload changed nothing');
   assert.equal(await admission(ok.port('tcp')), 'reset');
+  // The password rotated: the same file, new content; a reload reads it and reconnects.
+  await redis.client.config('SET', 'requirepass', 'n3w-pw');
+  writeFileSync(good, 'n3w-pw\n');
+  const switched = new Promise<void>((resolve) => {
+    const seen: ClusterMode[] = [];
+    const listener = (mode: ClusterMode): void => {
+      seen.push(mode);
+      if (seen.join(',') === 'degraded,ok') {
+        ok.daemon.cluster.modeListeners.delete(listener);
+        resolve();
+      }
+    };
+    ok.daemon.cluster.modeListeners.add(listener);
+  });
+  await ok.daemon.reload(configFrom(toml(good)));
+  await switched;
+  assert.equal(await admission(ok.port('tcp')), 'reset', 'its lease republished with the new connection');
   held.destroy();
 });
 

@@ -22,7 +22,7 @@
 // the store again. A store starts degraded and becomes ok once connected.
 import type { ClusterConfig, ListenerLimits, OnStoreFailure } from '../config/types.ts';
 import type { Logger } from '../logging/logger.ts';
-import { RedisStore, storeErrorKind, storeIdentity, type AdmitCode, type StoreErrorKind } from './store.ts';
+import { readPassword, RedisStore, storeErrorKind, storeIdentity, type AdmitCode, type StoreErrorKind } from './store.ts';
 
 export type ClusterMode = 'off' | 'ok' | 'degraded';
 
@@ -78,11 +78,14 @@ export class Cluster {
 
   /**
    * First half of applying `[cluster]` (start or reload): a store for new settings, not yet
-   * connected; throws when password_file cannot be read. null when the store in use stays.
+   * connected; throws when password_file cannot be read. null when the store in use stays (the
+   * same address, prefix, instance and password: password_file is read again on every reload).
    */
   prepare(settings: ClusterConfig | null): RedisStore | null {
-    if (settings === null || (this.store !== null && this.store.identity === storeIdentity(settings))) return null;
-    return new RedisStore(settings, this.thread, { ready: () => this.recover(), down: (kind) => this.failed(kind, null) });
+    if (settings === null) return null;
+    const password = readPassword(settings);
+    if (this.store !== null && this.store.identity === storeIdentity(settings, password)) return null;
+    return new RedisStore(settings, password, this.thread, { ready: () => this.recover(), down: (kind) => this.failed(kind, null) });
   }
 
   /** Second half: never fails. A replaced store gets this event loop's fields deleted. */

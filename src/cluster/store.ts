@@ -13,6 +13,7 @@
 //                                         Redis clock); the key expires after lease_ttl unused
 //   <prefix>{<listener>/<client key>}:r   hash: bucket number -> connections started in it
 // Time is Redis's own (TIME), so the instances' clocks do not matter.
+import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { Redis } from 'ioredis';
 import type { ClusterConfig } from '../config/types.ts';
@@ -125,9 +126,23 @@ interface ScriptedRedis extends Redis {
 /** Admission answer of the script: 0 admitted, 1 over the concurrency limit, 2 over the rate. */
 export type AdmitCode = 0 | 1 | 2;
 
-/** What identifies a store: a change of any of these on reload is a new connection. */
-export function storeIdentity(settings: ClusterConfig): string {
-  return JSON.stringify([settings.redis, settings.passwordFile, settings.keyPrefix, settings.instance]);
+/** password_file's content (one trailing newline dropped), or null without one; throws when unreadable. */
+export function readPassword(settings: ClusterConfig): string | null {
+  if (settings.passwordFile === null) return null;
+  try {
+    return readFileSync(settings.passwordFile, 'utf8').replace(/\r?\n$/, '');
+  } catch (err) {
+    throw new Error(`[cluster] password_file ${settings.passwordFile}: cannot read it (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+  }
+}
+
+/**
+ * What identifies a store: a change of any of these on reload is a new connection, a password
+ * rotated in password_file included (kept only as a digest).
+ */
+export function storeIdentity(settings: ClusterConfig, password: string | null): string {
+  const digest = password === null ? null : createHash('sha256').update(password).digest('hex');
+  return JSON.stringify([settings.redis, settings.passwordFile, digest, settings.keyPrefix, settings.instance]);
 }
 
 export class RedisStore {
@@ -141,25 +156,18 @@ export class RedisStore {
   private closed = false;
 
   /**
-   * Reads password_file (throws when it cannot) and prepares the client without connecting:
+   * Prepares the client (with password_file's content, read by the caller) without connecting:
    * connect() does, once the config that names it is committed.
    */
-  constructor(settings: ClusterConfig, thread: number, events: { ready(): void; down(kind: StoreErrorKind): void }) {
-    this.identity = storeIdentity(settings);
+  constructor(settings: ClusterConfig, filePassword: string | null, thread: number, events: { ready(): void; down(kind: StoreErrorKind): void }) {
+    this.identity = storeIdentity(settings, filePassword);
     this.display = redactRedisUrl(settings.redis);
     this.field = `${settings.instance}/${thread}`;
     this.prefix = settings.keyPrefix;
     const parsed = parseRedisUrl(settings.redis);
     if (!parsed.ok) throw new Error(`[cluster] redis: ${parsed.error}`); // the schema already checked it
     const target = parsed.target;
-    let password = target.password;
-    if (settings.passwordFile !== null) {
-      try {
-        password = readFileSync(settings.passwordFile, 'utf8').replace(/\r?\n$/, '');
-      } catch (err) {
-        throw new Error(`[cluster] password_file ${settings.passwordFile}: cannot read it (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
-      }
-    }
+    const password = filePassword ?? target.password;
     this.client = new Redis({
       ...(target.path !== undefined ? { path: target.path } : { host: target.host!, port: target.port! }),
       ...(target.tls ? { tls: { servername: target.host } } : {}),
