@@ -9,7 +9,7 @@ import { storeErrorKind } from '../src/cluster/store.ts';
 import type { Daemon } from '../src/daemon.ts';
 import { admission } from './support/clients.ts';
 import { configFrom, connect, startBackend, startProxy, type ProxyUnderTest } from './support/harness.ts';
-import { TEST_THREADS, adminGet, listeningPorts, startCli, tempDir } from './support/cli.ts';
+import { adminGet, listeningPorts, startCli, tempDir } from './support/cli.ts';
 import type { DaemonStats } from '../src/admin/stats.ts';
 import { renderStatus } from '../src/admin/status.ts';
 import { writeFileSync } from 'node:fs';
@@ -372,14 +372,17 @@ test('a timeout that fires late because the event loop was blocked answers that 
   assert.equal(proxy!.lines.filter((l) => l.msg === 'cluster store unavailable: on_store_failure applies').length, 0);
 });
 
+const CLI_THREADS = 2;
+
 test('an instance killed with SIGKILL stops counting within its lease_ttl', { timeout: 60_000 }, async (t) => {
   const redis = await startRedis(t);
   const backend = await startBackend(t);
   const ttl = 1500;
-  const cli = await startCli(t, `[admin]\nlisten = "unix:{{dir}}/admin.sock"\n${clusterToml(redis, backend.port, { instance: 'doomed', perIp: 4, extra: `lease_ttl = "${ttl}ms"` })}`, { ready: ['tcp'], admin: true });
+  // Two event-loop threads: each has its own store connection and field; /stats sums them.
+  const cli = await startCli(t, `[process]\nthreads = ${CLI_THREADS}\n[admin]\nlisten = "unix:{{dir}}/admin.sock"\n${clusterToml(redis, backend.port, { instance: 'doomed', perIp: 4, extra: `lease_ttl = "${ttl}ms"` })}`, { ready: ['tcp'], admin: true });
   // Every event-loop thread has its own store connection: wait until each is ok.
-  for (let from = 0, i = 0; i < TEST_THREADS; i++) {
-    await cli.waitForLine((l) => l.msg === 'cluster store ok: cluster-wide limits apply', { from, what: `the store ok in ${TEST_THREADS} threads` });
+  for (let from = 0, i = 0; i < CLI_THREADS; i++) {
+    await cli.waitForLine((l) => l.msg === 'cluster store ok: cluster-wide limits apply', { from, what: `the store ok in ${CLI_THREADS} threads` });
     from = cli.lines.findIndex((l, at) => at >= from && l.msg === 'cluster store ok: cluster-wide limits apply') + 1;
   }
   const [ports] = listeningPorts(cli.pid);
