@@ -46,7 +46,10 @@ const USAGE = `usage: npm run bench -- [options]
                         node=PATH (default: node_modules/.bin/node), entry=PATH (another build's
                         dist/smartproxy.js), flags=FLAGS (node command line), env.VAR=VALUE, and
                         no-threads-key (a build before [process] threads), health=INTERVAL (an active
-                        TCP health check of the backend every INTERVAL). Not in the flood scenario
+                        TCP health check of the backend every INTERVAL), per-ip (per-client limits set
+                        too high to refuse: their code runs on every admission) and cluster (per-ip, shared
+                        through a loopback redis-server the bench starts: [cluster]). Only a cluster variant runs
+                        in the flood scenario (with the flood's limits shared through the store)
   --node-flags="FLAGS"  Node/V8 flags on smartproxy's command line (default none; A/B runs). They reach
                         every thread, except the heap flags the daemon sets itself before it starts its
                         threads (src/event-loops.ts THREAD_V8_FLAGS), which win there
@@ -163,15 +166,15 @@ function estimateSeconds(options, scenarios, contenders) {
   let seconds = 0;
   for (const name of scenarios) {
     if (name === 'idle') seconds += options.idleSizes.length * options.runs * contenderCount * (IDLE_RUN_ESTIMATE_S + options.idleSettleSeconds);
-    else if (name === 'flood') seconds += floodContenders(contenders).length * options.runs * floodRunEstimateSeconds(options.duration, options.warmup);
+    else if (name === 'flood') seconds += floodContenders(contenders, options.variants).length * options.runs * floodRunEstimateSeconds(options.duration, options.warmup);
     else seconds += contenderCount * (options.warmup + options.runs * (options.duration + 1.5)) + 5;
   }
   return seconds;
 }
 
-/** The contenders the flood scenario runs: those that limit per client. */
-function floodContenders(contenders) {
-  return contenders.filter((name) => GOVERNED_CONTENDER_NAMES.includes(name));
+/** The contenders the flood scenario runs: those that limit per client (a `cluster` variant too). */
+function floodContenders(contenders, variants) {
+  return contenders.filter((name) => GOVERNED_CONTENDER_NAMES.includes(name) || variants.get(name)?.cluster === true);
 }
 
 /** Share of all cores' time spent not idle over one second, from /proc/stat. */
@@ -252,7 +255,7 @@ async function main() {
   const raw = { machine, options, scenarios: {} };
   for (const name of scenarios) {
     if (name === 'flood') {
-      const governed = floodContenders(contenders);
+      const governed = floodContenders(contenders, options.variants);
       const what = describeFlood(options.duration);
       if (!governed.length) {
         out(`scenario flood: SKIPPED (it runs ${GOVERNED_CONTENDER_NAMES.join(' and ')}, the contenders with per-client limits; none is available)`);

@@ -17,6 +17,8 @@ import type { AdminState } from './backends/backend-states.ts';
 import { SharedBackendStates } from './backends/backend-states.ts';
 import { BackendDirectory, type BackendUpdate } from './backends/directory.ts';
 import { BackendSupervisor, type BackendEntry, type BackendView } from './backends/supervisor.ts';
+import { Cluster } from './cluster/cluster.ts';
+import type { RedisStore } from './cluster/store.ts';
 
 export interface ShutdownResult {
   /** Connections that finished by themselves during the drain. */
@@ -38,6 +40,8 @@ export interface PreparedReload {
   readonly created: Map<string, Listener>;
   readonly bound: Array<[Listener, string]>;
   readonly moves: Array<[Listener, Listener, string]>;
+  /** A store for a new [cluster] address, connected at commit; null when the one in use stays. */
+  readonly store: RedisStore | null;
 }
 
 /** The counts of a daemon that is the process's only event loop. */
@@ -78,6 +82,8 @@ export class Daemon {
    * loop; with threads the main thread runs them (EventLoops) and sends updates.
    */
   readonly supervisor: BackendSupervisor | null;
+  /** [cluster] of this event loop: outlives generations, as the per-client table does. */
+  readonly cluster: Cluster;
   private readonly slots: SlotPool;
   private generation: Generation;
   /** Bind options every listener of this thread uses (reusePort and the port each address got). */
@@ -99,7 +105,9 @@ export class Daemon {
     this.supervisor = supervisor;
     this.slots = new SlotPool(shared.counts, shared.threads);
     this.generation = compileGeneration(config, shared.indexes, backends);
+    this.cluster = new Cluster(shared.thread, log, metrics.cluster);
     metrics.attach({
+      clusterMode: () => this.cluster.mode,
       listeners: () => this.allListeners(),
       connections: () => this.registry.values(),
       capacity: () => ({ maxConnections: this.config.limits.maxConnections, maxTrackedIps: shared.clients.maxTrackedIps }),
@@ -141,6 +149,7 @@ export class Daemon {
     daemon = new Daemon(config, log, metrics, shared, opts.bind ?? { reusePort: false, portFor: () => undefined }, directory, supervisor);
     supervisor?.commit(config);
     try {
+      daemon.cluster.commit(config.cluster, daemon.cluster.prepare(config.cluster));
       for (const gen of daemon.generation.listeners.values()) {
         const listener = daemon.createListener(gen.name);
         await listener.bind(gen.config.bind, daemon.bindOptions);
@@ -248,6 +257,8 @@ export class Daemon {
       this.backends.apply(backends);
     }
     const next = compileGeneration(config, this.shared.indexes, this.backends);
+    // First, as it can fail (password_file) and binds nothing.
+    const store = this.cluster.prepare(config.cluster);
     const created = new Map<string, Listener>();
     const bound: Array<[Listener, string]> = [];
     /** Listening sockets to hand from one listener to another at commit: [from, to, address]. */
@@ -272,10 +283,10 @@ export class Daemon {
         }
       }
     } catch (err) {
-      await this.undo({ config, next, created, bound, moves });
+      await this.undo({ config, next, created, bound, moves, store });
       throw err;
     }
-    return { config, next, created, bound, moves };
+    return { config, next, created, bound, moves, store };
   }
 
   /** Undoes a prepared reload that will not be committed (another thread failed to prepare). */
@@ -285,6 +296,7 @@ export class Daemon {
 
   private async undo(prepared: PreparedReload): Promise<void> {
     this.supervisor?.abort();
+    this.cluster.discard(prepared.store);
     for (const [listener, text] of prepared.bound) await listener.unbind(text);
     for (const listener of prepared.created.values()) {
       await listener.stopAccepting();
@@ -301,6 +313,7 @@ export class Daemon {
     const result: ReloadResult = { added: [], removed: [], changed: [] };
     this.generation = next;
     this.supervisor?.commit(config);
+    this.cluster.commit(config.cluster, prepared.store);
     for (const [from, to, text] of moves) to.adopt(text, from.release(text)!);
     for (const [name, listener] of this.listeners) {
       const gen = next.listeners.get(name);
@@ -395,6 +408,7 @@ export class Daemon {
       metrics: this.metrics,
       shared: this.shared,
       rejectionSummaryIntervalMs: config.logging.rejectionSummaryIntervalMs,
+      cluster: this.cluster,
     };
   }
 
@@ -499,6 +513,7 @@ export class Daemon {
   private async releaseAll(): Promise<void> {
     this.slots.stop();
     this.supervisor?.close();
+    this.cluster.close();
     if (this.sweepTimer !== null) clearInterval(this.sweepTimer);
     for (const timer of this.drainTimers) clearTimeout(timer);
     this.drainTimers.clear();

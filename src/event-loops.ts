@@ -325,7 +325,11 @@ export class EventLoops {
       const draining = listener.draining && views.every((view) => view.listeners.some((l) => matches(l) && l.draining));
       return { ...listener, draining, rejections };
     });
-    return { ...first, active: views.reduce((n, v) => n + v.active, 0), accepting: this.accepting, threads: this.threads, listeners };
+    const clusters = views.flatMap((v) => (v.cluster === undefined ? [] : [v.cluster]));
+    const cluster = clusters.length === 0
+      ? {}
+      : { cluster: { mode: clusters.some((c) => c.mode === 'degraded') ? ('degraded' as const) : ('ok' as const), leases: clusters.reduce((n, c) => n + c.leases, 0) } };
+    return { ...first, active: views.reduce((n, v) => n + v.active, 0), accepting: this.accepting, threads: this.threads, ...cluster, listeners };
   }
 
   /** AdminSource: every backend with its state. */

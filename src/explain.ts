@@ -77,6 +77,19 @@ function explainListener(config: Config, listener: ListenerConfig, client: strin
     `capacity: ${listener.workers} workers, queue ${listener.queue} for ${listener.queueTimeoutMs} ms (queue_full, queue_timeout), ` +
       `global max_connections ${config.limits.maxConnections || 'unlimited'}`,
   );
+  const cluster = config.cluster;
+  if (cluster !== null) {
+    const shared = [
+      ...(cluster.maxConnectionsPerIp && limits.maxConnectionsPerIp > 0 ? ['max_connections_per_ip'] : []),
+      ...(cluster.connectionRatePerIp && rate.count > 0 ? ['connection_rate_per_ip'] : []),
+    ];
+    steps.push(
+      shared.length === 0
+        ? '[cluster]: no per-client limit of this listener is cluster-wide: the store is not asked'
+        : `[cluster]: ${shared.join(' and ')} also over every instance together, once the local checks and the worker slot or queue place passed ` +
+            `(cluster_ip_limit, cluster_ip_rate; store unavailable: on_store_failure = "${cluster.onStoreFailure}"${cluster.onStoreFailure === 'closed' ? ', cluster_unavailable' : ''})`,
+    );
+  }
 
   const indexes = new CountIndexes();
   const directory = new BackendDirectory(new SharedBackendStates(), indexes);

@@ -9,6 +9,8 @@
 import { readFileSync } from 'node:fs';
 import client from 'prom-client';
 import type { Connection } from './connection/connection.ts';
+import type { ClusterMetrics, ClusterMode } from './cluster/cluster.ts';
+import { STORE_ERROR_KINDS, type StoreErrorKind } from './cluster/store.ts';
 import { END_REASONS, isRejection, REJECT_REASONS, type CloseReason, type RejectReason } from './connection/reasons.ts';
 
 declare const SMARTPROXY_VERSION: string | undefined;
@@ -44,6 +46,8 @@ export interface MetricsSource {
   connections(): Iterable<Connection>;
   /** Process-wide capacity in force: `limits.max_connections` (0 = unlimited) and the per-client table's size. */
   capacity(): { readonly maxConnections: number; readonly maxTrackedIps: number };
+  /** [cluster] of this event loop. */
+  clusterMode?(): ClusterMode;
   /** Every backend of the routes in force, with its shared state read now. */
   backends(): Iterable<BackendSource>;
 }
@@ -68,6 +72,10 @@ const CLOSE_REASONS: readonly CloseReason[] = [...REJECT_REASONS, ...END_REASONS
 const MISNAMED_DEFAULTS = ['smartproxy_nodejs_active_handles_total', 'smartproxy_nodejs_active_requests_total', 'smartproxy_nodejs_active_resources_total'];
 
 const CONNECT_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
+/** Store round trips: the default timeout is 20 ms, loopback answers in ~0.1 ms. */
+const STORE_LATENCY_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1];
+const CLUSTER_MODES: readonly ClusterMode[] = ['off', 'ok', 'degraded'];
+
 const DURATION_BUCKETS = [0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400];
 
 export class Metrics {
@@ -86,6 +94,8 @@ export class Metrics {
   private readonly lastReload: client.Gauge;
   private readonly lastReloadSuccess: client.Gauge;
   private readonly families: Families;
+  /** [cluster]: store latency and errors, fed by cluster/cluster.ts. */
+  readonly cluster: ClusterMetrics;
   /** Per listener name; kept across reloads so counters never restart. */
   private readonly listenerViews = new Map<string, ListenerMetrics>();
 
@@ -233,6 +243,33 @@ export class Metrics {
       collect() {
         this.reset();
         for (const b of self.source?.backends() ?? []) this.set({ listener: b.listener, route: b.route, backend: b.backend }, b.active);
+      },
+    });
+    const storeLatency = new client.Histogram({
+      name: 'smartproxy_cluster_store_latency_seconds',
+      help: '[cluster]: round trip of each admission asked of the store (answered calls only; failures count in smartproxy_cluster_store_errors_total).',
+      buckets: STORE_LATENCY_BUCKETS,
+      registers,
+    });
+    const storeErrors = new client.Counter<'kind'>({
+      name: 'smartproxy_cluster_store_errors_total',
+      help: '[cluster]: failed store calls and connection failures, by kind.',
+      labelNames: ['kind'],
+      registers,
+    });
+    for (const kind of STORE_ERROR_KINDS) storeErrors.inc({ kind }, 0);
+    this.cluster = {
+      storeLatency: (seconds: number) => storeLatency.observe(seconds),
+      storeError: (kind: StoreErrorKind) => storeErrors.inc({ kind }),
+    };
+    new client.Gauge<'mode'>({
+      name: 'smartproxy_cluster_mode',
+      help: '[cluster]: event loops whose store is in this mode (off = no [cluster]; degraded = on_store_failure applies).',
+      labelNames: ['mode'],
+      registers,
+      collect() {
+        const current = self.source?.clusterMode?.() ?? 'off';
+        for (const mode of CLUSTER_MODES) this.set({ mode }, mode === current ? 1 : 0);
       },
     });
     this.families = {

@@ -146,6 +146,7 @@ describe('resolution', () => {
           onRemoval: 'keep',
         }],
       }],
+      cluster: null,
     };
     assert.deepEqual(config, expected);
   });

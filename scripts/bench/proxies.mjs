@@ -29,8 +29,11 @@ export const PROJECT_NODE = existsSync(join(REPO_ROOT, 'node_modules/.bin/node')
  * How one smartproxy contender runs: `smartproxy` itself (this checkout's dist/ under the node the
  * project carries, with `--node-flags` on its command line), or a variant from `--variant`: another
  * build, another node, other flags or environment, in the same run.
+ * `per-ip` turns on per-client limits too high to refuse anyone (the per-client code runs on every
+ * admission); `cluster` does that and shares them through a loopback redis-server the bench starts
+ * (once, on the load cores, no persistence): the cost of [cluster] against `per-ip` in one run.
  * @typedef {{ node: string, nodeVersion: string, entry: string, flags: string[], env: Record<string, string>,
- *   threadsKey: boolean }} SmartproxyRuntime
+ *   threadsKey: boolean, perIp: boolean, cluster: boolean }} SmartproxyRuntime
  */
 
 /** `node --version` of a node binary, or 'unknown'. */
@@ -51,7 +54,7 @@ export function parseVariant(text) {
   if (!/^[a-z0-9][a-z0-9_.-]*$/i.test(name) || CONTENDER_NAMES.includes(name)) {
     throw new Error(`--variant ${text}: the name before "=" must be new and plain (letters, digits, - _ .)`);
   }
-  const runtime = { node: PROJECT_NODE, nodeVersion: '', entry: SMARTPROXY_ENTRY, flags: [], env: {}, threadsKey: true };
+  const runtime = { node: PROJECT_NODE, nodeVersion: '', entry: SMARTPROXY_ENTRY, flags: [], env: {}, threadsKey: true, perIp: false, cluster: false };
   for (const item of eq === -1 ? [] : text.slice(eq + 1).split(',').filter(Boolean)) {
     const at = item.indexOf('=');
     const key = at === -1 ? item : item.slice(0, at);
@@ -63,7 +66,9 @@ export function parseVariant(text) {
     else if (key === 'no-threads-key' && at === -1) runtime.threadsKey = false;
     // An active TCP health check of the backend every INTERVAL (its cost per connection).
     else if (key === 'health' && value !== '') runtime.routeExtra = `\n    [listeners.routes.health_check]\n    interval = "${value}"\n    jitter = 0\n`;
-    else throw new Error(`--variant ${text}: unknown key "${key}" (known: node, entry, flags, env.VAR, no-threads-key, health)`);
+    else if (key === 'per-ip' && at === -1) runtime.perIp = true;
+    else if (key === 'cluster' && at === -1) runtime.perIp = runtime.cluster = true;
+    else throw new Error(`--variant ${text}: unknown key "${key}" (known: node, entry, flags, env.VAR, no-threads-key, health, per-ip, cluster)`);
   }
   runtime.nodeVersion = nodeVersionOf(runtime.node);
   return [name, runtime];
@@ -78,7 +83,7 @@ export function smartproxyRuntime(ctx, name) {
   if (name === 'smartproxy') {
     ctx.projectNodeVersion ??= nodeVersionOf(PROJECT_NODE);
     // No V8 flags by default: the daemon sets its threads' heap flags itself (src/event-loops.ts).
-    return { node: PROJECT_NODE, nodeVersion: ctx.projectNodeVersion, entry: SMARTPROXY_ENTRY, flags: ctx.smartproxyNodeFlags ?? [], env: {}, threadsKey: true };
+    return { node: PROJECT_NODE, nodeVersion: ctx.projectNodeVersion, entry: SMARTPROXY_ENTRY, flags: ctx.smartproxyNodeFlags ?? [], env: {}, threadsKey: true, perIp: false, cluster: false };
   }
   return ctx.variants?.get(name) ?? null;
 }
@@ -117,8 +122,9 @@ export function describeContender(ctx, name) {
   if (runtime) {
     const env = Object.entries(runtime.env).map(([key, value]) => `${key}=${JSON.stringify(value)} `).join('');
     const entry = runtime.entry === SMARTPROXY_ENTRY ? 'dist/smartproxy.js' : runtime.entry;
+    const limits = runtime.cluster ? ', per-client limits shared through redis-server on loopback ([cluster])' : runtime.perIp ? ', per-client limits (never reached)' : '';
     return `${env}node ${runtime.nodeVersion} ${[...runtime.flags, entry].join(' ')} serve --log-level warn, ` +
-      (runtime.threadsKey ? `[process] threads = ${threads}` : 'one event loop (a build before [process] threads)');
+      (runtime.threadsKey ? `[process] threads = ${threads}` : 'one event loop (a build before [process] threads)') + limits;
   }
   switch (name) {
     case 'direct':
@@ -147,9 +153,10 @@ export function describeContender(ctx, name) {
  */
 export async function startContender(ctx, name, { backendPort, routeBySni, limits }) {
   if (name === 'direct') return { name, port: backendPort, child: null, adminPort: null };
-  if (limits && !GOVERNED_CONTENDER_NAMES.includes(name)) throw new Error(`${name} has no per-client limits in this bench`);
+  if (limits && !GOVERNED_CONTENDER_NAMES.includes(name) && !smartproxyRuntime(ctx, name)?.cluster) throw new Error(`${name} has no per-client limits in this bench`);
   const port = await freePort();
-  const adminPort = limits && name === 'smartproxy' ? await freePort() : null;
+  const adminPort = limits && smartproxyRuntime(ctx, name) !== null ? await freePort() : null;
+  if (smartproxyRuntime(ctx, name)?.cluster) await startBenchRedis(ctx);
   const child = spawnProxy(ctx, name, port, backendPort, routeBySni, limits, adminPort);
   await waitForListen(port, { child, what: name });
   return { name, port, child, adminPort };
@@ -162,7 +169,7 @@ function spawnProxy(ctx, name, port, backendPort, routeBySni, limits, adminPort)
   if (runtime) {
     const file = join(tmpDir, `${name}-${port}.toml`);
     const processSection = runtime.threadsKey ? `[process]\nthreads = ${machine.threads}\n\n` : '';
-    writeFileSync(file, processSection + (limits ? smartproxyFloodConfig(port, backendPort, limits, adminPort) : smartproxyConfig(port, backendPort, routeBySni) + (runtime.routeExtra ?? '')));
+    writeFileSync(file, processSection + clusterSection(ctx, runtime) + (limits ? smartproxyFloodConfig(port, backendPort, limits, adminPort) : smartproxyConfig(port, backendPort, routeBySni, runtime) + (runtime.routeExtra ?? '')));
     // `node dist/smartproxy.js serve`, as the systemd unit starts it; the daemon applies its threads' V8 flags itself.
     return spawnChild(name, [...prefix, runtime.node, ...runtime.flags, runtime.entry, 'serve', '-c', file, '--log-level', limits ? 'info' : 'warn'], { env: runtime.env });
   }
@@ -182,12 +189,28 @@ function spawnProxy(ctx, name, port, backendPort, routeBySni, limits, adminPort)
   }
 }
 
-function smartproxyConfig(port, backendPort, routeBySni) {
+/** One redis-server for every `cluster` contender of the run; stopped with the other children. */
+async function startBenchRedis(ctx) {
+  if (ctx.redisPort !== undefined) return;
+  const port = await freePort();
+  const child = spawnChild('redis-server', [...ctx.machine.loadPrefix, 'redis-server', '--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--loglevel', 'warning']);
+  await waitForListen(port, { child, what: 'redis-server' });
+  ctx.redisPort = port;
+}
+
+function clusterSection(ctx, runtime) {
+  if (!runtime.cluster) return '';
+  return `[cluster]\nredis = "redis://127.0.0.1:${ctx.redisPort}/0"\ninstance = "bench"\n\n`;
+}
+
+function smartproxyConfig(port, backendPort, routeBySni, runtime) {
   // A listener whose only route is the default one skips the TLS peek: a plain relay.
   const match = routeBySni ? `sni = ["${TLS_SERVER_NAME}"]` : 'default = true';
+  // High enough never to refuse: the per-client code (and the store, with [cluster]) runs on every admission.
+  const perIp = runtime.perIp ? 'max_connections_per_ip = 1000000\nconnection_rate_per_ip = { count = 10000000, per = "1s" }\n' : '';
   return `[limits]
 max_connections = 0
-
+${perIp}
 [timeouts]
 idle = "${IDLE_TIMEOUT}"
 

@@ -35,6 +35,11 @@ export interface DaemonStats {
   readonly slotsBusy?: number | null;
   /** Event-loop threads (`[process] threads`); absent from an in-process daemon. */
   readonly threads?: number;
+  /**
+   * [cluster]: the store's mode (with threads: `degraded` when any event loop is) and the
+   * connections holding a cluster-wide count. Absent without [cluster].
+   */
+  readonly cluster?: { readonly mode: 'ok' | 'degraded'; readonly leases: number };
   readonly listeners: ListenerStats[];
 }
 
@@ -67,6 +72,7 @@ export function daemonStats(daemon: Daemon): DaemonStats {
     active: daemon.registry.size,
     maxConnections: daemon.config.limits.maxConnections,
     slotsBusy: daemon.slotsBusy,
+    ...(daemon.cluster.mode === 'off' ? {} : { cluster: { mode: daemon.cluster.mode, leases: daemon.cluster.leases } }),
     listeners,
   };
 }

@@ -102,6 +102,7 @@ export function renderStatus(stats: DaemonStats): string {
   // `starting` is set by a daemon whose admin API answers before its listeners are bound (serve.ts).
   const state = stats.accepting ? 'accepting' : (stats as { starting?: boolean }).starting === true ? 'STARTING' : 'DRAINING';
   lines.push(`smartproxy ${stats.version}  pid ${stats.pid}  up ${stats.uptimeSeconds}s  ${state}  connections ${stats.active}${cap}`);
+  if (stats.cluster !== undefined) lines.push(`cluster store ${stats.cluster.mode === 'ok' ? 'ok' : 'DEGRADED (on_store_failure applies)'}  connections counted in it ${stats.cluster.leases}`);
   lines.push('');
   const rows = [['LISTENER', 'BIND', 'WORKERS', 'QUEUE', 'ACTIVE', 'CLIENTS', 'REJECTED']];
   for (const l of stats.listeners) {

@@ -3,7 +3,8 @@
 // [limits], [reload] on_removal) is written out in each listener and route, because that is what
 // each one runs with; the file `check-config` accepts again and loads to the same Config.
 import { isLoopbackHost } from './units.ts';
-import type { AdminListen, BackendConfig, Config, FirewallRules, HealthCheckConfig, HostPort, ListenerConfig, RouteConfig, Timeouts } from './types.ts';
+import { redactRedisUrl } from '../cluster/redis-url.ts';
+import type { AdminListen, BackendConfig, ClusterConfig, Config, FirewallRules, HealthCheckConfig, HostPort, ListenerConfig, RouteConfig, Timeouts } from './types.ts';
 
 const DURATION_UNITS: ReadonlyArray<readonly [string, number]> = [['h', 3_600_000], ['m', 60_000], ['s', 1_000], ['ms', 1]];
 
@@ -181,9 +182,28 @@ function routeLines(route: RouteConfig): string[] {
   return lines;
 }
 
+/** `[cluster]`; a password in the URL is written "redacted" (a dump is shared; use password_file). */
+function clusterLines(cluster: ClusterConfig | null): string[] {
+  if (cluster === null) return ['# [cluster]: off (limits are this instance\'s own)'];
+  const { redis, passwordFile, instance, timeoutMs, onStoreFailure, leaseTtlMs, keyPrefix, maxConnectionsPerIp, connectionRatePerIp, ...rest } = cluster;
+  allWritten(rest);
+  const limits = [...(maxConnectionsPerIp ? ['max_connections_per_ip'] : []), ...(connectionRatePerIp ? ['connection_rate_per_ip'] : [])];
+  return [
+    '[cluster]',
+    `redis = ${tomlString(redactRedisUrl(redis))}`,
+    passwordFile === null ? '# password_file: none' : `password_file = ${tomlString(passwordFile)}`,
+    `instance = ${tomlString(instance)}`,
+    `timeout = ${tomlString(formatDuration(timeoutMs))}`,
+    `on_store_failure = ${tomlString(onStoreFailure)}`,
+    `lease_ttl = ${tomlString(formatDuration(leaseTtlMs))}`,
+    `key_prefix = ${tomlString(keyPrefix)}`,
+    `limits = ${strings(limits)}`,
+  ];
+}
+
 /** The effective configuration as TOML that check-config accepts and that loads to `config` again. */
 export function dumpConfig(config: Config): string {
-  const { file, limits, firewall, logging, admin, dns, process, shutdown, listeners, ...rest } = config;
+  const { file, limits, firewall, logging, admin, dns, process, shutdown, listeners, cluster, ...rest } = config;
   allWritten(rest);
   const { maxConnections, ipv6Prefix, maxTrackedIps, ...restOfLimits } = limits;
   const { level, rejectionSummaryIntervalMs, ...restOfLogging } = logging;
@@ -229,6 +249,7 @@ export function dumpConfig(config: Config): string {
     `drain_timeout = ${tomlString(formatDuration(drainTimeoutMs))}`,
     `shutdown_delay = ${tomlString(formatDuration(shutdownDelayMs))}`,
   );
+  lines.push('', ...clusterLines(cluster));
   for (const listener of listeners) lines.push(...listenerLines(listener));
   return `${lines.join('\n')}\n`;
 }

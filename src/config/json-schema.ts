@@ -38,6 +38,11 @@ const DURATION: StringKind = {
 // In the order they are tried; the first that accepts a string schema describes it.
 const STRING_KINDS: readonly StringKind[] = [
   DURATION,
+  // [cluster] redis: a Redis URL or unix:/path.
+  {
+    accepts: (schema) => parses(schema, 'redis://127.0.0.1:6379/0') !== undefined,
+    pattern: '^(rediss?://.+|unix:/.+)$',
+  },
   // [admin] listen: host:port or unix:/path.
   {
     accepts: (schema) => parses(schema, 'unix:/run/smartproxy/admin.sock') !== undefined,

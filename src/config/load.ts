@@ -3,13 +3,14 @@
 // (inherit global values into listeners and routes). Never throws: a daemon reloading a
 // broken file keeps running on the old one and prints the issues.
 import { readFileSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { resolve as resolvePath } from 'node:path';
 import TOML from '@iarna/toml';
 import { fromZodIssues, zodMessage } from './issues.ts';
 import { indexLines, lineOf, statementAt } from './locate.ts';
 import { checkCrossFieldRules } from './rules.ts';
 import { configFileSchema, type ConfigFile } from './schema.ts';
-import type { Config, ConfigIssue, HealthCheckConfig, ListenerConfig, ListenerLimits, LoadResult, OnRemoval, RouteConfig, Timeouts } from './types.ts';
+import type { ClusterConfig, Config, ConfigIssue, HealthCheckConfig, ListenerConfig, ListenerLimits, LoadResult, OnRemoval, RouteConfig, Timeouts } from './types.ts';
 
 /** Reads and checks a config file; an unreadable file is one issue at path `(file)`. */
 export function loadConfig(file: string): LoadResult {
@@ -130,6 +131,22 @@ function resolveConfig(file: ConfigFile, absolutePath: string): Config {
     shutdown: { drainTimeoutMs: file.shutdown.drain_timeout, shutdownDelayMs: file.shutdown.shutdown_delay },
     listeners: file.listeners.map((listener, index) =>
       resolveListener(listener, index, { timeouts, limits, onRemoval: file.reload.on_removal })),
+    cluster: file.cluster === undefined ? null : resolveCluster(file.cluster),
+  };
+}
+
+function resolveCluster(cluster: NonNullable<ConfigFile['cluster']>): ClusterConfig {
+  return {
+    redis: cluster.redis,
+    passwordFile: cluster.password_file ?? null,
+    // A host name may hold characters a name may not ("_" aside, they are rare); keep what fits.
+    instance: cluster.instance ?? (hostname().replace(/[^A-Za-z0-9_.-]/g, '-').slice(0, 64) || 'smartproxy'),
+    timeoutMs: cluster.timeout,
+    onStoreFailure: cluster.on_store_failure,
+    leaseTtlMs: cluster.lease_ttl,
+    keyPrefix: cluster.key_prefix,
+    maxConnectionsPerIp: cluster.limits.includes('max_connections_per_ip'),
+    connectionRatePerIp: cluster.limits.includes('connection_rate_per_ip'),
   };
 }
 

@@ -8,6 +8,7 @@ import { formatValue, wrongTypeMessage } from './issues.ts';
 import { isUnitError, parseCidr, parseDuration, parseHostPort, parseSniPattern } from './units.ts';
 import type { AdminListen, HostPort } from './types.ts';
 import { MAX_THREADS } from '../governance/shared-counts.ts';
+import { parseRedisUrl, redactRedisUrl } from '../cluster/redis-url.ts';
 
 // Error param for a schema: our wording when the value has the wrong type or is missing.
 function expecting(description: string) {
@@ -295,6 +296,41 @@ const listener = z.strictObject(
   table('[[listeners]]'),
 );
 
+/** `[cluster] redis`: checked here, kept as written (the store parses it again when it connects). */
+const redisUrl = z.string(expecting('a Redis URL such as "redis://127.0.0.1:6379/0"')).transform((text, ctx): string => {
+  const parsed = parseRedisUrl(text);
+  // The value shown in a message is the redacted one: a password never reaches check-config's output.
+  if (!parsed.ok) return reject(ctx, `${formatValue(redactRedisUrl(text))} is not a Redis address (${parsed.error})`, redactRedisUrl(text));
+  return text;
+});
+
+/** The smallest lease_ttl: the renewal runs every third of it and must not become a busy loop. */
+export const MIN_LEASE_TTL_MS = 300;
+
+const CLUSTER_LIMITS = ['max_connections_per_ip', 'connection_rate_per_ip'] as const;
+
+const cluster = z.strictObject(
+  {
+    redis: redisUrl,
+    password_file: z
+      .string(expecting('an absolute file path'))
+      .refine((text) => text.startsWith('/'), { error: (issue) => `${formatValue(issue.input)}: the path must be absolute` })
+      .optional(),
+    instance: name().optional(),
+    timeout: duration({ positive: true }).default(20),
+    on_store_failure: z.enum(['local', 'open', 'closed']).default('local'),
+    lease_ttl: duration({ positive: true })
+      .refine((ms) => ms >= MIN_LEASE_TTL_MS, { error: `must be at least ${MIN_LEASE_TTL_MS}ms` })
+      .default(15_000),
+    key_prefix: z
+      .string(expecting('a string'))
+      .refine((text) => text.length <= 64, { error: 'must be at most 64 characters' })
+      .default('smartproxy:'),
+    limits: z.array(z.enum(CLUSTER_LIMITS), expecting('a list of limit names')).default([...CLUSTER_LIMITS]),
+  },
+  table('[cluster]'),
+);
+
 const NO_LISTENERS = 'the file needs at least one [[listeners]] table';
 
 export const configFileSchema = z.strictObject({
@@ -343,6 +379,7 @@ export const configFileSchema = z.strictObject({
       table('[process]'),
     )
     .prefault({}),
+  cluster: cluster.optional(),
   listeners: z
     .array(listener, {
       error: (issue) => (issue.input === undefined ? `missing: ${NO_LISTENERS}` : wrongTypeMessage(issue.input, '[[listeners]] tables')),

@@ -160,6 +160,29 @@ export type AdminListen =
   | { readonly kind: 'tcp'; readonly address: HostPort }
   | { readonly kind: 'unix'; readonly path: string };
 
+export type OnStoreFailure = 'local' | 'open' | 'closed';
+
+/**
+ * `[cluster]`: per-client limits shared by several instances through Redis (src/cluster/).
+ * Never holds a secret read from a file: `passwordFile` is read when the store connects.
+ */
+export interface ClusterConfig {
+  /** As written: redis://, rediss:// or unix:/path; may carry credentials (logged only redacted). */
+  readonly redis: string;
+  readonly passwordFile: string | null;
+  /** This instance's name in the shared counts (default: the host name). */
+  readonly instance: string;
+  /** Longest wait for one Redis call. */
+  readonly timeoutMs: number;
+  readonly onStoreFailure: OnStoreFailure;
+  /** An instance's concurrency counts expire this long after it stopped renewing them. */
+  readonly leaseTtlMs: number;
+  readonly keyPrefix: string;
+  /** Which per-client limits are cluster-wide. */
+  readonly maxConnectionsPerIp: boolean;
+  readonly connectionRatePerIp: boolean;
+}
+
 export interface Config {
   /** Absolute path of the file this was loaded from. */
   readonly file: string;
@@ -196,6 +219,8 @@ export interface Config {
     readonly shutdownDelayMs: number;
   };
   readonly listeners: readonly ListenerConfig[];
+  /** null = no [cluster]: limits are this instance's own. */
+  readonly cluster: ClusterConfig | null;
 }
 
 /** One problem found in a config file. `path` is a TOML path such as `listeners[1].routes[0].backends[2]`. */

@@ -71,9 +71,10 @@ export interface ConnectionOwner {
   /**
    * Once the PROXY phase is over: firewall and per-client checks on `conn.clientAddress`, which
    * is the client a header named or, when none was named (no header with require = false,
-   * UNKNOWN, LOCAL, AF_UNIX), the balancer itself.
+   * UNKNOWN, LOCAL, AF_UNIX), the balancer itself. 'pending': the cluster store is asked; the
+   * owner calls resumeHandshake() (or close) once it answers.
    */
-  admitRealClient(conn: Connection): RejectReason | null;
+  admitRealClient(conn: Connection): RejectReason | 'pending' | null;
   /** After SNI chose a route: a route removed by a reload, the route's firewall and limit. */
   admitRoute(conn: Connection, route: Route): CloseReason | null;
   /**
@@ -140,6 +141,14 @@ export class Connection {
   routeIndex = -1;
   /** The backend state index it is counted on (from its dial to its close); -1 when none. */
   backendIndex = -1;
+  /** [cluster]: the tag (listener/client key) it holds a cluster-wide count on. */
+  clusterTag: string | null = null;
+  /**
+   * [cluster]: the store has not answered yet. The connection holds its local leases meanwhile
+   * and is not started (or promoted, or routed); any close releases them as usual, and an answer
+   * that comes after the close gives back what it took.
+   */
+  clusterPending = false;
 
   route: Route | null = null;
   sni: string | null = null;
@@ -304,6 +313,7 @@ export class Connection {
   /** Parses what has arrived so far; `chunk` is null when re-parsing bytes read while queued. */
   onHandshakeData(chunk: Buffer | null): void {
     if (chunk !== null) this.appendInbound(chunk);
+    if (this.clusterPending) return; // kept for when the store answers
     for (;;) {
       const buf = this.inbound === null ? EMPTY : this.inbound.subarray(0, this.inboundLength);
       if (this.phase === Phase.ProxyHeader || this.phase === Phase.SpoofCheck) {
@@ -324,14 +334,16 @@ export class Connection {
           if (this.settings.proxyRequired) return this.close('proxy_header_invalid');
           // No header: the balancer is the client, with the checks accept() left to this point.
           const refusal = this.owner.admitRealClient(this);
-          if (refusal !== null) return this.close(refusal);
           this.phase = Phase.Route;
+          if (refusal === 'pending') return this.waitForCluster();
+          if (refusal !== null) return this.close(refusal);
           continue;
         }
         this.acceptProxyHeader(result.header);
         if (this.state === 'closed') return;
         this.consumeInbound(result.consumed);
         this.phase = Phase.Route;
+        if (this.clusterPending) return this.waitForCluster();
         if (this.inboundLength === 0 && this.settings.routes.needsPeek) return;
         continue;
       }
@@ -362,7 +374,22 @@ export class Connection {
       this.clientPort = header.source.port;
     }
     const refusal = this.owner.admitRealClient(this);
-    if (refusal !== null) this.close(refusal);
+    if (refusal !== null && refusal !== 'pending') this.close(refusal);
+  }
+
+  /** The real client's cluster check is with the store: read nothing more until it answers. */
+  private waitForCluster(): void {
+    this.clusterPending = true;
+    this.client.pause();
+  }
+
+  /** The store admitted the real client: parse on from where the handshake stopped. */
+  resumeHandshake(): void {
+    if (this.state !== 'handshake') return;
+    this.clusterPending = false;
+    this.client.resume();
+    if (this.inboundLength > 0) this.onHandshakeData(null);
+    if (this.state === 'handshake' && this.clientEnded) this.close('client_gone');
   }
 
   /** A reload removed this connection's route with on_removal = "drain": close it at `at`. */

@@ -8,6 +8,9 @@ export const REJECT_REASONS = [
   'ip_rate', // connection_rate_per_ip
   'ip_table_full', // max_tracked_ips reached and no idle entry to evict
   'fair_share', // listener near capacity and this client holds more than its share
+  'cluster_ip_limit', // [cluster]: max_connections_per_ip reached over every instance together
+  'cluster_ip_rate', // [cluster]: connection_rate_per_ip reached over every instance together
+  'cluster_unavailable', // [cluster]: the store failed and on_store_failure = "closed"
   'queue_full', // every worker busy and the queue full
   'queue_timeout', // waited in the queue past queue_timeout
   'route_firewall', // the route's firewall, after SNI

@@ -10,8 +10,12 @@
 //   admitRealClient(): after a PROXY header (or its absence) from a trusted balancer: firewall
 //                      and per-client on the client it names, or on the balancer itself
 //   admitRoute():      after SNI: removed route, route firewall, route limit
-// Each count taken is a lease on the Connection (holdsSlot, ticket, clientKey, routeIndex),
-// given back once, in connectionClosed, the single release point.
+// With [cluster], once every local check has passed and its counts are taken, the cluster-wide
+// per-client checks (cluster/cluster.ts): cluster_ip_limit, cluster_ip_rate, cluster_unavailable.
+// A locally refused connection never reaches the store. While the store is asked the connection
+// exists, holds its local leases and is neither started, promoted nor routed (clusterPending).
+// Each count taken is a lease on the Connection (holdsSlot, ticket, clientKey, routeIndex,
+// clusterTag), given back once, in connectionClosed, the single release point.
 //
 // Accept path, one call per arrow:
 //   socket -> accept (admission) -> new Connection
@@ -29,6 +33,7 @@ import type { HostPort as Backend } from '../config/types.ts';
 import type { Member, NoBackend } from '../backends/backend-pool.ts';
 import type { SharedBackendStates } from '../backends/backend-states.ts';
 import type { ClientTable, SharedClientTable } from '../governance/client-table.ts';
+import type { Cluster, ClusterAnswer } from '../cluster/cluster.ts';
 import { clientKey, unmappedIPv4 } from '../governance/client-key.ts';
 import { fairShareRefuses } from '../governance/fair-share.ts';
 import type { CountIndexes, SharedCounts } from '../governance/shared-counts.ts';
@@ -78,6 +83,8 @@ export interface ListenerDeps {
   readonly metrics: Metrics;
   readonly shared: SharedState;
   readonly rejectionSummaryIntervalMs: number;
+  /** [cluster] of this event loop (off when the config has none). */
+  readonly cluster: Cluster;
 }
 
 export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
@@ -306,9 +313,18 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
       ticket = this.counts.enqueue(idx, config.queue);
       if (ticket === 0) return this.refuse(socket, address, 'queue_full');
     }
+    let cluster: ClusterAnswer | Promise<ClusterAnswer> | null = null;
     if (key !== null) {
       // The same checks again, now taking the count, atomically over every thread.
-      const verdict = this.takeClient(key, 1);
+      let verdict = this.takeClient(key, 1);
+      if (verdict === null) {
+        // Every local check passed: only now the cluster-wide ones.
+        cluster = this.deps.cluster.admit(clusterTag(this.name, key), config.limits);
+        if (cluster === 'cluster_unavailable' || cluster === 'cluster_ip_limit' || cluster === 'cluster_ip_rate') {
+          this.clients.release(key);
+          verdict = cluster;
+        }
+      }
       if (verdict !== null) {
         if (slot) this.giveBackSlot();
         else this.giveBackQueuePlace();
@@ -322,9 +338,15 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
     this.open++;
     this.counts.addOpen(idx, 1);
     this.metrics.accepted();
+    if (cluster === 'leased') conn.clusterTag = clusterTag(this.name, key!);
+    else if (cluster !== null && typeof cluster !== 'string') {
+      conn.clusterPending = true;
+      const tag = clusterTag(this.name, key!);
+      void cluster.then((answer) => this.clusterAnswered(conn, tag, answer));
+    }
     if (slot) {
       conn.holdsSlot = true;
-      conn.start();
+      if (!conn.clusterPending) conn.start();
     } else {
       conn.ticket = ticket;
       this.queue.add(conn);
@@ -337,17 +359,38 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
   }
 
   /**
+   * The store answered a connection's cluster-wide check. The connection may have closed
+   * meanwhile (client gone, queue_timeout, shutdown): then a count the answer took is given back
+   * here, since connectionClosed has already run.
+   */
+  private clusterAnswered(conn: Connection, tag: string, answer: ClusterAnswer): void {
+    conn.clusterPending = false;
+    if (conn.state === 'closed') {
+      if (answer === 'leased') this.deps.cluster.release(tag);
+      return;
+    }
+    if (answer === 'leased') conn.clusterTag = tag;
+    else if (answer !== 'ok') return conn.close(answer);
+    if (this.draining) return conn.close('draining');
+    if (conn.state === 'handshake') return conn.resumeHandshake();
+    if (conn.holdsSlot) return conn.start();
+    // Queued: it may be the head that held the queue back.
+    const gen = this.generation;
+    if (this.counts.slotFree(this.countIndex, gen.config.workers, gen.globalMaxConnections)) this.deps.slots.handOver(this);
+  }
+
+  /**
    * Per-client concurrency, rate and fair share, in that order, without counting; null =
    * admitted. `own` is what the asking connection already holds of the listener's capacity.
    */
   private checkClient(key: string, own: number): RejectReason | null {
-    const verdict = this.clients.verdict(key, this.generation.config.limits, (active, distinct) => this.fairShareRefuses(active, distinct, own));
+    const verdict = this.clients.verdict(key, this.deps.cluster.localLimits(this.generation.config.limits), (active, distinct) => this.fairShareRefuses(active, distinct, own));
     return verdict === 'ok' ? null : verdict;
   }
 
   /** The per-client checks and the count, in one step under the table's lock; null = taken. */
   private takeClient(key: string, own: number): RejectReason | null {
-    const verdict = this.clients.admit(key, this.generation.config.limits, (active, distinct) => this.fairShareRefuses(active, distinct, own));
+    const verdict = this.clients.admit(key, this.deps.cluster.localLimits(this.generation.config.limits), (active, distinct) => this.fairShareRefuses(active, distinct, own));
     return verdict === 'ok' ? null : verdict;
   }
 
@@ -364,7 +407,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
   }
 
   /** ConnectionOwner: see the header (admission after the PROXY phase). */
-  admitRealClient(conn: Connection): RejectReason | null {
+  admitRealClient(conn: Connection): RejectReason | 'pending' | null {
     const gen = conn.settings as ListenerGeneration;
     const address = conn.clientAddress;
     if (!gen.admitsAddress(address)) return 'firewall';
@@ -372,7 +415,17 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
     const refusal = this.takeClient(key, 1);
     if (refusal !== null) return refusal;
     conn.clientKey = key;
-    return null;
+    const tag = clusterTag(this.name, key);
+    const cluster = this.deps.cluster.admit(tag, gen.config.limits);
+    if (cluster === null || cluster === 'ok') return null;
+    if (cluster === 'leased') {
+      conn.clusterTag = tag;
+      return null;
+    }
+    if (typeof cluster === 'string') return cluster;
+    conn.clusterPending = true;
+    void cluster.then((answer) => this.clusterAnswered(conn, tag, answer));
+    return 'pending';
   }
 
   /**
@@ -439,6 +492,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
     const head = this.queue.values().next();
     if (head.done === true) return false;
     const conn = head.value;
+    if (conn.clusterPending) return false; // promoted once the store answers (clusterAnswered)
     const gen = this.generation;
     const { thread, threads } = this.deps.shared;
     const idx = this.countIndex;
@@ -549,6 +603,10 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
       this.deps.shared.backends.release(conn.backendIndex);
       conn.backendIndex = -1;
     }
+    if (conn.clusterTag !== null) {
+      this.deps.cluster.release(conn.clusterTag);
+      conn.clusterTag = null;
+    }
     if (isRejection(reason)) this.recordRejection(reason, conn.clientAddress);
     this.metrics.closed(conn, reason);
     const log = this.deps.log;
@@ -614,6 +672,11 @@ function ejectionAllowed(route: Route, states: SharedBackendStates, now: number)
   for (const m of members) if (states.isEjected(m.index, now)) ejected++;
   const allowed = Math.max(1, Math.floor((members.length * route.config.ejection.maxSharePct) / 100));
   return ejected < allowed;
+}
+
+/** The ledger's and the store's name for a client of a listener (limits are per listener). */
+function clusterTag(listener: string, key: string): string {
+  return `${listener}/${key}`;
 }
 
 
