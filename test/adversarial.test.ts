@@ -10,7 +10,9 @@ import { describePlan, formatFailure, generatePlan, planToJson, runPlan } from '
 /**
  * Chosen for what their plans cover together: queue floods refused in a row, back-to-back and
  * invalid reloads, binds moved between listeners, PROXY listeners, route limits, SIGTERM with
- * connections open and SIGHUP followed at once by SIGTERM. About 6 s each.
+ * connections open and SIGHUP followed at once by SIGTERM. Each also drives the pool routes
+ * (issue 17): every balance mode, checks, ejection, backends dying, drain and maintenance through
+ * the admin API. About 7 s each.
  */
 const SEEDS = [11, 13, 15, 24, 37];
 

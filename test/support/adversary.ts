@@ -461,23 +461,32 @@ class Generator {
       for (const op of ops.slice(0, hello + 1)) this.steps.push({ kind: 'client', client, do: op });
       if (ops.length > hello + 1) this.poolActive.push({ client, ops: ops.slice(hello + 1) });
     } else if (action === 'burst' && listeners.length > 0) {
-      const l = p.pick(listeners);
-      const script: ClientOp[] = [];
-      const sources = l.kind === 'pp' ? [p.pick(TRUSTED)] : p.shuffle([...SOURCES]).slice(0, p.int(1, 6));
-      if (l.kind === 'pp') script.push({ op: 'proxy', version: p.pick(['v1', 'v2'] as const), form: 'valid', source: p.pick(REAL_CLIENTS), tiny: false, variant: p.int(0, 9) });
-      script.push(this.poolHello(), { op: 'wait', ms: p.int(100, 700) }, p.pick([{ op: 'end' }, { op: 'reset' }] as const));
-      const count = p.int(3, 16);
-      const first = this.nextClient;
-      this.nextClient += count;
-      this.steps.push({ kind: 'burst', first, count, target: p.pick(l.binds), sources, script });
+      this.poolBurst(p.pick(listeners));
     } else if (action === 'backend') {
       const i = p.int(0, 3);
       this.poolUp[i] = !this.poolUp[i];
       this.steps.push({ kind: 'backend', backend: i, up: this.poolUp[i]! });
     } else if (action === 'state') {
-      this.steps.push(this.stateStep());
+      const step = this.stateStep();
+      this.steps.push(step);
+      // Right after a drain or maintenance, a crowd that must all go elsewhere.
+      if (step.kind === 'state' && step.state !== 'ready' && step.bad === null && step.await && listeners.length > 0 && p.chance(0.5)) this.poolBurst(p.pick(listeners));
     }
   }
+
+  /** Many pool clients at once on listener `l`: each sends its hello, holds a moment, then FIN or RST. */
+  private poolBurst(l: ListenerSpec): void {
+    const p = this.prng;
+    const script: ClientOp[] = [];
+    const sources = l.kind === 'pp' ? [p.pick(TRUSTED)] : p.shuffle([...SOURCES]).slice(0, p.int(1, 6));
+    if (l.kind === 'pp') script.push({ op: 'proxy', version: p.pick(['v1', 'v2'] as const), form: 'valid', source: p.pick(REAL_CLIENTS), tiny: false, variant: p.int(0, 9) });
+    script.push(this.poolHello(), { op: 'wait', ms: p.int(100, 700) }, p.pick([{ op: 'end' }, { op: 'reset' }] as const));
+    const count = p.int(3, 16);
+    const first = this.nextClient;
+    this.nextClient += count;
+    this.steps.push({ kind: 'burst', first, count, target: p.pick(l.binds), sources, script });
+  }
+
 
   private poolHello(): ClientOp {
     const p = this.prng;
@@ -520,7 +529,7 @@ class Generator {
   private stateStep(): Step {
     const p = this.prng;
     const kind = p.weighted([['all', 8], ['route', 2], ['unknown', 1], ['bad', 1], ['noroute', 1]] as const);
-    const state = p.weighted([['ready', 3], ['drain', 3], ['maintenance', 2]] as const);
+    const state = p.weighted([['ready', 2], ['drain', 3], ['maintenance', 3]] as const);
     const listeners = this.poolListeners();
     const inForce = [...new Set(listeners.flatMap((l) => l.routes.flatMap((r) => r.pool?.members.map((m) => m.backend) ?? [])))];
     const backend = inForce.length > 0 && p.chance(0.8) ? p.pick(inForce) : p.pick(POOL);
@@ -1346,10 +1355,12 @@ interface BackendRow {
 
 /**
  * How long after a drain or maintenance was acknowledged a pool server may still see a connection
- * the proxy dialled before it: a loopback dial completes at once, but this process may handle the
- * accept and the answer in either order (and late, when its event loop is busy with a flood).
+ * the proxy dialled before it. The proxy picks and dials in one turn of its loop, and a loopback
+ * handshake completes in the kernel at once, so such a connection is accepted before the answer is
+ * even sent; but this process may handle the accept and the answer in either order, within one
+ * turn of its own loop (a long one while a flood connects).
  */
-const IN_FLIGHT_DIAL_MS = TIMEOUTS.connectMs + 200;
+const IN_FLIGHT_DIAL_MS = 150;
 
 /** An HTTP request to the admin API (POST /backends/state is its one write). */
 function adminRequest(port: number, method: string, urlPath: string): Promise<{ status: number; body: string }> {
@@ -1624,7 +1635,6 @@ class Run {
    */
   private checkPool(): void {
     const env = this.env!;
-    this.collectOutcomes();
     for (const w of this.windows) {
       // Every reload sent before the POST must have been in force when it was sent.
       const loggedAt = (o: Record<string, unknown>): number => (typeof o.time === 'number' ? o.time : Date.parse(String(o.time)));
@@ -1762,12 +1772,18 @@ class Run {
     await this.admin('/metrics');
     await this.connections();
     // The admin connections close a moment after their responses: wait for two equal readings.
+    // A health check's socket may be counted while it opens or after its peer closed it (in no
+    // socket table yet or any more): the baseline is the lowest of a few readings after that.
     let last = this.descriptors();
     for (let i = 0; i < 20; i++) {
       await delay(50);
       const now = this.descriptors();
       if (now === last) break;
       last = now;
+    }
+    for (let i = 0; i < 6; i++) {
+      await delay(30);
+      last = Math.min(last, this.descriptors());
     }
     this.baselineFds = last;
     this.baselineKinds = this.descriptorKinds();
