@@ -326,8 +326,9 @@ export class EventLoops {
           for (const [reason, n] of Object.entries(same.rejections)) rejections[reason] = (rejections[reason] ?? 0) + n;
         }
       }
-      // Draining once every thread drains it (each stops accepting when its message arrives).
-      const draining = listener.draining && views.every((view) => view.listeners.some((l) => matches(l) && l.draining));
+      // Draining once every thread drains it (each stops accepting when its message arrives); a
+      // thread that no longer lists it has finished draining it (its connections ended first).
+      const draining = listener.draining && views.every((view) => !view.listeners.some(matches) || view.listeners.some((l) => matches(l) && l.draining));
       return { ...listener, draining, rejections };
     });
     const clusters = views.flatMap((v) => (v.cluster === undefined ? [] : [v.cluster]));

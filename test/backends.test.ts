@@ -1273,3 +1273,25 @@ test('an admin request that reaches the threads after they stopped (SIGTERM unde
   assert.equal((await adminGet({ port: admin.port }, '/stats')).status, 503);
   assert.deepEqual(lines.filter((l) => (l.level as number) >= 50), []);
 });
+
+test('threads: a removed listener still draining in one thread and gone from another is listed as draining, not as a listener without binds', async () => {
+  // Found by the adversarial layer with SMARTPROXY_TEST_THREADS=4 (seed 400): after a reload
+  // removed listener "a" while one thread still held a connection of it, /stats listed "a" with
+  // no bind and draining false, as if the file still had it, because the thread that had already
+  // disposed it did not count as draining. The threads' answers are given here directly.
+  const { EventLoops } = await import('../src/event-loops.ts');
+  const listener = (name: string, draining: boolean, bind: string[]) => ({
+    name, bind, draining, workers: 4, busy: draining ? 1 : 0, queue: 0, queued: 0, active: draining ? 1 : 0, trackedClients: 0, rejections: {}, routes: [], topClients: [],
+  });
+  const view = (listeners: ReturnType<typeof listener>[]) => ({ version: 'x', pid: 1, uptimeSeconds: 1, accepting: true, active: listeners.reduce((n, l) => n + l.active, 0), maxConnections: 0, listeners });
+  const loop = (stats: ReturnType<typeof view>) => ({ call: async () => ({ id: 0, ok: true, stats }) });
+  const holding = view([listener('a', true, []), listener('b', false, ['127.0.0.1:1'])]);
+  const disposed = view([listener('b', false, ['127.0.0.1:1'])]);
+  const fake = { loops: [loop(holding), loop(disposed)], accepting: true, threads: 2 };
+  const stats = await (EventLoops.prototype.stats as () => Promise<{ listeners: Array<{ name: string; draining: boolean }> }>).call(fake);
+  assert.deepEqual(stats.listeners.map((l) => [l.name, l.draining]), [['a', true], ['b', false]]);
+  // While another thread still accepts on it, it is not draining yet.
+  const accepting = view([listener('a', false, ['127.0.0.1:2']), listener('b', false, ['127.0.0.1:1'])]);
+  const early = await (EventLoops.prototype.stats as () => Promise<{ listeners: Array<{ name: string; draining: boolean }> }>).call({ ...fake, loops: [loop(holding), loop(accepting)] });
+  assert.equal(early.listeners.find((l) => l.name === 'a')!.draining, false);
+});
