@@ -9,17 +9,23 @@
 // writes the ledger's count, so whatever the store lost or gained wrongly (Redis restarted, a
 // call that timed out after Redis ran it, releases made while it was unreachable) is repaired
 // within one renewal, and the counts of an instance that died expire after lease_ttl.
+// For that, the ledger has an entry for every tag whose field in the store may not match it: a
+// tag whose count fell to 0 keeps its entry (at 0) until a renewal has deleted its field, and a
+// failed admission or release of a tag leaves one (at 0 if it held nothing), since Redis may have
+// run the call. An entry the ledger forgot would leave a phantom count that each admission of
+// that client pushes on for another lease_ttl.
 //
 // Modes (one breaker per event loop; each change logged once):
 //
 //   off   no [cluster]
-//   degraded --ready + ping + every count republished--> ok
+//   degraded --ready + a write answered + every count republished--> ok
 //   ok --any failed call, or the connection closed--> degraded
 //
 // While degraded no call is made per connection: on_store_failure decides at once ("local": this
 // instance's own limits, the local checks already made; "open": no per-client limit of those made
 // cluster-wide; "closed": refused, cluster_unavailable), and a probe every second (at most) finds
-// the store again. A store starts degraded and becomes ok once connected.
+// the store again. A store starts degraded and becomes ok once connected; its first failure
+// before that is a warning (a wrong password or address would otherwise only show as the mode).
 import type { ClusterConfig, ListenerLimits, OnStoreFailure } from '../config/types.ts';
 import type { Logger } from '../logging/logger.ts';
 import { readPassword, RedisStore, storeErrorKind, storeIdentity, type AdmitCode, type StoreErrorKind } from './store.ts';
@@ -36,8 +42,6 @@ export interface ClusterMetrics {
 
 /** Tags renewed per batch: each batch must come back within `timeout`. */
 const RENEW_BATCH = 256;
-/** How long timeouts that fired late may go on, with no call answered, before the store counts as degraded. */
-const LATE_TIMEOUTS_FOR_MS = 1000;
 
 export class Cluster {
   private settings: ClusterConfig | null = null;
@@ -45,8 +49,11 @@ export class Cluster {
   #mode: ClusterMode = 'off';
   /** Per tag: connections of this event loop that hold a cluster count. */
   private readonly held = new Map<string, number>();
-  /** Per tag: admissions sent and not answered (a renewal of that tag waits for them). */
-  private readonly pending = new Map<string, number>();
+  /**
+   * Per store, per tag: admissions sent and not answered (a renewal of that tag in that store
+   * waits for them; leaving that store deletes the tag's field there all the same).
+   */
+  private readonly pending = new Map<RedisStore, Map<string, number>>();
   /** Releases not yet sent: flushed together once per tick. */
   private readonly releases = new Map<string, number>();
   private flushScheduled = false;
@@ -54,8 +61,8 @@ export class Cluster {
   private nextRenewal = 0;
   private recovering = false;
   private renewing = false;
-  /** When the current run of late timeouts began (0 = none since the last answer). */
-  private lateSince = 0;
+  /** The store in use has not been ok yet, and its first failure was not logged yet. */
+  private connectingUnwarned = false;
   /** Called on every change of mode (tests await it). */
   readonly modeListeners = new Set<(mode: ClusterMode) => void>();
 
@@ -113,8 +120,10 @@ export class Cluster {
     this.store = next;
     if (old !== null) {
       // Leaving that store: this event loop's counts there go now rather than after lease_ttl.
+      // Admissions still out there included: Redis runs them before these deletions (one connection).
       this.flushReleases(old);
-      for (const tag of this.held.keys()) void old.renew(tag, 0, 1).catch(() => {});
+      const tags = new Set([...this.held.keys(), ...(this.pending.get(old)?.keys() ?? [])]);
+      for (const tag of tags) void old.renew(tag, 0, 1).catch(() => {});
       old.close();
     }
     if (next === null) {
@@ -123,7 +132,10 @@ export class Cluster {
       this.setMode('off', {});
       // Zero entries were kept only to delete their fields in the store.
       for (const [tag, n] of this.held) if (n === 0) this.held.delete(tag);
-    } else this.setMode('degraded', { redis: next.display, kind: 'connecting' }, 'info');
+    } else {
+      this.connectingUnwarned = true;
+      this.setMode('degraded', { redis: next.display, kind: 'connecting' }, 'info');
+    }
   }
 
   /** The limits the local check applies: with "open" while degraded, the cluster-wide ones are off. */
@@ -150,12 +162,13 @@ export class Cluster {
     if (max === 0 && rate === 0) return null;
     const store = this.store;
     if (this.#mode !== 'ok' || store === null) return this.fallback(tag, max, s.onStoreFailure);
-    this.pending.set(tag, (this.pending.get(tag) ?? 0) + 1);
+    let pending = this.pending.get(store);
+    if (pending === undefined) this.pending.set(store, (pending = new Map()));
+    pending.set(tag, (pending.get(tag) ?? 0) + 1);
     const started = performance.now();
     return store.admit(tag, max, rate, limits.connectionRatePerIp.perMs, s.leaseTtlMs).then(
       (code: AdmitCode) => {
-        this.settled(tag);
-        this.lateSince = 0;
+        this.settled(store, tag);
         this.metrics.storeLatency((performance.now() - started) / 1000);
         if (code === 1) return 'cluster_ip_limit';
         if (code === 2) return 'cluster_ip_rate';
@@ -164,19 +177,24 @@ export class Cluster {
         return 'leased';
       },
       (err: unknown) => {
-        this.settled(tag);
+        this.settled(store, tag);
+        // Redis may have counted it (a timeout after it ran the script): the next renewal writes
+        // the ledger's count over it. (A store left meanwhile had the field deleted after it.)
+        if (max > 0 && this.store !== null) this.held.set(tag, this.held.get(tag) ?? 0);
         // A store a reload replaced meanwhile says nothing about the one in use.
-        if (store === this.store) this.callFailed(err, started);
+        if (store === this.store) this.failed(null, err);
         // The settings in force now: a reload may have come in between.
         return this.settings === null ? 'ok' : this.fallback(tag, max, this.settings.onStoreFailure);
       },
     );
   }
 
-  private settled(tag: string): void {
-    const n = (this.pending.get(tag) ?? 1) - 1;
-    if (n === 0) this.pending.delete(tag);
-    else this.pending.set(tag, n);
+  private settled(store: RedisStore, tag: string): void {
+    const pending = this.pending.get(store);
+    if (pending === undefined) return;
+    const n = (pending.get(tag) ?? 1) - 1;
+    if (n > 0) pending.set(tag, n);
+    else if (pending.delete(tag) && pending.size === 0) this.pending.delete(store);
   }
 
   private fallback(tag: string, max: number, policy: OnStoreFailure): ClusterAnswer {
@@ -189,10 +207,11 @@ export class Cluster {
 
   /** Gives back one lease; sent with the other releases of this tick. */
   release(tag: string): void {
-    const n = (this.held.get(tag) ?? 1) - 1;
-    if (n > 0) this.held.set(tag, n);
-    else if (this.#mode === 'ok' || this.settings === null) this.held.delete(tag);
-    else this.held.set(tag, 0); // degraded: kept so the republish deletes the field
+    const n = Math.max(0, (this.held.get(tag) ?? 1) - 1);
+    // At 0 the entry stays until a renewal has deleted the field (renewAll): were this release
+    // lost, or the field holding more than the ledger, nothing else would correct it.
+    if (n > 0 || this.store !== null) this.held.set(tag, n);
+    else this.held.delete(tag);
     if (this.#mode !== 'ok') return;
     this.releases.set(tag, (this.releases.get(tag) ?? 0) + 1);
     if (!this.flushScheduled) {
@@ -200,16 +219,17 @@ export class Cluster {
       setImmediate(() => {
         this.flushScheduled = false;
         if (this.store !== null && this.#mode === 'ok') this.flushReleases(this.store);
-        else this.releases.clear();
+        else this.releases.clear(); // their tags are in the ledger: the republish writes them
       });
     }
   }
 
   private flushReleases(store: RedisStore): void {
-    const started = performance.now();
     for (const [tag, n] of this.releases) {
       store.release(tag, n).catch((err: unknown) => {
-        if (store === this.store) this.callFailed(err, started);
+        if (store !== this.store) return;
+        this.held.set(tag, this.held.get(tag) ?? 0);
+        this.failed(null, err);
       });
     }
     this.releases.clear();
@@ -225,23 +245,24 @@ export class Cluster {
     if (now >= this.nextRenewal) void this.renewAll(this.store);
   }
 
-  /** Writes every count this event loop holds (those with an admission in flight wait for the next round). */
+  /**
+   * Writes every count of the ledger (those with an admission in flight in this store wait for the
+   * next round); a 0 deletes the field, and then the entry.
+   */
   private async renewAll(store: RedisStore): Promise<boolean> {
     if (this.renewing) return false;
     this.renewing = true;
     const ttl = this.settings?.leaseTtlMs ?? 0;
     this.nextRenewal = Date.now() + Math.max(100, Math.floor(ttl / 3));
-    /** When the batch out now was sent (a failure's lateness is measured from it). */
-    let started = performance.now();
     try {
       const tags = [...this.held.keys()];
       for (let i = 0; i < tags.length; i += RENEW_BATCH) {
-        started = performance.now();
         // Before each batch, as the counts are read now: releases not sent yet are already
         // subtracted from them (sent after, they would count twice), and a tag with an admission
         // in flight waits for the next round (its count does not include that one yet).
         this.flushReleases(store);
-        const batch = tags.slice(i, i + RENEW_BATCH).filter((tag) => !this.pending.has(tag) && this.held.has(tag));
+        const pending = this.pending.get(store);
+        const batch = tags.slice(i, i + RENEW_BATCH).filter((tag) => pending?.has(tag) !== true && this.held.has(tag));
         await Promise.all(batch.map((tag) => {
           const n = this.held.get(tag) ?? 0;
           return store.renew(tag, n, ttl).then(() => {
@@ -252,21 +273,24 @@ export class Cluster {
       }
       return true;
     } catch (err) {
-      if (store === this.store) this.callFailed(err, started);
+      if (store === this.store) this.failed(null, err);
       return false;
     } finally {
       this.renewing = false;
     }
   }
 
-  /** Degraded: ping, republish every count, then ok. At most one attempt at a time, one a second. */
+  /**
+   * Degraded: a write (a PING answers while Redis refuses writes: OOM, READONLY, LOADING, and the
+   * mode would flap), republish every count, then ok. At most one attempt at a time, one a second.
+   */
   private recover(): void {
     const store = this.store;
     if (store === null || this.#mode === 'ok' || this.recovering) return;
     this.recovering = true;
     this.nextRenewal = Date.now() + 1000;
     void store
-      .ping()
+      .probe()
       .then(() => this.renewAll(store))
       .then((ok) => {
         if (ok && store === this.store) this.setMode('ok', { redis: store.display, leases: this.leases }, 'info');
@@ -279,34 +303,17 @@ export class Cluster {
       });
   }
 
-  /**
-   * A call sent at `started` failed. A timeout that fired long after `timeout` (twice it) means
-   * this event loop was blocked (a flood of accepts, a long GC), not that the store was slow: the
-   * answer may be waiting in the socket. That connection follows on_store_failure, but the store
-   * is not declared degraded for it, or anyone able to slow the event loop could switch the
-   * cluster-wide limits off ("local", "open") or refuse everybody ("closed") for a second at a
-   * time. Only late timeouts going on for LATE_TIMEOUTS_FOR_MS with no answer in between are.
-   */
-  private callFailed(err: unknown, started: number): void {
-    const kind = storeErrorKind(err);
-    const timeoutMs = this.settings?.timeoutMs ?? 0;
-    if (kind === 'timeout' && performance.now() - started > 2 * timeoutMs) {
-      const now = Date.now();
-      if (this.lateSince === 0) this.lateSince = now;
-      if (now - this.lateSince < LATE_TIMEOUTS_FOR_MS) {
-        this.metrics.storeError('late');
-        return;
-      }
-    }
-    this.lateSince = 0;
-    this.failed(kind, null);
-  }
-
   /** A call failed (`err`) or the connection reported a failure (`kind`): degraded, once. */
   private failed(kind: StoreErrorKind | null, err: unknown): void {
     const k = kind ?? storeErrorKind(err);
     this.metrics.storeError(k);
-    if (this.#mode !== 'ok') return;
+    if (this.#mode !== 'ok') {
+      if (this.connectingUnwarned && this.store !== null) {
+        this.connectingUnwarned = false;
+        this.log.warn({ redis: this.store.display, kind: k, onStoreFailure: this.settings?.onStoreFailure }, 'cluster store not reached yet: on_store_failure applies');
+      }
+      return;
+    }
     this.nextRenewal = Date.now() + 1000;
     this.setMode('degraded', { redis: this.store?.display, kind: k, onStoreFailure: this.settings?.onStoreFailure }, 'warn');
   }
@@ -314,6 +321,7 @@ export class Cluster {
   private setMode(mode: ClusterMode, fields: Record<string, unknown>, level: 'info' | 'warn' = 'info'): void {
     if (mode === this.#mode) return;
     this.#mode = mode;
+    if (mode === 'ok') this.connectingUnwarned = false;
     if (mode === 'ok') this.log.info(fields, 'cluster store ok: cluster-wide limits apply');
     else if (mode === 'degraded') this.log[level](fields, 'cluster store unavailable: on_store_failure applies');
     else this.log.info(fields, 'cluster off: limits are this instance\'s own');

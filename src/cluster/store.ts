@@ -1,6 +1,6 @@
 // One connection from one event loop to the Redis that holds the cluster-wide counts, and the
 // three server-side scripts that are the whole protocol. Each call is one EVALSHA (ioredis loads
-// the script on NOSCRIPT), never waits longer than `timeout` (ioredis's commandTimeout), and
+// the script on NOSCRIPT), is given up after `timeout` (our own timer: see timed()), and
 // fails at once while the connection is down (no offline queue: a call queued behind a dead
 // connection would hold a client for nothing). Each call is written at once: ioredis's
 // auto-pipelining (one write per tick) builds a Pipeline per flush, which measured 105 µs of
@@ -8,34 +8,53 @@
 // are batched per tick by the caller instead (cluster.ts).
 //
 // Keys, one pair per (listener, client), with a hash tag so both land in one Redis Cluster slot:
-//   <prefix>{<listener>/<client key>}:c   hash: "<instance>/<thread>" -> connections it holds,
-//                                         "<instance>/<thread>#e" -> when that count expires (ms,
-//                                         Redis clock); the key expires after lease_ttl unused
+//   <prefix>{<listener>/<client key>}:c   hash: "<field>" -> connections it holds,
+//                                         "<field>#e" -> when that count expires (ms, Redis
+//                                         clock); the key expires after lease_ttl unused
 //   <prefix>{<listener>/<client key>}:r   hash: bucket number -> connections started in it
-// Time is Redis's own (TIME), so the instances' clocks do not matter.
-import { createHash } from 'node:crypto';
+//   <prefix>probe:<field>                 written by the recovery probe, expires in a second
+// <field> is "<instance>/<connection id>/<thread>", the id random per store connection: a
+// restarted process (or a reload that reconnects) never adds to the count of one that is gone,
+// whose field simply expires. Time is Redis's own (TIME), so the instances' clocks do not matter.
+import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { Redis } from 'ioredis';
 import type { ClusterConfig } from '../config/types.ts';
 import { parseRedisUrl, redactRedisUrl } from './redis-url.ts';
 
-/**
- * Why a store call failed, as the metric label `kind`. `late`: a timeout that fired long after
- * `timeout` because this event loop was blocked (cluster/cluster.ts, lateTimeout).
- */
-export const STORE_ERROR_KINDS = ['timeout', 'late', 'connection', 'auth', 'oom', 'readonly', 'script', 'other'] as const;
+/** Why a store call failed, as the metric label `kind`. */
+export const STORE_ERROR_KINDS = ['timeout', 'connection', 'auth', 'oom', 'readonly', 'script', 'other'] as const;
 export type StoreErrorKind = (typeof STORE_ERROR_KINDS)[number];
 
+/** A call not answered within `timeout` (our timer; ioredis's commandTimeout is only a backstop). */
+export class StoreTimeoutError extends Error {
+  readonly code = 'SP_STORE_TIMEOUT';
+  constructor(ms: number) {
+    super(`store call not answered within ${ms} ms`);
+  }
+}
+
+/** ioredis's commandTimeout, a backstop only: our own timer (timed()) gives up first. */
+const BACKSTOP_FACTOR = 10;
+
 /**
- * ioredis rejects with plain Errors (no code) for its own timeout and a closed stream, and with a
- * ReplyError whose first word is Redis's error code (NOAUTH, WRONGPASS, OOM...) for the server's
- * refusals. Those words are the protocol's stable codes, so matching them is not matching prose.
+ * ioredis rejects with plain Errors (no code) for its own timeout and a closed stream, with an
+ * AbortError (or its subclass MaxRetriesPerRequestError) for calls in flight when the connection
+ * dropped, with "Ready check failed: <Redis's error>" when the connection's INFO is refused, and
+ * with a ReplyError whose first word is Redis's error code (NOAUTH, WRONGPASS, OOM...) for the
+ * server's refusals. Those words and class names are stable codes, so matching them is not
+ * matching prose.
  */
 export function storeErrorKind(err: unknown): StoreErrorKind {
-  const message = err instanceof Error ? err.message : String(err);
+  if (err instanceof StoreTimeoutError) return 'timeout';
+  let message = err instanceof Error ? err.message : String(err);
   if (message === 'Command timed out') return 'timeout';
+  const name = err instanceof Error ? err.name : '';
+  if (name === 'AbortError' || name === 'MaxRetriesPerRequestError') return 'connection';
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
   if (message.startsWith("Stream isn't writeable") || message === 'Connection is closed.' || (code !== undefined && code.startsWith('E'))) return 'connection';
+  const readyCheck = 'Ready check failed: ';
+  if (message.startsWith(readyCheck)) message = message.slice(readyCheck.length);
   const word = message.split(' ', 1)[0] ?? '';
   if (word === 'NOAUTH' || word === 'WRONGPASS' || word === 'NOPERM') return 'auth';
   if (word === 'OOM') return 'oom';
@@ -149,10 +168,11 @@ export class RedisStore {
   readonly identity: string;
   /** The address as logs may show it. */
   readonly display: string;
-  /** This event loop's field in every concurrency hash. */
+  /** This event loop's field in every concurrency hash: one of its own per store connection. */
   readonly field: string;
   private readonly prefix: string;
   private readonly client: ScriptedRedis;
+  private timeoutMs: number;
   private closed = false;
 
   /**
@@ -162,7 +182,8 @@ export class RedisStore {
   constructor(settings: ClusterConfig, filePassword: string | null, thread: number, events: { ready(): void; down(kind: StoreErrorKind): void }) {
     this.identity = storeIdentity(settings, filePassword);
     this.display = redactRedisUrl(settings.redis);
-    this.field = `${settings.instance}/${thread}`;
+    this.field = `${settings.instance}/${randomBytes(4).toString('hex')}/${thread}`;
+    this.timeoutMs = settings.timeoutMs;
     this.prefix = settings.keyPrefix;
     const parsed = parseRedisUrl(settings.redis);
     if (!parsed.ok) throw new Error(`[cluster] redis: ${parsed.error}`); // the schema already checked it
@@ -177,7 +198,7 @@ export class RedisStore {
       lazyConnect: true,
       enableOfflineQueue: false,
       enableAutoPipelining: false,
-      commandTimeout: settings.timeoutMs,
+      commandTimeout: BACKSTOP_FACTOR * settings.timeoutMs,
       connectTimeout: Math.max(1000, settings.timeoutMs),
       maxRetriesPerRequest: 0,
       autoResendUnfulfilledCommands: false,
@@ -208,7 +229,44 @@ export class RedisStore {
 
   /** A new `timeout` applies to the calls made from now on. */
   setTimeout(ms: number): void {
-    this.client.options.commandTimeout = ms;
+    this.timeoutMs = ms;
+    this.client.options.commandTimeout = BACKSTOP_FACTOR * ms;
+  }
+
+  /**
+   * `call`, given up after `timeout`, but never while its answer waits unread. A timer alone would
+   * lie after the event loop was blocked: the next turn runs timers before the poll phase that
+   * reads the socket, so a call written in the last `timeout` of a stall would time out with its
+   * answer already there, and anyone able to stall the event loop (a flood of locally refused
+   * connections) could turn the store degraded. So when the timer fires, the verdict waits for
+   * this turn's check phase (setImmediate), after the poll phase has read what came.
+   */
+  private timed<T>(call: Promise<T>): Promise<T> {
+    const ms = this.timeoutMs;
+    return new Promise<T>((resolve, reject) => {
+      let settled = false;
+      const timer = setTimeout(() => {
+        setImmediate(() => {
+          if (settled) return;
+          settled = true;
+          reject(new StoreTimeoutError(ms));
+        });
+      }, ms);
+      call.then(
+        (value) => {
+          if (settled) return;
+          settled = true;
+          clearTimeout(timer);
+          resolve(value);
+        },
+        (err: unknown) => {
+          if (settled) return;
+          settled = true;
+          clearTimeout(timer);
+          reject(err);
+        },
+      );
+    });
   }
 
   private keys(tag: string): [string, string] {
@@ -218,19 +276,23 @@ export class RedisStore {
 
   admit(tag: string, max: number, rateCount: number, perMs: number, ttlMs: number): Promise<AdmitCode> {
     const [conc, rate] = this.keys(tag);
-    return this.client.spAdmit(conc, rate, this.field, max, rateCount, perMs, ttlMs) as Promise<AdmitCode>;
+    return this.timed(this.client.spAdmit(conc, rate, this.field, max, rateCount, perMs, ttlMs) as Promise<AdmitCode>);
   }
 
   release(tag: string, n: number): Promise<number> {
-    return this.client.spRelease(this.keys(tag)[0], this.field, n);
+    return this.timed(this.client.spRelease(this.keys(tag)[0], this.field, n));
   }
 
   renew(tag: string, n: number, ttlMs: number): Promise<number> {
-    return this.client.spRenew(this.keys(tag)[0], this.field, n, ttlMs);
+    return this.timed(this.client.spRenew(this.keys(tag)[0], this.field, n, ttlMs));
   }
 
-  ping(): Promise<string> {
-    return this.client.ping();
+  /**
+   * A write like the calls it stands for (the renewal script on a key of its own that expires in a
+   * second): a PING would answer while Redis refuses every write (OOM, READONLY, LOADING).
+   */
+  probe(): Promise<number> {
+    return this.timed(this.client.spRenew(`${this.prefix}probe:${this.field}`, this.field, 1, 1000));
   }
 
   /** Disconnects once what was sent is answered (at most a second later); nothing is reported after. */
