@@ -59,9 +59,13 @@ export function parseRedisUrl(text: string): ParsedRedisUrl {
 
 /** The URL with any password replaced by "redacted": what logs, dumps and messages show. */
 export function redactRedisUrl(text: string): string {
-  // Not through URL: it would normalise (or refuse) what the operator wrote.
-  return text.replace(/^([A-Za-z][A-Za-z0-9+.-]*:\/\/)([^@/]*)@/, (_all, scheme: string, userinfo: string) => {
-    const colon = userinfo.indexOf(':');
-    return colon < 0 ? `${scheme}${userinfo}@` : `${scheme}${userinfo.slice(0, colon)}:redacted@`;
-  });
+  // Not through URL: it would normalise (or refuse) what the operator wrote. The user information
+  // ends at the *last* "@": a password may hold "@", "/" or "#" (written raw, the URL does not even
+  // parse), and a host, port, database or query never holds "@".
+  const scheme = /^[A-Za-z][A-Za-z0-9+.-]*:\/\//.exec(text)?.[0];
+  const at = text.lastIndexOf('@');
+  if (scheme === undefined || at < scheme.length) return text;
+  const userinfo = text.slice(scheme.length, at);
+  const colon = userinfo.indexOf(':');
+  return colon < 0 ? text : `${scheme}${userinfo.slice(0, colon)}:redacted${text.slice(at)}`;
 }

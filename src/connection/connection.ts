@@ -388,7 +388,9 @@ export class Connection {
     if (this.state !== 'handshake') return;
     this.clusterPending = false;
     this.client.resume();
-    if (this.inboundLength > 0) this.onHandshakeData(null);
+    // Parse on even with nothing read yet: a lone default route connects at once, as start()
+    // does, for a protocol where the server speaks first (SMTP, SSH) and the client sends nothing.
+    this.onHandshakeData(null);
     if (this.state === 'handshake' && this.clientEnded) this.close('client_gone');
   }
 

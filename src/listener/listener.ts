@@ -623,8 +623,9 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
     if (conn.holdsSlot) {
       conn.holdsSlot = false;
       this.giveBackSlot();
-    } else if (this.deps.shared.threads > 1 && before === 'queued') {
-      // This thread's oldest may have been what held another thread's queue back.
+    } else if (before === 'queued') {
+      // This thread's oldest may have been what held another thread's queue back, or (one thread)
+      // a head still waiting for the cluster store, which promotion skips over nothing for.
       this.deps.slots.handOver(this);
     }
     if (this.open === 0 && this.draining && this.onIdle !== null) {
