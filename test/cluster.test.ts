@@ -671,3 +671,52 @@ test('a Redis that answers PING but refuses writes (OOM) keeps the store degrade
   await modeIs(daemon, 'ok');
   assert.equal(await admission(port), 'relayed');
 });
+
+test('a count the store holds beyond the ledger is repaired by the next renewal, even once the client holds nothing and keeps coming back', { timeout: 30_000 }, async (t) => {
+  const redis = await startRedis(t);
+  const backend = await startBackend(t);
+  const ttl = 900;
+  const [proxy] = await startInstances(t, redis, backend.port, [{ instance: 'a', perIp: 5, extra: `lease_ttl = "${ttl}ms"` }]);
+  const daemon = proxy!.daemon;
+  const port = proxy!.port('tcp');
+  const first = await hold(port);
+  assert.ok(first !== null);
+  const [entry] = [...(await redis.counts()).keys()];
+  const [key, field] = entry!.split(' ') as [string, string];
+  // A phantom: one more than this event loop holds (as a call that timed out after Redis ran it).
+  await redis.client.hincrby(key, field, 1);
+  first.destroy();
+  await until(() => daemon.cluster.leases === 0);
+  // The client comes back every 100 ms, each admission pushing the field's expiry on.
+  const deadline = Date.now() + 3 * ttl;
+  while (Date.now() < deadline) {
+    assert.equal(await admission(port), 'relayed');
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await until(() => daemon.registry.size === 0 && daemon.cluster.leases === 0);
+  await new Promise((r) => setTimeout(r, 20));
+  assert.deepEqual([...(await redis.counts()).values()], [], 'no phantom left');
+});
+
+test('a reload to a new address while an admission is out in the old store deletes that count there too, and the new store gets it', { timeout: 30_000 }, async (t) => {
+  const redis = await startRedis(t);
+  const other = await startRedis(t);
+  const backend = await startBackend(t);
+  const options = { instance: 'a', perIp: 3, extra: 'timeout = "2s"' };
+  const [proxy] = await startInstances(t, redis, backend.port, [options]);
+  const daemon = proxy!.daemon;
+  // The old Redis runs the admission only after the reload has left it.
+  await redis.client.call('CLIENT', 'PAUSE', '400', 'ALL');
+  const socket = hold(proxy!.port('tcp'));
+  await until(() => daemon.registry.size === 1);
+  await daemon.reload(configFrom(clusterToml(redis, backend.port, options).replace(redis.url, other.url)));
+  const held = await socket;
+  assert.ok(held !== null, 'admitted by the old store\'s answer');
+  await modeIs(daemon, 'ok');
+  assert.equal(daemon.cluster.leases, 1);
+  assert.deepEqual([...(await waitCounts(redis, 0)).values()], [], 'the old store: the count its late admission took is deleted');
+  // At once, not at the next renewal (lease_ttl / 3 = 5 s).
+  await untilAsync(async () => [...(await other.counts()).values()].join() === '1', 1000);
+  held.destroy();
+  await until(() => daemon.registry.size === 0);
+});

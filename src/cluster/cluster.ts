@@ -173,7 +173,16 @@ export class Cluster {
         if (code === 1) return 'cluster_ip_limit';
         if (code === 2) return 'cluster_ip_rate';
         if (max === 0) return 'ok';
-        this.held.set(tag, (this.held.get(tag) ?? 0) + 1);
+        const n = (this.held.get(tag) ?? 0) + 1;
+        this.held.set(tag, n);
+        // Admitted by a store a reload has left since: the store in use gets the count now, not
+        // at its next renewal (unless an admission of that tag is out there: that renewal waits).
+        const now = this.store;
+        if (now !== null && now !== store && this.#mode === 'ok' && this.pending.get(now)?.has(tag) !== true) {
+          now.renew(tag, n, this.settings?.leaseTtlMs ?? 0).catch((err: unknown) => {
+            if (now === this.store) this.failed(null, err);
+          });
+        }
         return 'leased';
       },
       (err: unknown) => {
