@@ -34,8 +34,14 @@ export class StoreTimeoutError extends Error {
   }
 }
 
-/** ioredis's commandTimeout, a backstop only: our own timer (timed()) gives up first. */
-const BACKSTOP_FACTOR = 10;
+/**
+ * ioredis's commandTimeout, a backstop only (it frees ioredis's queue under a Redis that stays
+ * silent): our own timer (timed()) gives up first, and an event loop blocked for less than this
+ * still reads an answer that came meanwhile.
+ */
+function backstopMs(timeoutMs: number): number {
+  return Math.max(10 * timeoutMs, 1000);
+}
 
 /**
  * ioredis rejects with plain Errors (no code) for its own timeout and a closed stream, with an
@@ -198,7 +204,7 @@ export class RedisStore {
       lazyConnect: true,
       enableOfflineQueue: false,
       enableAutoPipelining: false,
-      commandTimeout: BACKSTOP_FACTOR * settings.timeoutMs,
+      commandTimeout: backstopMs(settings.timeoutMs),
       connectTimeout: Math.max(1000, settings.timeoutMs),
       maxRetriesPerRequest: 0,
       autoResendUnfulfilledCommands: false,
@@ -230,7 +236,7 @@ export class RedisStore {
   /** A new `timeout` applies to the calls made from now on. */
   setTimeout(ms: number): void {
     this.timeoutMs = ms;
-    this.client.options.commandTimeout = BACKSTOP_FACTOR * ms;
+    this.client.options.commandTimeout = backstopMs(ms);
   }
 
   /**
