@@ -9,6 +9,14 @@ import { formatIssue, parseConfigText } from '../src/config/load.ts';
 import { connect, startProxy } from './support/harness.ts';
 import { startRedis } from './support/redis.ts';
 
+async function until(predicate: () => boolean, ms = 5000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error('condition not met in time');
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
 /** Resolves once the store is ok: only then does admission wait for it. */
 function storeOk(daemon: Daemon): Promise<void> {
   if (daemon.cluster.mode === 'ok') return Promise.resolve();
@@ -24,13 +32,19 @@ function storeOk(daemon: Daemon): Promise<void> {
 
 /** A backend that greets first ("220 hello"), as SMTP does, and echoes after. */
 async function startGreeter(t: { after(fn: () => unknown): void }): Promise<number> {
+  const sockets = new Set<net.Socket>();
   const server = net.createServer((socket) => {
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
     socket.on('error', () => {});
     socket.write('220 hello\r\n');
     socket.pipe(socket);
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  t.after(() => new Promise<void>((resolve) => server.close(() => resolve())));
+  t.after(() => {
+    server.close();
+    for (const socket of sockets) socket.destroy();
+  });
   return (server.address() as net.AddressInfo).port;
 }
 
@@ -66,6 +80,8 @@ bind = "127.0.0.1:0"
   socket.write('PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n');
   assert.equal(await greeting, '220 hello\r\n');
   assert.equal(proxy.daemon.cluster.leases, 1, 'admitted by the store (the path that paused the handshake)');
+  socket.destroy();
+  await until(() => proxy.daemon.registry.size === 0 && proxy.daemon.cluster.leases === 0);
 });
 
 test('with one thread, a queued connection behind a head the store refuses is promoted at once, not at queue_timeout', { timeout: 20_000 }, async (t) => {
@@ -97,6 +113,7 @@ queue_timeout = "5s"
   const port = proxy.port('tcp');
   const greeted = (socket: net.Socket): Promise<boolean> =>
     new Promise((resolve) => {
+      socket.on('error', () => {}); // a refusal is a reset
       socket.once('data', () => resolve(true));
       socket.once('close', () => resolve(false));
     });
@@ -122,6 +139,8 @@ queue_timeout = "5s"
   assert.equal(await refused, false, 'refused by the store');
   assert.ok(await waitingGreeted, 'the next one is served');
   assert.ok(Date.now() - freedAt < 2000, `served ${Date.now() - freedAt} ms after the worker freed, not at queue_timeout`);
+  waiting.destroy();
+  await until(() => proxy.daemon.registry.size === 0);
 });
 
 test('a Redis password never appears in check-config messages, whatever characters it holds', () => {
