@@ -9,13 +9,14 @@
 //     S seconds; reported: admissions per second and redis-server CPU per admission.
 // Run: node --import tsx scripts/cluster-cost.ts [connections=5000] [concurrency=20] [rounds=3] [seconds=5] [clients=8]
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Redis } from 'ioredis';
 import { ADMIT_SCRIPT, RELEASE_SCRIPT } from '../src/cluster/store.ts';
+import { cpuMs, freePort } from './process-cpu.ts';
 
 const N = Number(process.argv[2] ?? 5000);
 const C = Number(process.argv[3] ?? 20);
@@ -23,20 +24,6 @@ const ROUNDS = Number(process.argv[4] ?? 3);
 const SECONDS = Number(process.argv[5] ?? 5);
 const CLIENTS = Number(process.argv[6] ?? 8);
 const CLI = fileURLToPath(new URL('../src/cli.ts', import.meta.url));
-const TICKS = 100; // USER_HZ
-
-function cpuMs(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  return ((Number(fields[11]) + Number(fields[12])) * 1000) / TICKS;
-}
-
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
-}
 
 async function startRedis(): Promise<{ port: number; child: ChildProcess }> {
   const port = await freePort();

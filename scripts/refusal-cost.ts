@@ -5,29 +5,16 @@
 // net.Server's blockList before a socket exists, one FIN), alternating, in one run.
 // Run: node --import tsx scripts/refusal-cost.ts [connections] [rounds]
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { cpuMs, freePort } from './process-cpu.ts';
 
 const N = Number(process.argv[2] ?? 20000);
 const ROUNDS = Number(process.argv[3] ?? 3);
 const CLI = fileURLToPath(new URL('../src/cli.ts', import.meta.url));
-const TICKS = 100; // USER_HZ
-
-function cpuMs(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  return ((Number(fields[11]) + Number(fields[12])) * 1000) / TICKS;
-}
-
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
-}
 
 async function daemon(reject: string): Promise<{ pid: number; port: number; stop: () => Promise<void> }> {
   const dir = mkdtempSync(path.join(tmpdir(), 'refusal-cost-'));

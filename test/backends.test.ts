@@ -23,6 +23,7 @@ import {
   roundTrip,
   setState,
   startNamedBackend,
+  startTrackedServer,
   tallyAsks,
   waitBackend,
   type NamedBackend,
@@ -231,12 +232,8 @@ test('a passively ejected backend returns after its cooldown, and one successful
 
 /** A server that answers `PING\r\n` with `reply` and greets with `banner` (when given) first; clients are echoed. */
 async function startTextServer(t: TestContext, opts: { banner?: string; pong?: string }): Promise<{ address: string; checks: number }> {
-  const sockets = new Set<net.Socket>();
   const state = { address: '', checks: 0 };
-  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
-    sockets.add(socket);
-    socket.on('error', () => {});
-    socket.on('close', () => sockets.delete(socket));
+  const { address } = await startTrackedServer(t, (socket) => {
     socket.on('end', () => socket.end());
     if (opts.banner !== undefined) socket.write(opts.banner);
     socket.on('data', (chunk: Buffer) => {
@@ -245,16 +242,8 @@ async function startTextServer(t: TestContext, opts: { banner?: string; pong?: s
         socket.write(opts.pong);
       } else socket.write(chunk);
     });
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  state.address = `127.0.0.1:${(server.address() as net.AddressInfo).port}`;
-  t.after(
-    () =>
-      new Promise<void>((resolve) => {
-        for (const s of sockets) s.destroy();
-        server.close(() => resolve());
-      }),
-  );
+  }, { allowHalfOpen: true });
+  state.address = address;
   return state;
 }
 
@@ -910,27 +899,15 @@ test('a host name with two addresses is two backends with its settings, and one 
 /** A server that records the first bytes of every connection (or that it sent none before its FIN). */
 async function startRecorder(t: TestContext): Promise<{ address: string; first: Buffer[] }> {
   const state = { address: '', first: [] as Buffer[] };
-  const sockets = new Set<net.Socket>();
-  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
-    sockets.add(socket);
-    socket.on('error', () => {});
-    socket.on('close', () => sockets.delete(socket));
+  const { address } = await startTrackedServer(t, (socket) => {
     let got = Buffer.alloc(0);
     socket.on('data', (chunk: Buffer) => (got = Buffer.concat([got, chunk])));
     socket.on('end', () => {
       state.first.push(got);
       socket.end();
     });
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  state.address = `127.0.0.1:${(server.address() as net.AddressInfo).port}`;
-  t.after(
-    () =>
-      new Promise<void>((resolve) => {
-        for (const s of sockets) s.destroy();
-        server.close(() => resolve());
-      }),
-  );
+  }, { allowHalfOpen: true });
+  state.address = address;
   return state;
 }
 
@@ -1090,25 +1067,13 @@ test('a check never has more than one connection in flight per backend and defin
   let open = 0;
   let most = 0;
   let accepted = 0;
-  const sockets = new Set<net.Socket>();
-  const server = net.createServer((socket) => {
+  const { address } = await startTrackedServer(t, (socket) => {
     accepted++;
     open++;
     most = Math.max(most, open);
-    sockets.add(socket);
-    socket.on('error', () => {});
-    socket.on('close', () => {
-      open--;
-      sockets.delete(socket);
-    });
+    socket.on('close', () => open--);
     socket.resume(); // reads and never answers
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  t.after(() => new Promise<void>((resolve) => {
-    for (const s of sockets) s.destroy();
-    server.close(() => resolve());
-  }));
-  const address = `127.0.0.1:${(server.address() as net.AddressInfo).port}`;
   const proxy = await startProxy(
     t,
     oneRoute(

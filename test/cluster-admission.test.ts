@@ -2,50 +2,20 @@
 // balancer, a queue whose head waits for the store with one thread, and the password in messages.
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { redactRedisUrl } from '../src/cluster/redis-url.ts';
-import type { Daemon } from '../src/daemon.ts';
 import { formatIssue, parseConfigText } from '../src/config/load.ts';
 import { connect, startProxy } from './support/harness.ts';
-import { startRedis } from './support/redis.ts';
-
-async function until(predicate: () => boolean, ms = 5000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!predicate()) {
-    if (Date.now() > deadline) throw new Error('condition not met in time');
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-}
-
-/** Resolves once the store is ok: only then does admission wait for it. */
-function storeOk(daemon: Daemon): Promise<void> {
-  if (daemon.cluster.mode === 'ok') return Promise.resolve();
-  return new Promise((resolve) => {
-    const listener = (mode: string): void => {
-      if (mode !== 'ok') return;
-      daemon.cluster.modeListeners.delete(listener);
-      resolve();
-    };
-    daemon.cluster.modeListeners.add(listener);
-  });
-}
+import { eventually, startTrackedServer } from './support/backends.ts';
+import { modeIs, startRedis } from './support/redis.ts';
 
 /** A backend that greets first ("220 hello"), as SMTP does, and echoes after. */
-async function startGreeter(t: { after(fn: () => unknown): void }): Promise<number> {
-  const sockets = new Set<net.Socket>();
-  const server = net.createServer((socket) => {
-    sockets.add(socket);
-    socket.on('close', () => sockets.delete(socket));
-    socket.on('error', () => {});
+async function startGreeter(t: TestContext): Promise<number> {
+  const { port } = await startTrackedServer(t, (socket) => {
     socket.write('220 hello\r\n');
     socket.pipe(socket);
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  t.after(() => {
-    server.close();
-    for (const socket of sockets) socket.destroy();
-  });
-  return (server.address() as net.AddressInfo).port;
+  return port;
 }
 
 test('behind a trusted PROXY balancer, a server-speaks-first backend greets the client once the store admits it (the client sends nothing)', { timeout: 20_000 }, async (t) => {
@@ -70,7 +40,7 @@ bind = "127.0.0.1:0"
   default = true
   backends = "127.0.0.1:${greeter}"
 `);
-  await storeOk(proxy.daemon);
+  await modeIs(proxy.daemon, 'ok');
   const socket = await connect(proxy.port('smtp'));
   t.after(() => socket.destroy());
   const greeting = new Promise<string>((resolve, reject) => {
@@ -81,7 +51,7 @@ bind = "127.0.0.1:0"
   assert.equal(await greeting, '220 hello\r\n');
   assert.equal(proxy.daemon.cluster.leases, 1, 'admitted by the store (the path that paused the handshake)');
   socket.destroy();
-  await until(() => proxy.daemon.registry.size === 0 && proxy.daemon.cluster.leases === 0);
+  await eventually(() => proxy.daemon.registry.size === 0 && proxy.daemon.cluster.leases === 0, 'every connection and lease released');
 });
 
 test('with one thread, a queued connection behind a head the store refuses is promoted at once, not at queue_timeout', { timeout: 20_000 }, async (t) => {
@@ -109,7 +79,7 @@ queue_timeout = "5s"
   default = true
   backends = "127.0.0.1:${greeter}"
 `);
-  await storeOk(proxy.daemon);
+  await modeIs(proxy.daemon, 'ok');
   const port = proxy.port('tcp');
   const greeted = (socket: net.Socket): Promise<boolean> =>
     new Promise((resolve) => {
@@ -140,7 +110,7 @@ queue_timeout = "5s"
   assert.ok(await waitingGreeted, 'the next one is served');
   assert.ok(Date.now() - freedAt < 2000, `served ${Date.now() - freedAt} ms after the worker freed, not at queue_timeout`);
   waiting.destroy();
-  await until(() => proxy.daemon.registry.size === 0);
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
 });
 
 test('a Redis password never appears in check-config messages, whatever characters it holds', () => {

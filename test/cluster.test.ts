@@ -18,7 +18,7 @@ import { dumpConfig } from '../src/config/dump.ts';
 import { explain, type ListenerExplanation } from '../src/explain.ts';
 import { formatIssue, parseConfigText } from '../src/config/load.ts';
 import { metricValue } from './support/metrics.ts';
-import { startRedis, type TestRedis } from './support/redis.ts';
+import { modeIs, startRedis, type TestRedis } from './support/redis.ts';
 
 function rejectionMetric(daemon: Daemon, listener: string, reason: string): Promise<number> {
   return metricValue(daemon, 'smartproxy_rejections_total', { listener, reason });
@@ -61,24 +61,6 @@ ${o.listener ?? ''}
   default = true
   backends = "127.0.0.1:${backendPort}"
 `;
-}
-
-/** Resolves once the daemon's cluster store is in `mode` (the mode listeners are the event). */
-function modeIs(daemon: Daemon, mode: ClusterMode, ms = 10_000): Promise<void> {
-  if (daemon.cluster.mode === mode) return Promise.resolve();
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      daemon.cluster.modeListeners.delete(listener);
-      reject(new Error(`cluster store not ${mode} after ${ms} ms (is ${daemon.cluster.mode})`));
-    }, ms);
-    const listener = (now: ClusterMode): void => {
-      if (now !== mode) return;
-      clearTimeout(timer);
-      daemon.cluster.modeListeners.delete(listener);
-      resolve();
-    };
-    daemon.cluster.modeListeners.add(listener);
-  });
 }
 
 async function startInstances(t: Parameters<typeof startProxy>[0], redis: TestRedis, backendPort: number, list: ClusterOptions[]): Promise<ProxyUnderTest[]> {

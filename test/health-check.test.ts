@@ -10,6 +10,8 @@ import tls from 'node:tls';
 import { HealthChecker, runCheck, type CheckDefinition, type CheckResult, type CheckTarget } from '../src/backends/health-check.ts';
 import { writeProxyHeaderV2Local } from '../src/proxy-protocol/write.ts';
 import { startBlackhole } from './support/blackhole.ts';
+import { eventually } from './support/backends.ts';
+import { closedPort } from './support/harness.ts';
 
 const CERT = readFileSync(new URL('./fixtures/cert.pem', import.meta.url));
 const KEY = readFileSync(new URL('./fixtures/key.pem', import.meta.url));
@@ -107,23 +109,6 @@ function ending(socket: net.Socket): Promise<{ sawEnd: boolean; error: string | 
   });
 }
 
-async function closedPort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const port = (server.address() as net.AddressInfo).port;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
-
-/** Waits until `predicate` holds, checking every 5 ms; fails after `ms`. */
-async function until(predicate: () => boolean, ms = 5000, what = 'condition'): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!predicate()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
-
 /** Waits `ms`: only where the test proves that something does NOT happen. */
 const quiet = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
@@ -182,7 +167,7 @@ test('a tcp check passes on a listening server and ends its connection with a FI
   const result = await runCheck(server.target, def());
   assert.equal(result.ok, true);
   assert.ok(result.ms >= 0 && result.ms < 1000);
-  await until(() => end !== null, 2000, 'the accept');
+  await eventually(() => end !== null, 'the accept', 2000);
   assert.deepEqual(await end, { sawEnd: true, error: null });
 });
 
@@ -219,7 +204,7 @@ test('send_expect: a Redis PING answered +PONG passes and the server sees exactl
   });
   const result = await runCheck(server.target, PING);
   assert.equal(result.ok, true, JSON.stringify(result));
-  await until(() => end !== null, 2000, 'the accept');
+  await eventually(() => end !== null, 'the accept', 2000);
   assert.deepEqual(await end, { sawEnd: true, error: null });
   assert.equal(got!.toString(), 'PING\r\n');
 });
@@ -237,7 +222,7 @@ test('send_expect: a reply that keeps coming after the expected prefix is draine
   );
   const result = await runCheck(server.target, PING);
   assert.equal(result.ok, true, JSON.stringify(result));
-  await until(() => end !== null, 2000, 'the reply');
+  await eventually(() => end !== null, 'the reply', 2000);
   assert.deepEqual(await end, { sawEnd: true, error: null });
 });
 
@@ -254,7 +239,7 @@ test('a tcp check on a server that talks first (32 MB) reads and drops it, so it
   });
   // timeoutMs is also the linger bound: long enough to drain 32 MB on a loaded machine.
   assert.equal((await runCheck(server.target, def({ timeoutMs: 5000 }))).ok, true);
-  await until(() => end !== null, 2000, 'the accept');
+  await eventually(() => end !== null, 'the accept', 2000);
   assert.deepEqual(await end, { sawEnd: true, error: null });
 });
 
@@ -316,7 +301,7 @@ test('send_expect: an SMTP banner matches ^220 with nothing sent, also with a sh
   });
   const banner = def({ type: 'send_expect', expect: { kind: 'regex', regex: /^220 /g } });
   for (let i = 0; i < 2; i++) assert.equal((await runCheck(server.target, banner)).ok, true);
-  await until(() => server.sockets.size === 0, 2000, 'both connections closed');
+  await eventually(() => server.sockets.size === 0, 'both connections closed', 2000);
   assert.equal(Buffer.concat(received).length, 0);
 });
 
@@ -325,7 +310,7 @@ test('send_expect: a server that never answers fails with timeout at the deadlin
   const result = await runCheck(server.target, def({ ...PING, timeoutMs: 200 }));
   assert.equal(failed(result), 'timeout');
   assert.ok(result.ms >= 195 && result.ms < 450, `${result.ms} ms`);
-  await until(() => server.sockets.size === 0, 2000, 'the check connection destroyed');
+  await eventually(() => server.sockets.size === 0, 'the check connection destroyed', 2000);
 });
 
 test('a PROXY header arrives first, exactly followed by the bytes of send', async (t) => {
@@ -356,7 +341,7 @@ test('a tcp check with a PROXY header writes exactly the header, then a FIN', as
     });
   });
   assert.equal((await runCheck(server.target, def({ proxyHeader: header }))).ok, true);
-  await until(() => got !== null, 2000, 'the FIN');
+  await eventually(() => got !== null, 'the FIN', 2000);
   assert.deepEqual(got, header);
 });
 
@@ -364,9 +349,9 @@ test('after a success, a peer that never closes its side costs at most timeoutMs
   const server = await listen(t, (socket) => socket.resume()); // allowHalfOpen, never ends
   const before = socketCount();
   assert.equal((await runCheck(server.target, def({ timeoutMs: 200 }))).ok, true);
-  await until(() => server.sockets.size === 1, 2000, 'the accept');
+  await eventually(() => server.sockets.size === 1, 'the accept', 2000);
   assert.equal(socketCount(), before + 2); // ours, lingering, and the server's
-  await until(() => socketCount() === before + 1, 200 + 300, 'our socket destroyed');
+  await eventually(() => socketCount() === before + 1, 'our socket destroyed', 200 + 300);
 });
 
 // ---- tls ----
@@ -390,7 +375,7 @@ test('a tls check passes on a self-signed server with verify off, sends the SNI 
   const result = await runCheck(server.target, def({ type: 'tls', tlsServerName: 'api.example.com' }));
   assert.equal(result.ok, true, JSON.stringify(result));
   // With TLS 1.3 the client is done before the server's handler runs.
-  await until(() => server.names.length === 1, 2000, 'the server handshake');
+  await eventually(() => server.names.length === 1, 'the server handshake', 2000);
   assert.deepEqual(server.names, ['api.example.com']);
   assert.deepEqual(await server.ends[0], { sawEnd: true, error: null });
 });
@@ -398,7 +383,7 @@ test('a tls check passes on a self-signed server with verify off, sends the SNI 
 test('a tls check with no server name sends no SNI', async (t) => {
   const server = await tlsServer(t);
   assert.equal((await runCheck(server.target, def({ type: 'tls' }))).ok, true);
-  await until(() => server.names.length === 1, 2000, 'the server handshake');
+  await eventually(() => server.names.length === 1, 'the server handshake', 2000);
   assert.deepEqual(server.names, [false]);
 });
 
@@ -446,12 +431,12 @@ test('a target killed mid-run goes down after exactly fall failures and is back 
   const started = Date.now();
   assert.deepEqual(hc.state('b1'), { up: true, last: null, since: hc.state('b1')!.since });
   assert.ok(Math.abs(hc.state('b1')!.since - started) < 50);
-  await until(() => log.filter((e) => e.result.ok).length >= 2, 2000, 'two successes');
+  await eventually(() => log.filter((e) => e.result.ok).length >= 2, 'two successes', 2000);
   assert.equal(log.some((e) => e.change), false, 'no onChange at start or while up');
 
   await server.kill();
   const killedAt = log.length;
-  await until(() => log.some((e) => e.change?.up === false), 2000, 'down');
+  await eventually(() => log.some((e) => e.change?.up === false), 'down', 2000);
   const afterKill = log.slice(killedAt);
   // A check already connected when the server died may still pass; then exactly 3 failures and the change.
   const firstFailure = afterKill.findIndex((e) => !e.result.ok);
@@ -467,7 +452,7 @@ test('a target killed mid-run goes down after exactly fall failures and is back 
 
   await new Promise<void>((resolve) => server.server.listen(server.port, '127.0.0.1', resolve));
   const relistenAt = log.length;
-  await until(() => log.some((e) => e.change?.up === true), 2000, 'up again');
+  await eventually(() => log.some((e) => e.change?.up === true), 'up again', 2000);
   const back = log.slice(relistenAt).filter((e) => e.result.ok);
   assert.deepEqual(
     back.map((e) => (e.change ? `up after ${e.change.streak}` : 'ok')),
@@ -489,7 +474,7 @@ test('failures that are not consecutive never take a target down', async (t) => 
   );
   const { hc, log, results } = checker(t);
   hc.update([{ key: 'flaky', target: server.target, def: def({ ...PING, fall: 2, rise: 1 }) }]);
-  await until(() => results('flaky').length >= 8, 5000, 'eight results');
+  await eventually(() => results('flaky').length >= 8, 'eight results', 5000);
   hc.close();
   assert.deepEqual(
     results('flaky').slice(0, 8).map((r) => r.ok),
@@ -520,7 +505,7 @@ test('one check in flight per key at a time: the next starts an interval after t
   );
   const { hc, results } = checker(t);
   hc.update([{ key: 'redis', target: server.target, def: def({ ...PING, intervalMs: INTERVAL }) }]);
-  await until(() => results('redis').length >= 5, 5000, 'five results');
+  await eventually(() => results('redis').length >= 5, 'five results', 5000);
   hc.close();
   assert.equal(maxPending, 1);
   assert.ok(results('redis').every((r) => r.ok && r.ms >= REPLY_DELAY - 5));
@@ -540,7 +525,7 @@ test('jitter spreads intervals by ±jitterPct and the first check starts within 
   const added = performance.now();
   // First delay: 0 x 200 = 0; then 200 x (1 + 0.5 x (2 x 0.99 - 1)) = 298, then 200 x 0.5 = 100.
   hc.update([{ key: 'j', target: server.target, def: def({ intervalMs: 200, jitterPct: 50 }) }]);
-  await until(() => results('j').length >= 3, 3000, 'three results');
+  await eventually(() => results('j').length >= 3, 'three results', 3000);
   hc.close();
   assert.ok(starts[0]! - added < 60, `first ${starts[0]! - added}`);
   const gap1 = starts[1]! - starts[0]!;
@@ -561,7 +546,7 @@ test('update() keeps the state of an unchanged key, resets a changed one, and a 
     { key: 'dead', target: dead, def: deadDef() },
     { key: 'hang', target: hanging.target, def: hangDef },
   ]);
-  await until(() => hc.state('dead')?.up === false && hanging.sockets.size === 1, 2000, 'dead down and hang in flight');
+  await eventually(() => hc.state('dead')?.up === false && hanging.sockets.size === 1, 'dead down and hang in flight', 2000);
   const downSince = hc.state('dead')!.since;
 
   // Same key, an equal (not identical) definition and target: state and schedule kept.
@@ -578,8 +563,8 @@ test('update() keeps the state of an unchanged key, resets a changed one, and a 
   const deadResults = results('dead').length;
   hc.update([{ key: 'dead', target: dead, def: deadDef() }]);
   assert.equal(hc.state('hang'), undefined);
-  await until(() => hanging.sockets.size === 0, 2000, 'the in-flight check destroyed');
-  await until(() => results('dead').length >= deadResults + 3, 2000, 'dead still checked');
+  await eventually(() => hanging.sockets.size === 0, 'the in-flight check destroyed', 2000);
+  await eventually(() => results('dead').length >= deadResults + 3, 'dead still checked', 2000);
   assert.equal(hanging.accepted, 1);
   assert.equal(results('hang').length, 0);
 
@@ -606,8 +591,8 @@ test('an onResult that closes the checker stops it for good: no onChange, no fur
   });
   t.after(() => hc.close());
   hc.update([{ key: 'dead', target: dead, def: def({ fall: 1 }) }]);
-  await until(() => calls.length > 0, 2000, 'the first result');
-  await until(() => timers.live.size === 0, 2000, 'every checker timer cleared');
+  await eventually(() => calls.length > 0, 'the first result', 2000);
+  await eventually(() => timers.live.size === 0, 'every checker timer cleared', 2000);
   await quiet(100); // three intervals
   assert.deepEqual(calls, ['result dead false']);
 });
@@ -627,10 +612,10 @@ test('close() stops every timer and check, leaves no socket or timer behind, and
     { key: 'dead', target: dead, def: def({ fall: 1 }) },
     { key: 'far', target: up.target, def: def({ intervalMs: 60_000 }) }, // still waiting for its first check
   ]);
-  await until(
+  await eventually(
     () => hanging.sockets.size === 1 && lingering.sockets.size >= 1 && log.some((e) => e.key === 'up') && log.some((e) => e.key === 'dead'),
-    3000,
     'every kind of check under way',
+    3000,
   );
   assert.ok(timers.live.size > 0, 'the hook sees the checker timers');
   hc.close();
@@ -639,8 +624,8 @@ test('close() stops every timer and check, leaves no socket or timer behind, and
   const results = log.length;
   // The lingering server never closes its side of any check, so its sockets stay; ours must not.
   const remaining = (): number => socketsBefore + lingering.sockets.size;
-  await until(() => socketCount() === remaining(), 2000, 'every check socket closed');
-  await until(() => timers.live.size === 0, 2000, 'every checker timer cleared');
+  await eventually(() => socketCount() === remaining(), 'every check socket closed', 2000);
+  await eventually(() => timers.live.size === 0, 'every checker timer cleared', 2000);
   hc.update([{ key: 'up', target: up.target, def: def() }]); // ignored after close
   await quiet(100); // three intervals: nothing may run any more
   assert.equal(log.length, results);

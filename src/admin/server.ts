@@ -7,7 +7,7 @@ import http from 'node:http';
 import type { AdminState } from '../backends/backend-states.ts';
 import type { BackendEntry, BackendView } from '../backends/supervisor.ts';
 import type { AdminListen } from '../config/types.ts';
-import { isLoopbackHost } from '../config/units.ts';
+import { formatHostPort, isLoopbackHost } from '../config/units.ts';
 import type { ConnectionInfo } from '../connection/connection.ts';
 import type { Logger } from '../logging/logger.ts';
 import type { DaemonStats } from './stats.ts';
@@ -76,7 +76,7 @@ export async function startAdminServer(listen: AdminListen, daemon: AdminSource)
   server.on('error', (err) => daemon.log.error({ err }, 'admin server error'));
   const bound = server.address();
   const port = typeof bound === 'object' && bound !== null ? bound.port : 0;
-  const address = listen.kind === 'unix' ? `unix:${listen.path}` : `${listen.address.host.includes(':') ? `[${listen.address.host}]` : listen.address.host}:${port}`;
+  const address = listen.kind === 'unix' ? `unix:${listen.path}` : formatHostPort(listen.address.host, port);
   return {
     listen,
     address,

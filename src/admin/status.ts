@@ -3,6 +3,7 @@ import http from 'node:http';
 import { formatIssue, loadConfig } from '../config/load.ts';
 import type { BackendView } from '../backends/supervisor.ts';
 import type { DaemonStats } from './stats.ts';
+import { formatHostPort } from '../config/units.ts';
 
 export interface StatusOptions {
   readonly config?: string;
@@ -57,7 +58,7 @@ export function watchErrorFrame(last: { text: string; at: Date } | null, error: 
 }
 
 function describeTarget(target: Target): string {
-  return 'socketPath' in target ? `unix:${target.socketPath}` : `${target.host.includes(':') ? `[${target.host}]` : target.host}:${target.port}`;
+  return 'socketPath' in target ? `unix:${target.socketPath}` : formatHostPort(target.host, target.port);
 }
 
 function resolveTarget(opts: StatusOptions): Target | string {

@@ -7,7 +7,7 @@
 // as Envoy's panic threshold does) or, with on_all_down = "refuse", no_healthy_backend. Up means
 // active checks find it up and it is not passively ejected; at its cap is not down (backend_full).
 import type { Balance, HostPort, RouteConfig } from '../config/types.ts';
-import { normalizeHost, ipFamily } from '../config/units.ts';
+import { formatHostPort, ipFamily, normalizeHost } from '../config/units.ts';
 import type { SharedBackendStates } from './backend-states.ts';
 
 export interface Member {
@@ -31,11 +31,6 @@ export function backendKey(listener: string, route: string, address: string): st
   return `${listener}\u0000${route}\u0000${address}`;
 }
 
-/** `ip:port`, IPv6 in brackets, as a backend address is written once resolved. */
-export function addressText(ip: string, port: number): string {
-  return ip.includes(':') ? `[${ip}]:${port}` : `${ip}:${port}`;
-}
-
 /**
  * Every address a route's backends stand for, in config order: an IP literal as written, a host
  * name as each address it resolves to (none while it has never resolved). One address listed
@@ -48,7 +43,7 @@ export function routeAddresses(route: RouteConfig, resolved: (host: string) => r
     const { host, port } = entry.address;
     const ips = ipFamily(host) !== null ? [host] : (resolved(host) ?? []);
     for (const ip of ips) {
-      const text = ipFamily(host) !== null ? entry.address.text : addressText(ip, port);
+      const text = ipFamily(host) !== null ? entry.address.text : formatHostPort(ip, port);
       const key = `${normalizeHost(ip)}:${port}`;
       if (seen.has(key)) continue;
       seen.add(key);

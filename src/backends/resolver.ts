@@ -274,6 +274,7 @@ function sortAddresses(addresses: readonly string[]): string[] {
   return [...byKey.keys()].sort().map((key) => byKey.get(key)!);
 }
 
-function sameAddresses(x: readonly string[], y: readonly string[]): boolean {
+/** Same addresses in the same order. */
+export function sameAddresses(x: readonly string[], y: readonly string[]): boolean {
   return x.length === y.length && x.every((address, i) => address === y[i]);
 }

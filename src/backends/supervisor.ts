@@ -17,7 +17,7 @@ import { backendKey, routeAddresses } from './backend-pool.ts';
 import { MAX_BACKENDS, type AdminState, type SharedBackendStates } from './backend-states.ts';
 import { BackendDirectory, type BackendUpdate } from './directory.ts';
 import { HealthChecker, type CheckDefinition, type CheckResult } from './health-check.ts';
-import { BackendResolver, type ResolvedAddresses } from './resolver.ts';
+import { BackendResolver, sameAddresses, type ResolvedAddresses } from './resolver.ts';
 
 /** One backend of the config in force, as the admin API and /stats see it. */
 export interface BackendEntry {
@@ -210,9 +210,9 @@ export class BackendSupervisor {
   private onResolved(source: ResolverUse, host: string, current: ResolvedAddresses): void {
     if (this.closed || (!current.ok && current.addresses.length === 0)) return;
     const inForce = source === this.inForce && this.config !== null && hostNames(this.config).has(host)
-      && !sameList(this.directory.resolved.get(host) ?? [], current.addresses);
+      && !sameAddresses(this.directory.resolved.get(host) ?? [], current.addresses);
     const pending = source === this.prepared && this.pending !== null && this.pendingResolved !== null && hostNames(this.pending).has(host)
-      && !sameList(this.pendingResolved.get(host) ?? [], current.addresses);
+      && !sameAddresses(this.pendingResolved.get(host) ?? [], current.addresses);
     if (!inForce && !pending) return;
     const before = { inForce: this.directory.resolved.get(host), pending: this.pendingResolved?.get(host) };
     if (inForce) this.directory.resolved.set(host, current.addresses);
@@ -385,9 +385,10 @@ export class BackendSupervisor {
     for (const entry of matched) {
       this.opts.states.setAdmin(entry.index, state);
       // Set by host name: later addresses of the name get it too.
-      if (entry.configured === target.backend && ipFamily(parseHost(entry.configured)) === null) {
+      const configured = findEntry(this.config!, entry);
+      if (entry.configured === target.backend && configured !== undefined && ipFamily(configured.address.host) === null) {
         const key = backendKey(entry.listener, entry.route, entry.configured);
-        const settings = JSON.stringify(findEntry(this.config!, entry));
+        const settings = JSON.stringify(configured);
         if (state === 'ready') this.namedStates.delete(key);
         else this.namedStates.set(key, { state, settings });
       }
@@ -414,15 +415,6 @@ function hostNames(config: Config): Set<string> {
     for (const route of listener.routes) for (const b of route.backends) if (ipFamily(b.address.host) === null) hosts.add(b.address.host);
   }
   return hosts;
-}
-
-/** The host of a `host:port` as written (IPv6 in brackets). */
-function parseHost(text: string): string {
-  return text.startsWith('[') ? text.slice(1, text.indexOf(']')) : text.slice(0, text.lastIndexOf(':'));
-}
-
-function sameList(a: readonly string[], b: readonly string[]): boolean {
-  return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
 function findEntry(config: Config, entry: BackendEntry): RouteConfig['backends'][number] | undefined {

@@ -141,6 +141,11 @@ export function parseHostPort(text: string, opts: { allowPortZero?: boolean } = 
 }
 
 /** 4 or 6 for an IP literal (IPv4 in four-part decimal), null for a host name. */
+/** `host:port` as written in a config, an IPv6 literal in brackets: `[::1]:8443`. */
+export function formatHostPort(host: string, port: number): string {
+  return host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
 export function ipFamily(host: string): 4 | 6 | null {
   if (isIPv4Literal(host)) return 4;
   if (isIPv6Literal(host)) return 6;

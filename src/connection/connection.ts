@@ -32,7 +32,7 @@ import type { Route, RouteTable } from '../routing/route-table.ts';
 import { parseProxyHeader, type ProxyHeader } from '../proxy-protocol/parse.ts';
 import type { ProxyVersionAccept } from '../proxy-protocol/parse.ts';
 import { V1_PREFIX, V2_SIGNATURE } from '../proxy-protocol/types.ts';
-import { MAX_TIMER_MS } from '../config/units.ts';
+import { formatHostPort, MAX_TIMER_MS } from '../config/units.ts';
 import { buildBackendProxyHeader } from './backend-proxy-header.ts';
 import type { CloseReason, RejectReason } from './reasons.ts';
 import type { Registry } from './registry.ts';
@@ -666,7 +666,7 @@ export class Connection {
       id: this.id,
       listener: this.owner.name,
       route: this.route?.name ?? null,
-      client: `${formatAddress(this.clientAddress)}:${this.clientPort}`,
+      client: formatHostPort(this.clientAddress, this.clientPort),
       via: this.via,
       sni: this.sni,
       backend: this.backendAddress?.text ?? null,
@@ -710,9 +710,6 @@ function quantize(delay: number): number {
   return delay <= 2000 ? delay : Math.min(MAX_TIMER_MS, Math.ceil(delay / 1000) * 1000);
 }
 
-function formatAddress(address: string): string {
-  return address.includes(':') ? `[${address}]` : address;
-}
 
 // Module-level handlers: `this` is the socket; the connection hangs off it.
 // Each returns at once on a closed connection (see the header: a closed connection is inert).

@@ -22,6 +22,34 @@ export interface NamedBackend {
 }
 
 /**
+ * A server on 127.0.0.1 (a free port) that keeps its sockets, ignores their errors, and is closed
+ * with every socket destroyed when the test ends. `onSocket` gives each connection its behaviour.
+ */
+export async function startTrackedServer(
+  t: TestContext,
+  onSocket: (socket: net.Socket) => void,
+  opts: { allowHalfOpen?: boolean } = {},
+): Promise<{ server: net.Server; port: number; address: string; sockets: Set<net.Socket> }> {
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer({ allowHalfOpen: opts.allowHalfOpen ?? false }, (socket) => {
+    sockets.add(socket);
+    socket.on('error', () => {});
+    socket.on('close', () => sockets.delete(socket));
+    onSocket(socket);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(
+    () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  );
+  const port = (server.address() as net.AddressInfo).port;
+  return { server, port, address: `127.0.0.1:${port}`, sockets };
+}
+
+/**
  * A backend that answers a connection's first bytes with `<name>\n` and echoes what follows.
  * `port` binds a given port (to bring a killed backend back on its address).
  */

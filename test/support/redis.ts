@@ -5,6 +5,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import type { TestContext } from 'node:test';
 import { Redis } from 'ioredis';
 import { closedPort } from './harness.ts';
+import type { ClusterMode } from '../../src/cluster/cluster.ts';
+import type { Daemon } from '../../src/daemon.ts';
 
 export interface TestRedis {
   readonly port: number;
@@ -95,5 +97,23 @@ function waitListening(port: number, proc: ChildProcess): Promise<void> {
       clearTimeout(timer);
       reject(new Error(`redis-server exited (${code}): ${out}`));
     });
+  });
+}
+
+/** Resolves once the daemon's cluster store is in `mode` (the mode listeners are the event). */
+export function modeIs(daemon: Daemon, mode: ClusterMode, ms = 10_000): Promise<void> {
+  if (daemon.cluster.mode === mode) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      daemon.cluster.modeListeners.delete(listener);
+      reject(new Error(`cluster store not ${mode} after ${ms} ms (is ${daemon.cluster.mode})`));
+    }, ms);
+    const listener = (now: ClusterMode): void => {
+      if (now !== mode) return;
+      clearTimeout(timer);
+      daemon.cluster.modeListeners.delete(listener);
+      resolve();
+    };
+    daemon.cluster.modeListeners.add(listener);
   });
 }
