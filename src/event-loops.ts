@@ -223,8 +223,12 @@ export class EventLoops {
     return established;
   }
 
-  /** Applies `config` to every thread or to none (see the header). */
-  async reload(config: Config): Promise<ReloadResult> {
+  /**
+   * Applies `config` to every thread or to none (see the header). `logLevel`, when given, is set
+   * with the commit, in the same message: a separate round trip after it could meet threads that
+   * a SIGTERM arriving meanwhile had already ended.
+   */
+  async reload(config: Config, opts: { logLevel?: LogLevel } = {}): Promise<ReloadResult> {
     if (this.stopping !== null) throw new ShuttingDownError();
     if (this.reloading) throw new Error('bug: reloads overlap');
     this.reloading = true;
@@ -251,7 +255,8 @@ export class EventLoops {
         this.supervisor.abort();
         throw err;
       }
-      const replies = await Promise.all(this.loops.map((loop) => loop.call({ type: 'commit' })));
+      const replies = await Promise.all(this.loops.map((loop) => loop.call({ type: 'commit', logLevel: opts.logLevel })));
+      if (opts.logLevel !== undefined) this.log.level = opts.logLevel;
       this.supervisor.commit(config);
       this.current = config;
       this.metrics.reloaded(true);
@@ -259,12 +264,6 @@ export class EventLoops {
     } finally {
       this.reloading = false;
     }
-  }
-
-  /** Every thread's log level (a reload of [logging] level). */
-  async setLogLevel(level: LogLevel): Promise<void> {
-    this.log.level = level;
-    await Promise.all(this.loops.map((loop) => loop.call({ type: 'log-level', level })));
   }
 
   /**

@@ -183,7 +183,7 @@ async function reload(running: Running, file: string): Promise<'applied' | 'fail
   const config = loaded.config;
   let changes;
   try {
-    changes = await daemon.reload(config);
+    changes = await daemon.reload(config, { logLevel: running.logLevelFromCli ? undefined : config.logging.level });
   } catch (err) {
     if (err instanceof ShuttingDownError) {
       log.warn('reload ignored: the daemon is shutting down');
@@ -194,7 +194,6 @@ async function reload(running: Running, file: string): Promise<'applied' | 'fail
     log.error({ err: message }, 'reload failed; the previous configuration stays in force');
     return 'failed';
   }
-  if (!running.logLevelFromCli) await daemon.setLogLevel(config.logging.level);
   if (config.process.threads !== running.threads) {
     log.warn({ threads: config.process.threads, running: running.threads }, '[process] threads applies at start only; restart to change it');
   }

@@ -37,13 +37,12 @@ export type ThreadRequest =
   | { readonly id: number; readonly type: 'prepare'; readonly config: Config; readonly backends: BackendUpdate; readonly ports: Ports }
   | { readonly id: number; readonly type: 'backends'; readonly update: BackendUpdate }
   | { readonly id: number; readonly type: 'backend-state'; readonly indexes: readonly number[]; readonly state: AdminState }
-  | { readonly id: number; readonly type: 'commit' }
+  | { readonly id: number; readonly type: 'commit'; readonly logLevel?: LogLevel }
   | { readonly id: number; readonly type: 'abort' }
   | { readonly id: number; readonly type: 'shutdown'; readonly drainTimeoutMs: number; readonly immediate: boolean }
   | { readonly id: number; readonly type: 'metrics' }
   | { readonly id: number; readonly type: 'stats' }
-  | { readonly id: number; readonly type: 'connections'; readonly limit: number }
-  | { readonly id: number; readonly type: 'log-level'; readonly level: LogLevel };
+  | { readonly id: number; readonly type: 'connections'; readonly limit: number };
 
 /** A failure sent back as data: a BindError keeps what the main thread reports. */
 export interface ThreadError {
@@ -96,6 +95,7 @@ export async function runThread(): Promise<void> {
       case 'commit': {
         const result = daemon!.commit(prepared!);
         prepared = null;
+        if (request.logLevel !== undefined) log.level = request.logLevel;
         return reply(request.id, { ok: true, result });
       }
       case 'abort': {
@@ -129,9 +129,6 @@ export async function runThread(): Promise<void> {
         return reply(request.id, { ok: true });
       case 'backend-state':
         daemon!.backendStateChanged(request.indexes, request.state);
-        return reply(request.id, { ok: true });
-      case 'log-level':
-        log.level = request.level;
         return reply(request.id, { ok: true });
     }
   }

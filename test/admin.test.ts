@@ -15,7 +15,7 @@ import type { AdminListen } from '../src/config/types.ts';
 import { Daemon } from '../src/daemon.ts';
 import { descriptorsNeeded, fdLimitWarning, openFileLimit } from '../src/fd-limit.ts';
 import { Metrics } from '../src/metrics.ts';
-import { adminGet, CLI, ROOT, startCli, tempDir } from './support/cli.ts';
+import { adminGet, CLI, ROOT, startCli, tempDir, assertCleanExit } from './support/cli.ts';
 import { admission, expectData } from './support/clients.ts';
 import { closedPort, configFrom, connect, memoryLogger, readAll, startBackend } from './support/harness.ts';
 import { parseExposition, valueOf, type Sample } from './support/metrics.ts';
@@ -365,5 +365,5 @@ queue = 0
   const logged = await proxy.waitForLine((l) => typeof l.msg === 'string' && l.msg.startsWith('open-file limit is below'), { what: 'the fd warning' });
   assert.deepEqual({ limit: logged.limit, needed: logged.needed, level: logged.level }, { limit: 256, needed: 2 * 200 + 1 + 64, level: 'warn' });
   proxy.child.kill('SIGTERM');
-  assert.deepEqual(await proxy.exited, { code: 0, signal: null });
+  await assertCleanExit(proxy);
 });

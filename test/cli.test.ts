@@ -10,7 +10,7 @@ import path from 'node:path';
 import { after, test, type TestContext } from 'node:test';
 import { loadConfig } from '../src/config/load.ts';
 import { VERSION } from '../src/metrics.ts';
-import { CLI, ROOT, TEST_THREADS, listeningPorts, runCli, startCli, tempDir } from './support/cli.ts';
+import { CLI, ROOT, TEST_THREADS, listeningPorts, runCli, startCli, tempDir, assertCleanExit } from './support/cli.ts';
 import { connect, readAll, sha256, startBackend } from './support/harness.ts';
 
 const PACKAGE_VERSION = (JSON.parse(readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
@@ -224,7 +224,7 @@ bind = ["127.0.0.1:0"]
   assert.equal(rejected.line, 8);
   assert.match(String(rejected.msg), /^reload rejected: listeners\[0\]\.routes\[0\]\.workers \(line 8\): unknown key/);
   process.kill(proxy.pid, 'SIGTERM');
-  assert.deepEqual(await proxy.exited, { code: 0, signal: null });
+  await assertCleanExit(proxy);
 });
 
 test('serve on an address already in use exits non-zero with one line naming the listener and the address', { timeout: 30_000 }, async (t) => {

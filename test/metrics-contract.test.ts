@@ -13,7 +13,7 @@ import { startAdminServer } from '../src/admin/server.ts';
 import { END_REASONS, REJECT_REASONS } from '../src/connection/reasons.ts';
 import { Daemon } from '../src/daemon.ts';
 import { Metrics } from '../src/metrics.ts';
-import { adminGet, ROOT, startCli } from './support/cli.ts';
+import { adminGet, ROOT, startCli, assertCleanExit } from './support/cli.ts';
 import { admission, echoRoundTrip } from './support/clients.ts';
 import { closedPort, configFrom, memoryLogger, startBackend } from './support/harness.ts';
 import { parseExposition, type Exposition, type Sample } from './support/metrics.ts';
@@ -394,7 +394,7 @@ workers = 5
   assert.equal(exact(reloaded, 'smartproxy_listener_workers', { listener: 'added' }), 5);
 
   proxy.child.kill('SIGTERM');
-  assert.deepEqual(await proxy.exited, { code: 0, signal: null });
+  await assertCleanExit(proxy);
 });
 
 test('the shipped alert rules pass promtool check rules and their unit tests', { timeout: 30_000 }, async (t) => {

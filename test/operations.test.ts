@@ -15,7 +15,7 @@ import { silentLogger } from '../src/logging/logger.ts';
 import { systemdNotifier } from '../src/notify.ts';
 import { AdminView, bindFailureLine, privilegedPortHint } from '../src/serve.ts';
 import { BindError } from '../src/listener/listener.ts';
-import { CLI, ROOT, adminGet, startCli, tempDir } from './support/cli.ts';
+import { CLI, ROOT, adminGet, startCli, tempDir, assertCleanExit } from './support/cli.ts';
 import { connectOutcome } from './support/clients.ts';
 import { closedPort, memoryLogger, startBackend } from './support/harness.ts';
 
@@ -315,7 +315,7 @@ test('status --watch keeps the last table on screen with an error line under it 
   await watch.out.waitFor((l) => l.startsWith('tcp routes: echo 0'), 'a table');
 
   process.kill(proxy.pid, 'SIGTERM');
-  assert.deepEqual(await proxy.exited, { code: 0, signal: null });
+  await assertCleanExit(proxy);
   await watch.out.waitFor((l) => l.includes('cannot reach the admin API'), 'the error line');
   const frame = lastFrame().trimEnd().split('\n');
   assert.match(frame[0]!, /^smartproxy \S+ {2}pid \d+ {2}up \d+s {2}(accepting|DRAINING) {2}connections 0\/10000$/, frame.join('\n'));

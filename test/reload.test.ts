@@ -5,7 +5,7 @@ import { once } from 'node:events';
 import net from 'node:net';
 import { test } from 'node:test';
 import { BindError } from '../src/listener/listener.ts';
-import { adminGet, listeningPorts, startCli, TEST_THREADS } from './support/cli.ts';
+import { adminGet, listeningPorts, startCli, TEST_THREADS, assertCleanExit } from './support/cli.ts';
 import { admission, connectOutcome, echoRoundTrip, expectData } from './support/clients.ts';
 import { closed, closedPort, configFrom, connect, echo, readAll, sha256, startBackend, startProxy, until } from './support/harness.ts';
 import { metricValue, parseExposition, valueOf } from './support/metrics.ts';
@@ -345,7 +345,7 @@ bind = ["127.0.0.1:${port}"]
   established.end();
   await readAll(established);
   proxy.child.kill('SIGTERM');
-  assert.deepEqual(await proxy.exited, { code: 0, signal: null });
+  await assertCleanExit(proxy);
 });
 
 test('ten SIGHUPs fired back to back end in the last file\'s config with no leaked listening socket', { timeout: 20_000 }, async (t) => {
@@ -400,7 +400,7 @@ bind = ["127.0.0.1:${ports[k]}"]
   assert.equal(await echoRoundTrip(stablePort, 'stable serves'), null);
 
   proxy.child.kill('SIGTERM');
-  assert.deepEqual(await proxy.exited, { code: 0, signal: null });
+  await assertCleanExit(proxy);
 });
 
 test('a SIGHUP that arrives while the process is starting does not kill it and is applied once running', { timeout: 20_000 }, async (t) => {
@@ -440,5 +440,5 @@ ${extra}`;
   assert.equal(stats.listeners[0]!.workers, 2);
   assert.equal(await echoRoundTrip(port, 'still serving'), null);
   proxy.child.kill('SIGTERM');
-  assert.deepEqual(await proxy.exited, { code: 0, signal: null });
+  await assertCleanExit(proxy);
 });

@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import { test } from 'node:test';
 import { clientHello } from './support/audit.ts';
+import { assertCleanExit } from './support/cli.ts';
 import { closedPort, sha256, startBackend } from './support/harness.ts';
 import {
   allZero,
@@ -551,7 +552,7 @@ bind = ["127.0.0.1:${port}"]
   const cutAt = await Promise.all(lingeringClosed);
   for (const at of cutAt) assert.ok(at - signalledAt >= DRAIN_MS - 50 && at - signalledAt < DRAIN_MS + 3000, `cut ${at - signalledAt} ms after SIGTERM`);
 
-  assert.deepEqual(await sp.proxy.exited, { code: 0, signal: null });
+  await assertCleanExit(sp.proxy);
   const stopped = sp.proxy.lines.find((l) => l.msg === 'stopped');
   assert.deepEqual({ drained: stopped?.drained, cut: stopped?.cut }, { drained: 12, cut: 12 });
   assert.equal(sp.proxy.stderr(), '');

@@ -2,6 +2,7 @@
 // directory, `node --import tsx src/cli.ts serve -c file --log-format json`, its JSON log lines
 // collected as they arrive. The process is killed (by its PID) and the directory removed after
 // the test.
+import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
@@ -27,7 +28,7 @@ export interface CliProxy {
   writeConfig(toml: string): void;
   /** Resolves with the first line (at index `from` or later) that satisfies `predicate`. */
   waitForLine(predicate: (line: Record<string, unknown>) => boolean, opts?: { from?: number; what?: string; ms?: number }): Promise<Record<string, unknown>>;
-  /** Resolves with the exit code (or the signal that ended it). */
+  /** Resolves with the exit code (or the signal that ended it) once its output is read to the end. */
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 }
 
@@ -88,7 +89,8 @@ export async function startCli(
   child.stderr!.setEncoding('utf8');
   child.stderr!.on('data', (chunk: string) => (stderr += chunk));
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
-    child.once('exit', (code, signal) => {
+    // 'close', not 'exit': the last lines (a fatal one above all) may still be in the pipe at exit.
+    child.once('close', (code, signal) => {
       for (const wake of [...waiters]) wake();
       resolve({ code, signal });
     });
@@ -145,6 +147,17 @@ export async function startCli(
   if (opts.ready.length > 0) await waitForLine((l) => l.msg === 'event-loop threads started', { what: 'every event-loop thread' });
   if (opts.admin) await waitForLine((l) => l.msg === 'admin API listening', { what: 'the admin API' });
   return proxy;
+}
+
+/**
+ * Waits for the process to end and asserts it exited 0; otherwise the failure shows its warn,
+ * error and fatal lines and its stderr, so a crash in CI can be read from the test's output.
+ */
+export async function assertCleanExit(proxy: CliProxy): Promise<void> {
+  const outcome = await proxy.exited;
+  if (outcome.code === 0 && outcome.signal === null) return;
+  const serious = proxy.lines.filter((l) => l.level === 'warn' || l.level === 'error' || l.level === 'fatal');
+  assert.fail(`smartproxy ended with ${JSON.stringify(outcome)}, not exit 0; its warn/error/fatal lines:\n${serious.map((l) => JSON.stringify(l)).join('\n')}\nstderr: ${proxy.stderr()}`);
 }
 
 /** One GET against the admin API (TCP port or unix socket path). */
