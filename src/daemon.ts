@@ -358,7 +358,7 @@ export class Daemon {
     for (const gen of this.generation.listeners.values()) {
       for (const route of gen.routes.routes) {
         for (const m of route.pool.all) {
-          yield { listener: gen.name, route: route.name, backend: m.address.text, up: states.isUp(m.index, now), active: states.active(m.index) };
+          yield { listener: gen.name, route: route.name, backend: m.address.text, up: states.isHealthy(m.index, now), active: states.active(m.index) };
         }
       }
     }

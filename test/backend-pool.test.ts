@@ -23,7 +23,7 @@ function members(specs: ReadonlyArray<{ weight?: number; backup?: boolean; max?:
 
 function pool(balance: Balance, specs: Parameters<typeof members>[0], onAllDown: 'panic' | 'refuse' = 'panic') {
   const states = new SharedBackendStates();
-  return { states, pool: new BackendPool(balance, onAllDown, states, members(specs)) };
+  return { states, pool: new BackendPool(balance, onAllDown, states, members(specs), PROBE_WINDOW_MS) };
 }
 
 /** Chooses `n` times, giving each lease back at once; returns picks per member index. */
@@ -39,6 +39,8 @@ function spread(p: BackendPool, states: SharedBackendStates, n: number, client =
 }
 
 const NO_EJECTION = { consecutiveFailures: 3, baseTimeMs: 1000, maxTimeMs: 5000 };
+/** How long a probe holds a backend on probation (the connect timeout and a second, in the daemon). */
+const PROBE_WINDOW_MS = 6000;
 
 test('round_robin splits by weight exactly over a whole cycle, interleaved rather than in runs', () => {
   const { states, pool: p } = pool('round_robin', [{ weight: 1 }, { weight: 3 }]);
@@ -73,7 +75,7 @@ test('least_conn picks the backend with the fewest active connections per unit o
 test('source_hash keeps a client on one backend, and removing one of five moves only its own clients', () => {
   const five = members([{}, {}, {}, {}, {}]);
   const states = new SharedBackendStates();
-  const before = new BackendPool('source_hash', 'panic', states, five);
+  const before = new BackendPool('source_hash', 'panic', states, five, PROBE_WINDOW_MS);
   const clients = Array.from({ length: 1000 }, (_, i) => `198.51.${i >> 8}.${i & 255}`);
   const home = new Map<string, number>();
   for (const c of clients) {
@@ -85,7 +87,7 @@ test('source_hash keeps a client on one backend, and removing one of five moves 
   }
   const perBackend = [0, 1, 2, 3, 4].map((i) => [...home.values()].filter((h) => h === i).length);
   for (const n of perBackend) assert.ok(n > 140 && n < 260, `uneven: ${perBackend}`);
-  const after = new BackendPool('source_hash', 'panic', states, five.filter((m) => m.index !== 2));
+  const after = new BackendPool('source_hash', 'panic', states, five.filter((m) => m.index !== 2), PROBE_WINDOW_MS);
   let moved = 0;
   for (const c of clients) {
     const m = after.choose([], c, 0) as Member;
@@ -226,4 +228,58 @@ test('panic is for a route with nothing up, not for a connection that tried ever
   assert.equal(first.index, 0);
   states.release(0);
   assert.equal(p.choose([0], 'c', 0), 'backend_unavailable', 'the down backend is not dialled after the up one failed');
+});
+
+test('after its cooldown an ejected backend is on probation: one connection at a time until one connects', () => {
+  const { states, pool: p } = pool('round_robin', [{}, {}]);
+  const may = (): boolean => true;
+  let now = 1_000_000;
+  for (let i = 0; i < 3; i++) states.connectFailed(1, now, NO_EJECTION, may);
+  now += 1000;
+  assert.ok(states.onProbation(1, now) && states.snapshot(1, now).probation);
+  assert.ok(states.isEjected(1, now), 'probation counts against max_share');
+  assert.ok(!states.isHealthy(1, now), 'smartproxy_backend_up stays 0 until a connect succeeds');
+  const picks = (n: number, at: number): number[] => {
+    const out = [0, 0];
+    for (let i = 0; i < n; i++) {
+      const m = p.choose([], 'c', at) as Member;
+      out[m.index]!++;
+      states.release(m.index); // its dial is still pending: the probe stays claimed
+    }
+    return out;
+  };
+  assert.deepEqual(picks(20, now), [19, 1], 'one probe, the others go to the healthy backend');
+  assert.deepEqual(picks(20, now + PROBE_WINDOW_MS - 1), [20, 0], 'no second probe while the first may still be dialling');
+  assert.deepEqual(picks(20, now + PROBE_WINDOW_MS), [19, 1], 'a probe whose outcome never came frees its place at the end of its window');
+  // The probe fails: ejected again at once, for longer; the next probe may start when that cooldown ends.
+  now += PROBE_WINDOW_MS;
+  assert.equal(states.connectFailed(1, now, NO_EJECTION, may), 2000);
+  assert.deepEqual(picks(20, now + 1999), [20, 0]);
+  now += 2000;
+  assert.deepEqual(picks(20, now), [19, 1]);
+  // The probe connects: the history ends and the backend takes its full share at once.
+  assert.equal(states.connected(1), true);
+  assert.ok(states.isHealthy(1, now) && !states.onProbation(1, now) && !states.isEjected(1, now));
+  assert.deepEqual(picks(20, now), [10, 10]);
+});
+
+test('a probe claimed for a backend at its cap is given back, and panic dials a backend on probation', () => {
+  const { states, pool: p } = pool('round_robin', [{ max: 1 }, { max: 1 }], 'panic');
+  const may = (): boolean => true;
+  for (let i = 0; i < 3; i++) states.connectFailed(1, 0, NO_EJECTION, may);
+  const now = 1000;
+  assert.ok(states.take(1, 1), 'an older connection holds backend 1 at its cap');
+  const held = p.choose([], 'c', now) as Member;
+  assert.equal(held.index, 0);
+  assert.equal(p.choose([], 'c', now), 'backend_full');
+  states.release(1);
+  assert.equal((p.choose([], 'c', now) as Member).index, 1, 'the probe given back at the cap is free again');
+  states.release(1);
+  states.release(0);
+  // Backend 0 checked down, 1 on probation with its probe out: nothing is up, panic dials 1 anyway.
+  states.setCheckDown(0, true);
+  assert.ok(!states.isUp(1, now));
+  const panic = p.choose([], 'c', now) as Member;
+  assert.ok(panic.index === 0 || panic.index === 1);
+  states.release(panic.index);
 });

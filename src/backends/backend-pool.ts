@@ -6,6 +6,8 @@
 // route is up at all (checks and ejection together), panic (every member the operator left ready,
 // as Envoy's panic threshold does) or, with on_all_down = "refuse", no_healthy_backend. Up means
 // active checks find it up and it is not passively ejected; at its cap is not down (backend_full).
+// A backend on probation after an ejection (backends/backend-states.ts) is up for one connection
+// at a time: whoever picks it must also win its probe, else it is skipped like one at its cap.
 import type { Balance, HostPort, RouteConfig } from '../config/types.ts';
 import { formatHostPort, ipFamily, normalizeHost } from '../config/units.ts';
 import type { SharedBackendStates } from './backend-states.ts';
@@ -64,6 +66,8 @@ export class BackendPool {
     readonly onAllDown: 'panic' | 'refuse',
     private readonly states: SharedBackendStates,
     members: readonly Member[],
+    /** How long a probe holds a backend on probation: the longest a dial can take. */
+    private readonly probeWindowMs: number,
   ) {
     this.setMembers(members);
   }
@@ -97,7 +101,8 @@ export class BackendPool {
       (m.backup ? backups : primaries).push(i);
     }
     let candidates = primaries.length > 0 ? primaries : backups;
-    if (candidates.length === 0) {
+    const panic = candidates.length === 0;
+    if (panic) {
       // Up backends exist and this connection tried them all: that is failover exhausted, not
       // "nothing is up" (panic would dial a black hole known to be down).
       if (anyUp) return 'backend_unavailable';
@@ -116,9 +121,13 @@ export class BackendPool {
     while (candidates.length > 0) {
       const position = this.pick(candidates, clientAddress);
       const m = members[position]!;
-      if (states.take(m.index, m.maxConnections)) return m;
-      full = true;
       candidates = candidates.filter((c) => c !== position);
+      // Panic ignores health, probation included.
+      const probe = !panic && states.onProbation(m.index, now);
+      if (probe && !states.claimProbe(m.index, now, this.probeWindowMs)) continue; // another connection is the probe
+      if (states.take(m.index, m.maxConnections)) return m;
+      if (probe) states.dropProbe(m.index);
+      full = true;
     }
     return full ? 'backend_full' : 'backend_unavailable';
   }

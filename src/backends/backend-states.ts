@@ -8,8 +8,13 @@
 // routes has two entries, so one route's failures never eject it from another. Its index is
 // assigned by whoever owns the config (CountIndexes.backends) and kept for the life of the process;
 // a backend that leaves the config and comes back starts afresh (reset()).
+//
+// After an ejection's cooldown a backend is on probation until a connect to it succeeds: one
+// connection at a time is dialled to it (the probe), so a backend still black-holing SYNs costs
+// one client the connect timeout, not every client routed to it meanwhile. The probe is a lease
+// that expires by itself (a probe whose client left before the outcome frees it at expiry).
 
-/** Most backend entries over the life of the process (each costs 32 bytes). */
+/** Most backend entries over the life of the process (each costs 48 bytes). */
 export const MAX_BACKENDS = 16_384;
 
 // Int32 fields per backend.
@@ -21,7 +26,7 @@ const CHECK_DOWN = 1;
 const ADMIN = 2;
 /** Connect failures since its last successful connect. */
 const FAILS = 3;
-/** Passive ejections since its last successful connect: the cooldown grows with it. */
+/** Passive ejections since its last successful connect: the cooldown grows with it (> 0 after the cooldown: on probation). */
 const EJECTIONS = 4;
 /**
  * 1 once it has been passively ejected (since it entered the config): only then is EJECTED_UNTIL
@@ -42,6 +47,8 @@ export interface BackendSnapshot {
   readonly ejections: number;
   /** Date.now() until which it is ejected; 0 = not ejected. */
   readonly ejectedUntil: number;
+  /** Its cooldown is over and no connect has succeeded since: one connection at a time. */
+  readonly probation: boolean;
 }
 
 export class SharedBackendStates {
@@ -49,11 +56,14 @@ export class SharedBackendStates {
   private readonly i32: Int32Array;
   /** EJECTED_UNTIL per backend, in ms since the epoch (BigInt64, so Atomics apply and it never wraps). */
   private readonly until: BigInt64Array;
+  /** PROBE_UNTIL per backend: while on probation, the probe in flight holds it until then. */
+  private readonly probeUntil: BigInt64Array;
 
-  constructor(buffer: SharedArrayBuffer = new SharedArrayBuffer(MAX_BACKENDS * (FIELDS * 4 + 8))) {
+  constructor(buffer: SharedArrayBuffer = new SharedArrayBuffer(MAX_BACKENDS * (FIELDS * 4 + 16))) {
     this.buffer = buffer;
     this.i32 = new Int32Array(buffer, 0, MAX_BACKENDS * FIELDS);
     this.until = new BigInt64Array(buffer, MAX_BACKENDS * FIELDS * 4, MAX_BACKENDS);
+    this.probeUntil = new BigInt64Array(buffer, MAX_BACKENDS * (FIELDS * 4 + 8), MAX_BACKENDS);
   }
 
   // ---- connections (a lease the connection holds from its dial until its close) ----
@@ -82,11 +92,42 @@ export class SharedBackendStates {
 
   // ---- up or down ----
 
-  /** True when new connections may go to it by health: checks find it up and it is not ejected. */
+  /**
+   * True when a new connection may go to it by health: checks find it up, it is not ejected, and
+   * on probation no probe is in flight (the one who picks it must still win claimProbe).
+   */
   isUp(index: number, now: number): boolean {
     const base = index * FIELDS;
     if (Atomics.load(this.i32, base + CHECK_DOWN) === 1) return false;
-    return Atomics.load(this.i32, base + EJECTED) === 0 || !this.stillEjected(index, now);
+    if (Atomics.load(this.i32, base + EJECTED) === 0) return true;
+    if (this.stillEjected(index, now)) return false;
+    return Atomics.load(this.i32, base + EJECTIONS) === 0 || Number(Atomics.load(this.probeUntil, index)) <= now;
+  }
+
+  /** True when checks find it up and it is neither ejected nor on probation: back to its full share. */
+  isHealthy(index: number, now: number): boolean {
+    return Atomics.load(this.i32, index * FIELDS + CHECK_DOWN) === 0 && !this.isEjected(index, now);
+  }
+
+  /** True when its cooldown is over and no connect has succeeded since. */
+  onProbation(index: number, now: number): boolean {
+    const base = index * FIELDS;
+    return Atomics.load(this.i32, base + EJECTED) === 1 && Atomics.load(this.i32, base + EJECTIONS) > 0 && !this.stillEjected(index, now);
+  }
+
+  /**
+   * Takes the probe of a backend on probation for `windowMs` (a dial's longest time): true for one
+   * caller, whichever thread it runs in, until the probe's outcome or the window's end.
+   */
+  claimProbe(index: number, now: number, windowMs: number): boolean {
+    const held = Atomics.load(this.probeUntil, index);
+    if (Number(held) > now) return false;
+    return Atomics.compareExchange(this.probeUntil, index, held, BigInt(now + windowMs)) === held;
+  }
+
+  /** The probe was claimed and not dialled (the backend was at its cap): another may take it. */
+  dropProbe(index: number): void {
+    Atomics.store(this.probeUntil, index, 0n);
   }
 
   /** EJECTED_UNTIL is the one truth: after it, the backend takes connections again. */
@@ -122,7 +163,9 @@ export class SharedBackendStates {
     // Read first: a healthy backend's fields stay untouched, so threads do not fight over the line.
     if (Atomics.load(this.i32, base + FAILS) !== 0) Atomics.store(this.i32, base + FAILS, 0);
     if (Atomics.load(this.i32, base + EJECTIONS) === 0) return false;
-    return Atomics.exchange(this.i32, base + EJECTIONS, 0) !== 0;
+    if (Atomics.exchange(this.i32, base + EJECTIONS, 0) === 0) return false;
+    Atomics.store(this.probeUntil, index, 0n);
+    return true;
   }
 
   /**
@@ -145,17 +188,20 @@ export class SharedBackendStates {
     if (Atomics.compareExchange(this.until, index, until, BigInt(now + cooldown)) !== until) return 0;
     Atomics.add(this.i32, base + EJECTIONS, 1);
     Atomics.store(this.i32, base + FAILS, 0);
+    Atomics.store(this.probeUntil, index, 0n); // the failed probe's lease: the next probe may start when this cooldown ends
     return cooldown;
   }
 
-  /** True while it is passively ejected. */
+  /** True while it is passively ejected or on probation after it (it counts against max_share). */
   isEjected(index: number, now: number): boolean {
-    return Atomics.load(this.i32, index * FIELDS + EJECTED) === 1 && this.stillEjected(index, now);
+    const base = index * FIELDS;
+    if (Atomics.load(this.i32, base + EJECTED) === 0) return false;
+    return Atomics.load(this.i32, base + EJECTIONS) > 0 || this.stillEjected(index, now);
   }
 
   snapshot(index: number, now: number): BackendSnapshot {
     const base = index * FIELDS;
-    const ejected = this.isEjected(index, now);
+    const ejected = Atomics.load(this.i32, base + EJECTED) === 1 && this.stillEjected(index, now);
     return {
       active: Atomics.load(this.i32, base + ACTIVE),
       checkDown: Atomics.load(this.i32, base + CHECK_DOWN) === 1,
@@ -163,6 +209,7 @@ export class SharedBackendStates {
       failures: Atomics.load(this.i32, base + FAILS),
       ejections: Atomics.load(this.i32, base + EJECTIONS),
       ejectedUntil: ejected ? Number(Atomics.load(this.until, index)) : 0,
+      probation: this.onProbation(index, now),
     };
   }
 
@@ -174,5 +221,6 @@ export class SharedBackendStates {
     const base = index * FIELDS;
     for (const field of [CHECK_DOWN, ADMIN, FAILS, EJECTIONS, EJECTED]) Atomics.store(this.i32, base + field, 0);
     Atomics.store(this.until, index, 0n);
+    Atomics.store(this.probeUntil, index, 0n);
   }
 }

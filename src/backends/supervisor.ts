@@ -31,8 +31,8 @@ export interface BackendEntry {
 }
 
 export interface BackendView extends BackendEntry {
-  /** "up", "down" (checks), "ejected" (passive), and the runtime state. */
-  readonly health: 'up' | 'down' | 'ejected';
+  /** "up", "down" (checks), "ejected" (passive), "probation" (after the cooldown, one connection at a time until one connects). */
+  readonly health: 'up' | 'down' | 'ejected' | 'probation';
   readonly state: AdminState;
   readonly active: number;
   readonly weight: number;
@@ -357,7 +357,7 @@ export class BackendSupervisor {
       const last = lastCheck.get(entry.index) ?? null;
       views.push({
         ...entry,
-        health: snap.checkDown ? 'down' : snap.ejectedUntil > 0 ? 'ejected' : 'up',
+        health: snap.checkDown ? 'down' : snap.ejectedUntil > 0 ? 'ejected' : snap.probation ? 'probation' : 'up',
         state: snap.admin,
         active: snap.active,
         weight: settings?.weight ?? 1,

@@ -566,7 +566,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
     const route = conn.route!;
     const now = Date.now();
     const policy = route.config.ejection;
-    const cooldown = states.connectFailed(index, now, policy, () => ejectionAllowed(route, states, now));
+    const cooldown = states.connectFailed(index, now, policy, () => ejectionAllowed(route, states, index, now));
     if (cooldown > 0) {
       this.metrics.backendEjected(route.name, backend.text);
       this.deps.log.warn(
@@ -665,12 +665,13 @@ function ignoreError(): void {}
 /**
  * max_share: a passive ejection may leave at most that share of the route's backends ejected
  * (as Envoy's max_ejection_percent), so a network blip cannot empty a route. Always at least one
- * may be ejected. Threads can race past it by one each at the same instant.
+ * may be ejected. Threads can race past it by one each at the same instant. The backend to eject
+ * is not counted: one on probation (counted as ejected) is ejected again whatever the share.
  */
-function ejectionAllowed(route: Route, states: SharedBackendStates, now: number): boolean {
+function ejectionAllowed(route: Route, states: SharedBackendStates, index: number, now: number): boolean {
   const members = route.pool.all;
   let ejected = 0;
-  for (const m of members) if (states.isEjected(m.index, now)) ejected++;
+  for (const m of members) if (m.index !== index && states.isEjected(m.index, now)) ejected++;
   const allowed = Math.max(1, Math.floor((members.length * route.config.ejection.maxSharePct) / 100));
   return ejected < allowed;
 }

@@ -22,6 +22,9 @@ export class Route {
   }
 }
 
+/** A probe's window beyond the connect timeout: the failure's report may come a turn late. */
+const PROBE_SLACK_MS = 1000;
+
 export class RouteTable {
   readonly routes: readonly Route[];
   readonly defaultRoute: Route | null;
@@ -34,7 +37,7 @@ export class RouteTable {
   /** `countIndex` gives each route's index in the shared counts; `backends` its members. */
   constructor(listener: ListenerConfig, countIndex: (route: RouteConfig) => number, backends: BackendDirectory) {
     this.routes = listener.routes.map(
-      (r) => new Route(r, countIndex(r), new BackendPool(r.balance, r.onAllDown, backends.states, backends.membersOf(listener.name, r))),
+      (r) => new Route(r, countIndex(r), new BackendPool(r.balance, r.onAllDown, backends.states, backends.membersOf(listener.name, r), listener.timeouts.connectMs + PROBE_SLACK_MS)),
     );
     let fallback: Route | null = null;
     for (const route of this.routes) {
