@@ -733,6 +733,37 @@ test('threads = 4: a killed backend is out within fall x interval + timeout for 
   assert.ok((after.get('a') ?? 0) >= 12, `a got ${after.get('a') ?? 0} of 48 once back`);
 });
 
+test('threads = 4: after its cooldown a SYN black hole is probed by one connection over every thread, and the failed probe ejects it again', { timeout: 40_000 }, async (t) => {
+  const hole = await startBlackhole(t);
+  const b = await startNamedBackend(t, 'b');
+  const holeAddress = `127.0.0.1:${hole.port}`;
+  const CONNECT_MS = 500;
+  const BASE_MS = 1000;
+  const port = await closedPort();
+  const body = oneRoute(
+    `["${holeAddress}", "${b.address}"]`,
+    `
+    [listeners.routes.ejection]
+    consecutive_failures = 1
+    base_time = "${BASE_MS}ms"
+    max_time = "10s"
+`,
+    '',
+    `127.0.0.1:${port}`,
+  ).replace('[[listeners.routes]]', `[listeners.timeouts]\nconnect = "${CONNECT_MS}ms"\n  [[listeners.routes]]`);
+  const sp = await startThreaded(t, body, ['tcp'], { level: 'info' });
+  const views = threadedViews(`${sp.proxy.dir}/admin.sock`);
+  const ejections = (): number => sp.proxy.lines.filter((l) => typeof l.msg === 'string' && l.msg.startsWith(`backend ${holeAddress} of route r is ejected`)).length;
+  while (ejections() === 0) assert.equal((await ask(port)).name, 'b');
+  await waitBackend(views, holeAddress, (v) => v.health === 'probation', 'on probation after its cooldown', BASE_MS * 3);
+  // 24 clients from 8 addresses at once: every thread sees some, one of them is the probe.
+  const burst = await Promise.all(Array.from({ length: 24 }, (_x, i) => ask(port, { localAddress: `127.0.0.${2 + (i % 8)}` })));
+  assert.deepEqual(burst.map((a) => a.name), new Array(24).fill('b'));
+  assert.equal(burst.filter((a) => a.ms >= CONNECT_MS).length, 1, `one probe over every thread: ${burst.map((a) => a.ms).join(', ')} ms`);
+  assert.equal(ejections(), 2, 'the probe\'s timeout ejected it again');
+  assert.equal((await views()).find((v) => v.backend === holeAddress)?.health, 'ejected');
+});
+
 test('threads = 4: weights 1:3 split 4,000 round_robin connections within a few percent', { timeout: 90_000 }, async (t) => {
   const light = await startNamedBackend(t, 'light');
   const heavy = await startNamedBackend(t, 'heavy');
