@@ -7,6 +7,9 @@
 //  2. what one Redis carries: the admission script and the release script (one connection's
 //     whole life in the store) from K clients with auto-pipelining, over 10,000 client keys, for
 //     S seconds; reported: admissions per second and redis-server CPU per admission.
+//  3. what renewals cost: the renewal script as the daemon sends it (128 clients a call), over
+//     20,000 client keys for S seconds; reported: client renewals per second, and the CPU of
+//     redis-server and of this process per client renewal.
 // Run: node --import tsx scripts/cluster-cost.ts [connections=5000] [concurrency=20] [rounds=3] [seconds=5] [clients=8]
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -15,7 +18,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Redis } from 'ioredis';
-import { ADMIT_SCRIPT, RELEASE_SCRIPT } from '../src/cluster/store.ts';
+import { ADMIT_SCRIPT, RELEASE_SCRIPT, RENEW_SCRIPT } from '../src/cluster/store.ts';
 import { cpuMs, freePort } from './process-cpu.ts';
 
 const N = Number(process.argv[2] ?? 5000);
@@ -131,7 +134,7 @@ const clients = Array.from({ length: CLIENTS }, () => {
     spRelease(...args: Array<string | number>): Promise<number>;
   };
   c.defineCommand('spAdmit', { numberOfKeys: 2, lua: ADMIT_SCRIPT });
-  c.defineCommand('spRelease', { numberOfKeys: 1, lua: RELEASE_SCRIPT });
+  c.defineCommand('spRelease', { lua: RELEASE_SCRIPT });
   return c;
 });
 const redisCpuBefore = cpuMs(redis.child.pid!);
@@ -143,7 +146,7 @@ await Promise.all(clients.map(async (c, i) => {
     await Promise.all(Array.from({ length: 64 }, async (_x, j) => {
       const tag = `{bench/10.${i}.${j}.${Math.floor(Math.random() * 160)}}`;
       await c.spAdmit(`cost:${tag}:c`, `cost:${tag}:r`, `inst/${i}`, 1000000, 10000000, 1000, 15000);
-      await c.spRelease(`cost:${tag}:c`, `inst/${i}`, 1);
+      await c.spRelease(1, `cost:${tag}:c`, `inst/${i}`, 1);
       admissions++;
     }));
   }
@@ -151,5 +154,26 @@ await Promise.all(clients.map(async (c, i) => {
 const redisCpu = cpuMs(redis.child.pid!) - redisCpuBefore;
 console.log(`one redis-server: ${Math.round(admissions / SECONDS).toLocaleString('en')} admissions/s (each with its release), ${((redisCpu * 1000) / admissions).toFixed(1)} µs redis CPU per admission + release, ${CLIENTS} clients x 64 in flight, ${SECONDS} s`);
 for (const c of clients) c.disconnect();
+
+// 3. Renewals: 20,000 held clients, 128 per call, 4 calls in flight.
+const renewer = new Redis({ port: redis.port, host: '127.0.0.1' }) as Redis & { spRenew(...args: Array<string | number>): Promise<number> };
+renewer.defineCommand('spRenew', { lua: RENEW_SCRIPT });
+const held = Array.from({ length: 20_000 }, (_x, i) => `cost:{bench/10.9.${i >> 8}.${i & 255}}:c`);
+const renewCpu = { redis: cpuMs(redis.child.pid!), self: process.cpuUsage() };
+let renewed = 0;
+const renewUntil = Date.now() + SECONDS * 1000;
+while (Date.now() < renewUntil) {
+  const calls = [];
+  for (let i = 0; i < held.length; i += 128) {
+    const keys = held.slice(i, i + 128);
+    calls.push(renewer.spRenew(keys.length, ...keys, 'inst/0', 15000, ...keys.map(() => 1)));
+    if (calls.length === 4) await Promise.all(calls.splice(0));
+  }
+  await Promise.all(calls);
+  renewed += held.length;
+}
+const self = process.cpuUsage(renewCpu.self);
+console.log(`renewals: ${Math.round(renewed / SECONDS).toLocaleString('en')} client renewals/s, ${(((cpuMs(redis.child.pid!) - renewCpu.redis) * 1000) / renewed).toFixed(2)} µs redis CPU and ${((self.user + self.system) / renewed).toFixed(2)} µs client CPU per client renewal (128 clients a call, ${SECONDS} s)`);
+renewer.disconnect();
 echo.close();
 redis.child.kill('SIGKILL');

@@ -205,8 +205,39 @@ test('connections closed in one event-loop turn give back their counts in one ca
   daemon.listeners.get('tcp')!.closeAll('shutdown');
   assert.equal(daemon.cluster.leases, 0);
   assert.equal((await waitCounts(redis, 0)).size, 0);
-  assert.equal(await redis.scriptCalls(), before + 4, 'one release call per client for the 22 connections');
+  assert.equal(await redis.scriptCalls(), before + 1, 'one release call for the 22 connections of the 4 clients');
   for (const s of held) s.destroy();
+});
+
+test('a renewal writes the counts of 300 clients in 3 script calls (128 clients a call), with every count and expiry', { timeout: 30_000 }, async (t) => {
+  const redis = await startRedis(t);
+  const backend = await startBackend(t);
+  const [proxy] = await startInstances(t, redis, backend.port, [{ instance: 'a', perIp: 5, extra: 'lease_ttl = "3s"' }]);
+  const port = proxy!.port('tcp');
+  // 300 clients (127.1.0.0 + i), one connection each.
+  const held = await Promise.all(Array.from({ length: 300 }, async (_x, i) => {
+    const socket = await connect(port, { localAddress: `127.1.${i >> 8}.${i & 255}` });
+    await new Promise((resolve) => {
+      socket.once('data', resolve);
+      socket.write('x');
+    });
+    return socket;
+  }));
+  t.after(() => {
+    for (const s of held) s.destroy();
+  });
+  assert.equal((await waitCounts(redis, 300)).size, 300);
+  const expiries = async (): Promise<number[]> => {
+    const keys = await redis.client.keys('*:c');
+    return Promise.all(keys.map(async (key) => Number(Object.entries(await redis.client.hgetall(key)).find(([f]) => f.endsWith('#e'))![1])));
+  };
+  const before = await redis.scriptCalls();
+  const latest = Math.max(...(await expiries()));
+  // Once every expiry is past the latest one seen, at least one whole renewal ran since `before`.
+  await untilAsync(async () => Math.min(...(await expiries())) > latest, 5000);
+  const calls = (await redis.scriptCalls()) - before;
+  assert.ok(calls === 3 || calls === 6, `${calls} script calls: 3 per renewal of 300 clients (one or two renewals ran), not one per client`);
+  assert.deepEqual([...new Set((await redis.counts()).values())], [1], 'every client holds 1');
 });
 
 test('a locally refused connection makes no Redis call', { timeout: 30_000 }, async (t) => {

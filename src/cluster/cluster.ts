@@ -40,8 +40,8 @@ export interface ClusterMetrics {
   storeError(kind: StoreErrorKind): void;
 }
 
-/** Tags renewed per batch: each batch must come back within `timeout`. */
-const RENEW_BATCH = 256;
+/** Tags renewed per batch (store calls of up to 128 tags each): each batch must come back within `timeout`. */
+const RENEW_BATCH = 512;
 
 export class Cluster {
   private settings: ClusterConfig | null = null;
@@ -123,7 +123,7 @@ export class Cluster {
       // Admissions still out there included: Redis runs them before these deletions (one connection).
       this.flushReleases(old);
       const tags = new Set([...this.held.keys(), ...(this.pending.get(old)?.keys() ?? [])]);
-      for (const tag of tags) void old.renew(tag, 0, 1).catch(() => {});
+      void old.renew([...tags].map((tag) => [tag, 0] as const), 1).catch(() => {});
       old.close();
     }
     if (next === null) {
@@ -179,7 +179,7 @@ export class Cluster {
         // at its next renewal (unless an admission of that tag is out there: that renewal waits).
         const now = this.store;
         if (now !== null && now !== store && this.#mode === 'ok' && this.pending.get(now)?.has(tag) !== true) {
-          now.renew(tag, n, this.settings?.leaseTtlMs ?? 0).catch((err: unknown) => {
+          now.renew([[tag, n]], this.settings?.leaseTtlMs ?? 0).catch((err: unknown) => {
             if (now === this.store) this.failed(null, err);
           });
         }
@@ -234,14 +234,15 @@ export class Cluster {
   }
 
   private flushReleases(store: RedisStore): void {
-    for (const [tag, n] of this.releases) {
-      store.release(tag, n).catch((err: unknown) => {
-        if (store !== this.store) return;
-        this.held.set(tag, this.held.get(tag) ?? 0);
-        this.failed(null, err);
-      });
-    }
+    if (this.releases.size === 0) return;
+    const releases = [...this.releases];
     this.releases.clear();
+    store.release(releases).catch((err: unknown) => {
+      if (store !== this.store) return;
+      // Whether Redis ran them is unknown: the renewal writes these tags' counts over them.
+      for (const [tag] of releases) this.held.set(tag, this.held.get(tag) ?? 0);
+      this.failed(null, err);
+    });
   }
 
   private tick(): void {
@@ -272,12 +273,9 @@ export class Cluster {
         this.flushReleases(store);
         const pending = this.pending.get(store);
         const batch = tags.slice(i, i + RENEW_BATCH).filter((tag) => pending?.has(tag) !== true && this.held.has(tag));
-        await Promise.all(batch.map((tag) => {
-          const n = this.held.get(tag) ?? 0;
-          return store.renew(tag, n, ttl).then(() => {
-            if (n === 0 && this.held.get(tag) === 0) this.held.delete(tag);
-          });
-        }));
+        const counts = batch.map((tag) => [tag, this.held.get(tag) ?? 0] as const);
+        await store.renew(counts, ttl);
+        for (const [tag, n] of counts) if (n === 0 && this.held.get(tag) === 0) this.held.delete(tag);
         if (store !== this.store) return false;
       }
       return true;
