@@ -228,6 +228,46 @@ test('a passively ejected backend returns after its cooldown, and one successful
   await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
 });
 
+test('a passing health check ends a passive ejection at once instead of after its cooldown', { timeout: 20_000 }, async (t) => {
+  const a = await startNamedBackend(t, 'a');
+  const b = await startNamedBackend(t, 'b');
+  const proxy = await startProxy(
+    t,
+    oneRoute(
+      list(a, b),
+      `
+    [listeners.routes.health_check]
+    type = "tcp"
+    interval = "300ms"
+    timeout = "200ms"
+    rise = 2
+    fall = 3
+    jitter = 0
+    [listeners.routes.ejection]
+    consecutive_failures = 1
+    base_time = "60s"
+`,
+    ),
+    { logLevel: 'info' },
+  );
+  const port = proxy.port('tcp');
+  const views = viewsOf(proxy);
+  await a.close();
+  // Clients at once, before the checks can notice: the first dialled to a is refused, ejects it, and fails over to b.
+  while (!proxy.lines.some((l) => typeof l.msg === 'string' && l.msg.startsWith(`backend ${a.address} of route r is ejected for 60000 ms`))) {
+    assert.equal((await ask(port)).name, 'b');
+  }
+  const revived = await startNamedBackend(t, 'a', { port: a.port });
+  const back = Date.now();
+  await waitBackend(views, a.address, (v) => v.health === 'up', 'up again by its checks', 5000);
+  assert.ok(Date.now() - back < 10_000, 'long before the 60 s cooldown');
+  assert.equal(proxy.lines.filter((l) => l.msg === `backend ${a.address} of route r is back: a health check passed after its passive ejection`).length, 1);
+  const after = await tallyAsks(port, 4);
+  assert.equal(after.get('a'), 2, JSON.stringify(Object.fromEntries(after)));
+  assert.equal(revived.served, 2);
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
+
 // ---- 3. send / expect ----
 
 /** A server that answers `PING\r\n` with `reply` and greets with `banner` (when given) first; clients are echoed. */

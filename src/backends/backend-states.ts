@@ -192,6 +192,21 @@ export class SharedBackendStates {
     return cooldown;
   }
 
+  /**
+   * Ends a passive ejection at once, cooldown, probation and history: an active check found the
+   * backend up (Envoy unejects on a passing check too). True when it was ejected or on probation.
+   */
+  uneject(index: number, now: number): boolean {
+    if (!this.isEjected(index, now)) return false;
+    const base = index * FIELDS;
+    // UNTIL first: a thread ejecting it at this instant loses its compare-and-swap or is undone here.
+    Atomics.store(this.until, index, 0n);
+    Atomics.store(this.i32, base + EJECTIONS, 0);
+    Atomics.store(this.i32, base + FAILS, 0);
+    Atomics.store(this.probeUntil, index, 0n);
+    return true;
+  }
+
   /** True while it is passively ejected or on probation after it (it counts against max_share). */
   isEjected(index: number, now: number): boolean {
     const base = index * FIELDS;

@@ -307,6 +307,15 @@ export class BackendSupervisor {
     const check = this.checked.get(key);
     if (check === undefined) return;
     this.opts.metrics.healthChecked(check.entries[0]!.backend, result.ok);
+    // A passing check of a backend the checks find up ends a passive ejection: it connects again,
+    // and waiting out a cooldown of minutes (or a probe) would keep a good backend out for nothing.
+    if (!result.ok || this.checker.state(key)?.up !== true) return;
+    const now = Date.now();
+    for (const entry of check.entries) {
+      if (!this.opts.states.uneject(entry.index, now)) continue;
+      const line = { listener: entry.listener, route: entry.route, backend: entry.backend };
+      this.opts.log.info(line, `backend ${entry.backend} of route ${entry.route} is back: a health check passed after its passive ejection`);
+    }
   }
 
   private onCheckChange(key: string, up: boolean, result: CheckResult, streak: number): void {
