@@ -237,8 +237,8 @@ test('after its cooldown an ejected backend is on probation: one connection at a
   for (let i = 0; i < 3; i++) states.connectFailed(1, now, NO_EJECTION, may);
   now += 1000;
   assert.ok(states.onProbation(1, now) && states.snapshot(1, now).probation);
-  assert.ok(states.isEjected(1, now), 'probation counts against max_share');
-  assert.ok(!states.isHealthy(1, now), 'smartproxy_backend_up stays 0 until a connect succeeds');
+  assert.ok(!states.isEjected(1, now), 'max_share counts cooldowns only: a backend nobody dials may stay on probation for good');
+  assert.ok(states.isHealthy(1, now), 'smartproxy_backend_up: in rotation, one connection at a time');
   const picks = (n: number, at: number): number[] => {
     const out = [0, 0];
     for (let i = 0; i < n; i++) {
@@ -263,7 +263,7 @@ test('after its cooldown an ejected backend is on probation: one connection at a
   assert.deepEqual(picks(20, now), [10, 10]);
 });
 
-test('a probe claimed for a backend at its cap is given back, and panic dials a backend on probation', () => {
+test('a probe claimed for a backend at its cap is given back; with nothing else up a backend whose probe is out takes the connections, not panic', () => {
   const { states, pool: p } = pool('round_robin', [{ max: 1 }, { max: 1 }], 'panic');
   const may = (): boolean => true;
   for (let i = 0; i < 3; i++) states.connectFailed(1, 0, NO_EJECTION, may);
@@ -276,10 +276,28 @@ test('a probe claimed for a backend at its cap is given back, and panic dials a 
   assert.equal((p.choose([], 'c', now) as Member).index, 1, 'the probe given back at the cap is free again');
   states.release(1);
   states.release(0);
-  // Backend 0 checked down, 1 on probation with its probe out: nothing is up, panic dials 1 anyway.
+  // Backend 0 checked down, 1 on probation with its probe out: 1 takes every connection (as it
+  // did after a cooldown before probation existed); panic would dial 0, known down.
   states.setCheckDown(0, true);
-  assert.ok(!states.isUp(1, now));
-  const panic = p.choose([], 'c', now) as Member;
-  assert.ok(panic.index === 0 || panic.index === 1);
-  states.release(panic.index);
+  assert.ok(!states.isUp(1, now) && states.probeOut(1, now));
+  const picks = Array.from({ length: 10 }, () => {
+    const m = p.choose([], 'c', now) as Member;
+    states.release(m.index);
+    return m.index;
+  });
+  assert.deepEqual(picks, new Array(10).fill(1));
+  assert.equal(p.choose([1], 'c', now), 'backend_unavailable', 'failover from it does not panic onto the backend the checks find down');
+});
+
+test('a backup that is up comes before a primary whose probe is out', () => {
+  const { states, pool: p } = pool('round_robin', [{}, { backup: true }]);
+  for (let i = 0; i < 3; i++) states.connectFailed(0, 0, NO_EJECTION, () => true);
+  const now = 1000;
+  assert.equal((p.choose([], 'c', now) as Member).index, 0, 'the probe');
+  states.release(0);
+  for (let i = 0; i < 5; i++) {
+    const m = p.choose([], 'c', now) as Member;
+    assert.equal(m.index, 1);
+    states.release(1);
+  }
 });

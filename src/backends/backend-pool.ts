@@ -8,6 +8,9 @@
 // active checks find it up and it is not passively ejected; at its cap is not down (backend_full).
 // A backend on probation after an ejection (backends/backend-states.ts) is up for one connection
 // at a time: whoever picks it must also win its probe, else it is skipped like one at its cap.
+// Backends on probation with their probe out come after the backups and before panic: with
+// nothing else up they take connections as they did before any probation, rather than panic
+// dialling backends the checks know are down.
 import type { Balance, HostPort, RouteConfig } from '../config/types.ts';
 import { formatHostPort, ipFamily, normalizeHost } from '../config/units.ts';
 import type { SharedBackendStates } from './backend-states.ts';
@@ -92,17 +95,27 @@ export class BackendPool {
     const states = this.states;
     const primaries: number[] = [];
     const backups: number[] = [];
+    const probing: number[] = [];
     let anyUp = false;
     for (let i = 0; i < members.length; i++) {
       const m = members[i]!;
-      if (!states.isReady(m.index) || !states.isUp(m.index, now)) continue;
+      if (!states.isReady(m.index)) continue;
+      const up = states.isUp(m.index, now);
+      if (!up && !states.probeOut(m.index, now)) continue;
       anyUp = true;
       if (tried.includes(m.index)) continue;
-      (m.backup ? backups : primaries).push(i);
+      (!up ? probing : m.backup ? backups : primaries).push(i);
     }
     let candidates = primaries.length > 0 ? primaries : backups;
-    const panic = candidates.length === 0;
-    if (panic) {
+    // Probes are claimed in the up tiers only: the probing tier is what is left when the probes
+    // are out, and panic ignores health.
+    let claimProbes = true;
+    if (candidates.length === 0 && probing.length > 0) {
+      candidates = probing;
+      claimProbes = false;
+    }
+    if (candidates.length === 0) {
+      claimProbes = false;
       // Up backends exist and this connection tried them all: that is failover exhausted, not
       // "nothing is up" (panic would dial a black hole known to be down).
       if (anyUp) return 'backend_unavailable';
@@ -122,8 +135,7 @@ export class BackendPool {
       const position = this.pick(candidates, clientAddress);
       const m = members[position]!;
       candidates = candidates.filter((c) => c !== position);
-      // Panic ignores health, probation included.
-      const probe = !panic && states.onProbation(m.index, now);
+      const probe = claimProbes && states.onProbation(m.index, now);
       if (probe && !states.claimProbe(m.index, now, this.probeWindowMs)) continue; // another connection is the probe
       if (states.take(m.index, m.maxConnections)) return m;
       if (probe) states.dropProbe(m.index);

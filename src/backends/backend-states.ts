@@ -104,9 +104,18 @@ export class SharedBackendStates {
     return Atomics.load(this.i32, base + EJECTIONS) === 0 || Number(Atomics.load(this.probeUntil, index)) <= now;
   }
 
-  /** True when checks find it up and it is neither ejected nor on probation: back to its full share. */
+  /**
+   * True when checks find it up and it is not in an ejection's cooldown (smartproxy_backend_up).
+   * On probation it counts as up: it may stay there long without traffic (a backup while the
+   * primaries are up, a drained backend), and it is in rotation, one connection at a time.
+   */
   isHealthy(index: number, now: number): boolean {
     return Atomics.load(this.i32, index * FIELDS + CHECK_DOWN) === 0 && !this.isEjected(index, now);
+  }
+
+  /** On probation with its probe out (and not checked down): the nearest thing to up there is. */
+  probeOut(index: number, now: number): boolean {
+    return Atomics.load(this.i32, index * FIELDS + CHECK_DOWN) === 0 && this.onProbation(index, now) && Number(Atomics.load(this.probeUntil, index)) > now;
   }
 
   /** True when its cooldown is over and no connect has succeeded since. */
@@ -197,7 +206,7 @@ export class SharedBackendStates {
    * backend up (Envoy unejects on a passing check too). True when it was ejected or on probation.
    */
   uneject(index: number, now: number): boolean {
-    if (!this.isEjected(index, now)) return false;
+    if (!this.isEjected(index, now) && !this.onProbation(index, now)) return false;
     const base = index * FIELDS;
     // UNTIL first: a thread ejecting it at this instant loses its compare-and-swap or is undone here.
     Atomics.store(this.until, index, 0n);
@@ -207,16 +216,18 @@ export class SharedBackendStates {
     return true;
   }
 
-  /** True while it is passively ejected or on probation after it (it counts against max_share). */
+  /**
+   * True while it is in an ejection's cooldown (what max_share counts). Not on probation after it:
+   * a backend nobody dials (a backup while the primaries are up, a drained one) may stay on
+   * probation for good, and counted it would turn passive ejection off for the rest of its route.
+   */
   isEjected(index: number, now: number): boolean {
-    const base = index * FIELDS;
-    if (Atomics.load(this.i32, base + EJECTED) === 0) return false;
-    return Atomics.load(this.i32, base + EJECTIONS) > 0 || this.stillEjected(index, now);
+    return Atomics.load(this.i32, index * FIELDS + EJECTED) === 1 && this.stillEjected(index, now);
   }
 
   snapshot(index: number, now: number): BackendSnapshot {
     const base = index * FIELDS;
-    const ejected = Atomics.load(this.i32, base + EJECTED) === 1 && this.stillEjected(index, now);
+    const ejected = this.isEjected(index, now);
     return {
       active: Atomics.load(this.i32, base + ACTIVE),
       checkDown: Atomics.load(this.i32, base + CHECK_DOWN) === 1,

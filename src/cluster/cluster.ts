@@ -40,6 +40,12 @@ export interface ClusterMetrics {
   storeError(kind: StoreErrorKind): void;
 }
 
+/**
+ * Tags released per event-loop turn (16 store calls): a mass close (a drain deadline, maintenance)
+ * would otherwise queue hundreds of calls in Redis at once, and those at the back would time out.
+ */
+const RELEASES_PER_TURN = 2048;
+
 /** Tags renewed per batch (store calls of up to 128 tags each): each batch must come back within `timeout`. */
 const RENEW_BATCH = 512;
 
@@ -223,20 +229,41 @@ export class Cluster {
     else this.held.delete(tag);
     if (this.#mode !== 'ok') return;
     this.releases.set(tag, (this.releases.get(tag) ?? 0) + 1);
-    if (!this.flushScheduled) {
-      this.flushScheduled = true;
-      setImmediate(() => {
-        this.flushScheduled = false;
-        if (this.store !== null && this.#mode === 'ok') this.flushReleases(this.store);
-        else this.releases.clear(); // their tags are in the ledger: the republish writes them
-      });
-    }
+    this.scheduleFlush();
   }
 
-  private flushReleases(store: RedisStore): void {
+  private scheduleFlush(): void {
+    if (this.flushScheduled) return;
+    this.flushScheduled = true;
+    setImmediate(() => {
+      this.flushScheduled = false;
+      if (this.store === null || this.#mode !== 'ok') {
+        this.releases.clear(); // their tags are in the ledger: the republish writes them
+        return;
+      }
+      this.flushReleases(this.store, RELEASES_PER_TURN);
+      if (this.releases.size > 0) this.scheduleFlush();
+    });
+  }
+
+  /**
+   * Sends the releases not sent yet, at most `limit` tags of them. Renewals send them all first:
+   * the counts they write already leave these releases out.
+   */
+  private flushReleases(store: RedisStore, limit = Infinity): void {
     if (this.releases.size === 0) return;
-    const releases = [...this.releases];
-    this.releases.clear();
+    let releases: Array<[string, number]>;
+    if (this.releases.size <= limit) {
+      releases = [...this.releases];
+      this.releases.clear();
+    } else {
+      releases = [];
+      for (const entry of this.releases) {
+        if (releases.length >= limit) break;
+        releases.push(entry);
+      }
+      for (const [tag] of releases) this.releases.delete(tag);
+    }
     store.release(releases).catch((err: unknown) => {
       if (store !== this.store) return;
       // Whether Redis ran them is unknown: the renewal writes these tags' counts over them.

@@ -22,8 +22,12 @@ export class Route {
   }
 }
 
-/** A probe's window beyond the connect timeout: the failure's report may come a turn late. */
-const PROBE_SLACK_MS = 1000;
+/**
+ * A probe's window beyond the connect timeout: a connection's timers round delays over 2 s up to
+ * whole seconds (connection.ts quantize), so a timeout may be seen up to a second late, and the
+ * event loop may add to that.
+ */
+const PROBE_SLACK_MS = 2000;
 
 export class RouteTable {
   readonly routes: readonly Route[];

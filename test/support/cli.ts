@@ -78,6 +78,8 @@ export async function startCli(
   const waiters = new Set<() => void>();
   let stderr = '';
   let partial = '';
+  /** Its output is read to the end: a line not seen by now never comes. */
+  let closed = false;
   child.stdout!.setEncoding('utf8');
   child.stdout!.on('data', (chunk: string) => {
     partial += chunk;
@@ -91,6 +93,7 @@ export async function startCli(
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
     // 'close', not 'exit': the last lines (a fatal one above all) may still be in the pipe at exit.
     child.once('close', (code, signal) => {
+      closed = true;
       for (const wake of [...waiters]) wake();
       resolve({ code, signal });
     });
@@ -113,7 +116,7 @@ export async function startCli(
             return resolve(lines[index]!);
           }
         }
-        if (child.exitCode !== null || child.signalCode !== null) {
+        if (closed) {
           finish();
           reject(new Error(`smartproxy exited (${child.exitCode ?? child.signalCode}) before logging ${o.what ?? 'the line'}; stderr: ${stderr}`));
         }
