@@ -254,7 +254,8 @@ test('a passing health check ends a passive ejection at once instead of after it
   const views = viewsOf(proxy);
   await a.close();
   // Clients at once, before the checks can notice: the first dialled to a is refused, ejects it, and fails over to b.
-  while (!proxy.lines.some((l) => typeof l.msg === 'string' && l.msg.startsWith(`backend ${a.address} of route r is ejected for 60000 ms`))) {
+  for (let asked = 0; !proxy.lines.some((l) => typeof l.msg === 'string' && l.msg.startsWith(`backend ${a.address} of route r is ejected for 60000 ms`)); asked++) {
+    assert.ok(asked < 20, 'a refused connect ejected a');
     assert.equal((await ask(port)).name, 'b');
   }
   const revived = await startNamedBackend(t, 'a', { port: a.port });
@@ -794,7 +795,10 @@ test('threads = 4: after its cooldown a SYN black hole is probed by one connecti
   const sp = await startThreaded(t, body, ['tcp'], { level: 'info' });
   const views = threadedViews(`${sp.proxy.dir}/admin.sock`);
   const ejections = (): number => sp.proxy.lines.filter((l) => typeof l.msg === 'string' && l.msg.startsWith(`backend ${holeAddress} of route r is ejected`)).length;
-  while (ejections() === 0) assert.equal((await ask(port)).name, 'b');
+  for (let asked = 0; ejections() === 0; asked++) {
+    assert.ok(asked < 40, 'a connect timeout ejected the hole');
+    assert.equal((await ask(port)).name, 'b');
+  }
   await waitBackend(views, holeAddress, (v) => v.health === 'probation', 'on probation after its cooldown', BASE_MS * 3);
   // 24 clients from 8 addresses at once: every thread sees some, one of them is the probe.
   const burst = await Promise.all(Array.from({ length: 24 }, (_x, i) => ask(port, { localAddress: `127.0.0.${2 + (i % 8)}` })));

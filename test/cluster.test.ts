@@ -236,7 +236,9 @@ test('a renewal writes the counts of 300 clients in 3 script calls (128 clients 
   // Once every expiry is past the latest one seen, at least one whole renewal ran since `before`.
   await untilAsync(async () => Math.min(...(await expiries())) > latest, 5000);
   const calls = (await redis.scriptCalls()) - before;
-  assert.ok(calls === 3 || calls === 6, `${calls} script calls: 3 per renewal of 300 clients (one or two renewals ran), not one per client`);
+  // One or two renewals ran in between (a slow machine may fit a few more): 3 calls each, where one
+  // call per client would be 300 each.
+  assert.ok(calls >= 3 && calls <= 12 && calls % 3 === 0, `${calls} script calls: 3 per renewal of 300 clients, not one per client`);
   assert.deepEqual([...new Set((await redis.counts()).values())], [1], 'every client holds 1');
 });
 
