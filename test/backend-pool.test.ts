@@ -23,7 +23,7 @@ function members(specs: ReadonlyArray<{ weight?: number; backup?: boolean; max?:
 
 function pool(balance: Balance, specs: Parameters<typeof members>[0], onAllDown: 'panic' | 'refuse' = 'panic') {
   const states = new SharedBackendStates();
-  return { states, pool: new BackendPool(balance, onAllDown, states, members(specs), PROBE_WINDOW_MS) };
+  return { states, pool: new BackendPool(states, members(specs), { balance, onAllDown, probeWindowMs: PROBE_WINDOW_MS, slowStartMs: 0 }) };
 }
 
 /** Chooses `n` times, giving each lease back at once; returns picks per member index. */
@@ -75,7 +75,7 @@ test('least_conn picks the backend with the fewest active connections per unit o
 test('source_hash keeps a client on one backend, and removing one of five moves only its own clients', () => {
   const five = members([{}, {}, {}, {}, {}]);
   const states = new SharedBackendStates();
-  const before = new BackendPool('source_hash', 'panic', states, five, PROBE_WINDOW_MS);
+  const before = new BackendPool(states, five, { balance: 'source_hash', onAllDown: 'panic', probeWindowMs: PROBE_WINDOW_MS, slowStartMs: 0 });
   const clients = Array.from({ length: 1000 }, (_, i) => `198.51.${i >> 8}.${i & 255}`);
   const home = new Map<string, number>();
   for (const c of clients) {
@@ -87,7 +87,7 @@ test('source_hash keeps a client on one backend, and removing one of five moves 
   }
   const perBackend = [0, 1, 2, 3, 4].map((i) => [...home.values()].filter((h) => h === i).length);
   for (const n of perBackend) assert.ok(n > 140 && n < 260, `uneven: ${perBackend}`);
-  const after = new BackendPool('source_hash', 'panic', states, five.filter((m) => m.index !== 2), PROBE_WINDOW_MS);
+  const after = new BackendPool(states, five.filter((m) => m.index !== 2), { balance: 'source_hash', onAllDown: 'panic', probeWindowMs: PROBE_WINDOW_MS, slowStartMs: 0 });
   let moved = 0;
   for (const c of clients) {
     const m = after.choose([], c, 0) as Member;
@@ -300,4 +300,47 @@ test('a backup that is up comes before a primary whose probe is out', () => {
     assert.equal(m.index, 1);
     states.release(1);
   }
+});
+
+test('slow_start: a backend back in rotation takes 10 % of its weight at first and its full weight at the end of the window, linearly', () => {
+  const states = new SharedBackendStates();
+  const settings = { onAllDown: 'panic' as const, probeWindowMs: PROBE_WINDOW_MS, slowStartMs: 10_000 };
+  const p = new BackendPool(states, members([{}, {}]), { ...settings, balance: 'round_robin' });
+  const at = 1_000_000;
+  states.startWarming(1, at); // backend 0 has been in rotation since 0
+  const split = (now: number, n: number): number[] => {
+    const out = [0, 0];
+    for (let i = 0; i < n; i++) {
+      const m = p.choose([], 'c', now) as Member;
+      out[m.index]!++;
+      states.release(m.index);
+    }
+    return out;
+  };
+  assert.deepEqual(split(at, 1100), [1000, 100], 'weights 1 : 0.1');
+  assert.deepEqual(split(at + 5_000, 1500), [1000, 500], 'half way: 1 : 0.5');
+  assert.deepEqual(split(at + 10_000, 1000), [500, 500], 'over');
+  assert.equal(states.warmUntil(1, at + 5_000, 10_000), at + 10_000);
+  assert.equal(states.warmUntil(1, at + 10_000, 10_000), 0);
+
+  // least_conn divides by the ramped weight: half way, the warming backend holds a third.
+  const lc = new BackendPool(states, members([{}, {}]), { ...settings, balance: 'least_conn' });
+  const held = Array.from({ length: 30 }, () => lc.choose([], 'c', at + 5_000) as Member);
+  assert.deepEqual([states.active(0), states.active(1)], [20, 10]);
+  for (const m of held) states.release(m.index);
+
+  // source_hash keeps its clients where they are: slow_start does not apply to it.
+  const sh = new BackendPool(states, members([{}, {}]), { ...settings, balance: 'source_hash' });
+  const before = Array.from({ length: 50 }, (_x, i) => {
+    const m = sh.choose([], `192.0.2.${i}`, at + 20_000) as Member;
+    states.release(m.index);
+    return m.index;
+  });
+  states.startWarming(1, at + 20_000);
+  const during = Array.from({ length: 50 }, (_x, i) => {
+    const m = sh.choose([], `192.0.2.${i}`, at + 20_000) as Member;
+    states.release(m.index);
+    return m.index;
+  });
+  assert.deepEqual(during, before);
 });

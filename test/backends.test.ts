@@ -269,6 +269,36 @@ test('a passing health check ends a passive ejection at once instead of after it
   await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
 });
 
+test('slow_start: a backend whose checks come back up takes a small share at first, and ready after drain starts the ramp again', { timeout: 20_000 }, async (t) => {
+  const a = await startNamedBackend(t, 'a');
+  const b = await startNamedBackend(t, 'b');
+  const SLOW_MS = 20_000;
+  const proxy = await startProxy(t, oneRoute(list(a, b), `  slow_start = "${SLOW_MS / 1000}s"\n${FAST_CHECK}`));
+  const port = proxy.port('tcp');
+  const views = viewsOf(proxy);
+  await a.close();
+  await waitBackend(views, a.address, (v) => v.health === 'down', 'down', 5000);
+  const revived = await startNamedBackend(t, 'a', { port: a.port });
+  const up = await waitBackend(views, a.address, (v) => v.health === 'up', 'up again', 5000);
+  assert.ok(up.slowStartUntil !== null && Date.parse(up.slowStartUntil) > Date.now() + SLOW_MS / 2, `slow start until ${up.slowStartUntil}`);
+  // Within its first seconds its weight is 10-20 % of b's: of 60 round-robin connections it gets
+  // at most about 10 (an even split would be 30).
+  const early = await tallyAsks(port, 60);
+  assert.ok((early.get('a') ?? 0) >= 1 && (early.get('a') ?? 0) <= 12, JSON.stringify(Object.fromEntries(early)));
+  assert.equal(revived.served, early.get('a') ?? 0);
+  assert.equal((await views()).find((v) => v.backend === b.address)?.slowStartUntil, null, 'b was in rotation all along');
+
+  // drain b and back to ready: its ramp starts again.
+  const admin = await startAdminServer({ kind: 'tcp', address: { host: '127.0.0.1', port: 0, text: '127.0.0.1:0' } }, proxy.daemon);
+  t.after(() => admin.close());
+  const api = { host: '127.0.0.1', port: admin.port };
+  assert.equal((await setState(api, b.address, 'drain')).status, 200);
+  assert.equal((await views()).find((v) => v.backend === b.address)?.slowStartUntil, null, 'drain starts nothing');
+  assert.equal((await setState(api, b.address, 'ready')).status, 200);
+  assert.notEqual((await views()).find((v) => v.backend === b.address)?.slowStartUntil, null);
+  await eventually(() => proxy.daemon.registry.size === 0, 'every connection closed');
+});
+
 // ---- 3. send / expect ----
 
 /** A server that answers `PING\r\n` with `reply` and greets with `banner` (when given) first; clients are echoed. */

@@ -137,6 +137,7 @@ describe('resolution', () => {
           backends: [{ address: { host: '127.0.0.1', port: 9000, text: '127.0.0.1:9000' }, weight: 1, backup: false, maxConnections: 0 }],
           balance: 'round_robin',
           onAllDown: 'panic',
+          slowStartMs: 0,
           healthCheck: null,
           ejection: { consecutiveFailures: 3, baseTimeMs: 30_000, maxTimeMs: 300_000, maxSharePct: 50 },
           limits: { maxConnections: 0 },
@@ -359,6 +360,14 @@ bind = ["127.0.0.1:8001", "127.0.0.1:8000"]
       'listeners[0].routes[0].pass_through_tlvs', '[234]', '"v1"');
     expectIssue(minimal({ route: 'pass_through_tlvs = [1]' }), 'listeners[0].routes[0].pass_through_tlvs', '[1]', 'not set');
     load(minimal({ route: 'send_proxy_protocol = "v2"\npass_through_tlvs = [0xEA]' }));
+  });
+
+  test('slow_start is a duration per route, and not for balance = "source_hash"', () => {
+    assert.equal(load(minimal({ route: 'slow_start = "30s"' })).listeners[0]!.routes[0]!.slowStartMs, 30_000);
+    assert.equal(load(minimal({})).listeners[0]!.routes[0]!.slowStartMs, 0);
+    expectIssue(minimal({ route: 'balance = "source_hash"\nslow_start = "30s"' }), 'listeners[0].routes[0].slow_start', 'source_hash');
+    load(minimal({ route: 'balance = "source_hash"\nslow_start = "0s"' }));
+    expectIssue(minimal({ route: 'slow_start = "soon"' }), 'listeners[0].routes[0].slow_start', '"soon"');
   });
 
   test('a listener with no routes is rejected', () => {

@@ -58,21 +58,40 @@ export function routeAddresses(route: RouteConfig, resolved: (host: string) => r
   return out;
 }
 
+export interface PoolSettings {
+  readonly balance: Balance;
+  readonly onAllDown: 'panic' | 'refuse';
+  /** How long a probe holds a backend on probation: the longest a dial can take. */
+  readonly probeWindowMs: number;
+  /** A backend back in rotation ramps its weight over this long (0 = off; not for source_hash). */
+  readonly slowStartMs: number;
+}
+
 export class BackendPool {
+  readonly balance: Balance;
+  readonly onAllDown: 'panic' | 'refuse';
+  private readonly probeWindowMs: number;
+  private readonly slowStartMs: number;
   private members: readonly Member[] = [];
   /** Smooth weighted round-robin (as nginx's): each member's running score, by position. */
   private current: Float64Array = new Float64Array(0);
   private cursor = 0;
 
   constructor(
-    readonly balance: Balance,
-    readonly onAllDown: 'panic' | 'refuse',
     private readonly states: SharedBackendStates,
     members: readonly Member[],
-    /** How long a probe holds a backend on probation: the longest a dial can take. */
-    private readonly probeWindowMs: number,
+    settings: PoolSettings,
   ) {
+    this.balance = settings.balance;
+    this.onAllDown = settings.onAllDown;
+    this.probeWindowMs = settings.probeWindowMs;
+    this.slowStartMs = settings.balance === 'source_hash' ? 0 : settings.slowStartMs;
     this.setMembers(members);
+  }
+
+  /** Its weight now: the configured one, or a share of it during its slow start. */
+  private weight(m: Member, now: number): number {
+    return this.slowStartMs === 0 ? m.weight : m.weight * this.states.warmShare(m.index, now, this.slowStartMs);
   }
 
   get all(): readonly Member[] {
@@ -132,7 +151,7 @@ export class BackendPool {
     }
     let full = false;
     while (candidates.length > 0) {
-      const position = this.pick(candidates, clientAddress);
+      const position = this.pick(candidates, clientAddress, now);
       const m = members[position]!;
       candidates = candidates.filter((c) => c !== position);
       const probe = claimProbes && states.onProbation(m.index, now);
@@ -145,7 +164,7 @@ export class BackendPool {
   }
 
   /** A position among `candidates` (positions in members) by `balance`. */
-  private pick(candidates: readonly number[], clientAddress: string): number {
+  private pick(candidates: readonly number[], clientAddress: string, now: number): number {
     if (candidates.length === 1) return candidates[0]!;
     const members = this.members;
     switch (this.balance) {
@@ -153,7 +172,7 @@ export class BackendPool {
         let total = 0;
         let best = -1;
         for (const c of candidates) {
-          const w = members[c]!.weight;
+          const w = this.weight(members[c]!, now);
           total += w;
           this.current[c]! += w;
           if (best === -1 || this.current[c]! > this.current[best]!) best = c;
@@ -168,7 +187,7 @@ export class BackendPool {
         let bestLoad = Infinity;
         for (let k = 0; k < candidates.length; k++) {
           const c = candidates[(start + k) % candidates.length]!;
-          const load = this.states.active(members[c]!.index) / members[c]!.weight;
+          const load = this.states.active(members[c]!.index) / this.weight(members[c]!, now);
           if (load < bestLoad) {
             best = c;
             bestLoad = load;
@@ -177,9 +196,9 @@ export class BackendPool {
         return best;
       }
       case 'random_two': {
-        const a = this.weightedRandom(candidates, -1);
-        const b = this.weightedRandom(candidates, a);
-        const load = (c: number): number => this.states.active(members[c]!.index) / members[c]!.weight;
+        const a = this.weightedRandom(candidates, -1, now);
+        const b = this.weightedRandom(candidates, a, now);
+        const load = (c: number): number => this.states.active(members[c]!.index) / this.weight(members[c]!, now);
         return load(b) < load(a) ? b : a;
       }
       case 'source_hash': {
@@ -203,13 +222,13 @@ export class BackendPool {
     }
   }
 
-  private weightedRandom(candidates: readonly number[], except: number): number {
+  private weightedRandom(candidates: readonly number[], except: number, now: number): number {
     let total = 0;
-    for (const c of candidates) if (c !== except) total += this.members[c]!.weight;
+    for (const c of candidates) if (c !== except) total += this.weight(this.members[c]!, now);
     let r = Math.random() * total;
     for (const c of candidates) {
       if (c === except) continue;
-      r -= this.members[c]!.weight;
+      r -= this.weight(this.members[c]!, now);
       if (r < 0) return c;
     }
     return candidates.find((c) => c !== except)!;

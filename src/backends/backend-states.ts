@@ -14,7 +14,7 @@
 // one client the connect timeout, not every client routed to it meanwhile. The probe is a lease
 // that expires by itself (a probe whose client left before the outcome frees it at expiry).
 
-/** Most backend entries over the life of the process (each costs 48 bytes). */
+/** Most backend entries over the life of the process (each costs 56 bytes). */
 export const MAX_BACKENDS = 16_384;
 
 // Int32 fields per backend.
@@ -36,6 +36,9 @@ const EJECTIONS = 4;
 const EJECTED = 5;
 
 export type AdminState = 'ready' | 'drain' | 'maintenance';
+
+/** The least share of its weight a backend in slow start takes. */
+const MIN_WARM_SHARE = 0.1;
 const ADMIN_STATES: readonly AdminState[] = ['ready', 'drain', 'maintenance'];
 
 /** What a thread needs to know to pick, and the numbers /stats shows. */
@@ -58,12 +61,37 @@ export class SharedBackendStates {
   private readonly until: BigInt64Array;
   /** PROBE_UNTIL per backend: while on probation, the probe in flight holds it until then. */
   private readonly probeUntil: BigInt64Array;
+  /** WARM_SINCE per backend: when it last came (back) into rotation, for slow_start. */
+  private readonly warmSince: BigInt64Array;
 
-  constructor(buffer: SharedArrayBuffer = new SharedArrayBuffer(MAX_BACKENDS * (FIELDS * 4 + 16))) {
+  constructor(buffer: SharedArrayBuffer = new SharedArrayBuffer(MAX_BACKENDS * (FIELDS * 4 + 24))) {
     this.buffer = buffer;
     this.i32 = new Int32Array(buffer, 0, MAX_BACKENDS * FIELDS);
     this.until = new BigInt64Array(buffer, MAX_BACKENDS * FIELDS * 4, MAX_BACKENDS);
     this.probeUntil = new BigInt64Array(buffer, MAX_BACKENDS * (FIELDS * 4 + 8), MAX_BACKENDS);
+    this.warmSince = new BigInt64Array(buffer, MAX_BACKENDS * (FIELDS * 4 + 16), MAX_BACKENDS);
+  }
+
+  // ---- slow start ----
+
+  /** It came (back) into rotation now: checks up again, an ejection over, ready again. */
+  startWarming(index: number, now: number): void {
+    Atomics.store(this.warmSince, index, BigInt(now));
+  }
+
+  /**
+   * The share of its weight it takes `now` with a slow start of `windowMs`: from 10 % (as Envoy's
+   * min_weight_percent, so it still gets a first connection) to 100 % linearly over the window.
+   */
+  warmShare(index: number, now: number, windowMs: number): number {
+    const elapsed = now - Number(Atomics.load(this.warmSince, index));
+    return elapsed >= windowMs ? 1 : Math.max(MIN_WARM_SHARE, elapsed / windowMs);
+  }
+
+  /** Date.now() at which its slow start of `windowMs` ends; 0 when it is over. */
+  warmUntil(index: number, now: number, windowMs: number): number {
+    const end = Number(Atomics.load(this.warmSince, index)) + windowMs;
+    return end > now ? end : 0;
   }
 
   // ---- connections (a lease the connection holds from its dial until its close) ----
@@ -213,6 +241,7 @@ export class SharedBackendStates {
     Atomics.store(this.i32, base + EJECTIONS, 0);
     Atomics.store(this.i32, base + FAILS, 0);
     Atomics.store(this.probeUntil, index, 0n);
+    this.startWarming(index, now);
     return true;
   }
 
@@ -240,13 +269,16 @@ export class SharedBackendStates {
   }
 
   /**
-   * A backend (re)entering the config: up, ready, no failures. Its active count is left alone:
-   * connections of an earlier generation may still hold it, and they give it back when they close.
+   * A backend (re)entering the config: up, ready, no failures, in slow start since `warmSince`
+   * (0: none, as for the backends of the config the process starts with, as HAProxy's slowstart
+   * never applies at start). Its active count is left alone: connections of an earlier generation
+   * may still hold it, and they give it back when they close.
    */
-  reset(index: number): void {
+  reset(index: number, warmSince = 0): void {
     const base = index * FIELDS;
     for (const field of [CHECK_DOWN, ADMIN, FAILS, EJECTIONS, EJECTED]) Atomics.store(this.i32, base + field, 0);
     Atomics.store(this.until, index, 0n);
     Atomics.store(this.probeUntil, index, 0n);
+    Atomics.store(this.warmSince, index, BigInt(warmSince));
   }
 }

@@ -41,6 +41,8 @@ export interface BackendView extends BackendEntry {
   /** ISO time of the last health change (checks), or of when it entered the config. */
   readonly since: string;
   readonly ejectedUntil: string | null;
+  /** ISO time its slow start ends (the route's slow_start), or null when it takes its full weight. */
+  readonly slowStartUntil: string | null;
 }
 
 export interface SupervisorOptions {
@@ -81,6 +83,8 @@ export class BackendSupervisor {
   private checked = new Map<string, Checked>();
   /** Backend key -> the settings it entered with (a change resets its runtime state). */
   private live = new Map<string, string>();
+  /** The first refresh (the config the process starts with) is done: backends added later start in slow start. */
+  private refreshed = false;
   /** Backend key -> when it entered the config or its health last changed. */
   private readonly since = new Map<string, number>();
   /**
@@ -256,8 +260,9 @@ export class BackendSupervisor {
           const namedState = this.namedStates.get(namedKey);
           if (namedState !== undefined && namedState.settings === settings) named.add(namedKey);
           if (previous === undefined) {
-            // An address of a name back within RECYCLE_AFTER_MS keeps its state; anything else starts afresh.
-            if (!(fromName && this.gone.has(key))) states.reset(index);
+            // An address of a name back within RECYCLE_AFTER_MS keeps its state; anything else starts
+            // afresh, in slow start unless it is of the first config.
+            if (!(fromName && this.gone.has(key))) states.reset(index, this.refreshed ? now : 0);
             this.since.set(key, now);
             if (named.has(namedKey)) states.setAdmin(index, namedState!.state);
           } else if (previous !== settings) {
@@ -294,6 +299,7 @@ export class BackendSupervisor {
       }
     }
     this.live = live;
+    this.refreshed = true;
     this.checked = new Map([...checks].map(([key, check]) => [key, { entries: check.entries }]));
     this.checker.update([...checks].map(([key, check]) => ({ key, target: check.target, def: check.def, initialUp: !check.wasDown })));
     // A check kept across the reload keeps its verdict; apply it to entries that joined it.
@@ -324,6 +330,7 @@ export class BackendSupervisor {
     const now = Date.now();
     for (const entry of check.entries) {
       this.opts.states.setCheckDown(entry.index, !up);
+      if (up) this.opts.states.startWarming(entry.index, now);
       this.since.set(backendKey(entry.listener, entry.route, entry.backend), now);
       const checks = streak === 1 ? 'check' : 'checks';
       const why = up ? `${streak} ${checks} passed` : `${streak} ${checks} failed, last: ${result.ok ? 'ok' : result.reason}`;
@@ -362,7 +369,10 @@ export class BackendSupervisor {
     }
     for (const entry of this.entries()) {
       const snap = this.opts.states.snapshot(entry.index, now);
-      const settings = findEntry(config!, entry);
+      const route = findRoute(config!, entry);
+      const settings = route?.backends.find((b) => b.address.text === entry.configured);
+      const slowStartMs = route === undefined || route.balance === 'source_hash' ? 0 : route.slowStartMs;
+      const warmUntil = slowStartMs === 0 ? 0 : this.opts.states.warmUntil(entry.index, now, slowStartMs);
       const last = lastCheck.get(entry.index) ?? null;
       views.push({
         ...entry,
@@ -374,6 +384,7 @@ export class BackendSupervisor {
         lastCheck: last === null ? null : { ok: last.ok, reason: last.ok ? null : last.reason, ms: Math.round(last.ms * 10) / 10 },
         since: new Date(this.since.get(backendKey(entry.listener, entry.route, entry.backend)) ?? now).toISOString(),
         ejectedUntil: snap.ejectedUntil > 0 ? new Date(snap.ejectedUntil).toISOString() : null,
+        slowStartUntil: warmUntil > 0 ? new Date(warmUntil).toISOString() : null,
       });
     }
     return views;
@@ -391,7 +402,10 @@ export class BackendSupervisor {
         (target.listener === undefined || e.listener === target.listener) &&
         (target.route === undefined || e.route === target.route),
     );
+    const now = Date.now();
     for (const entry of matched) {
+      // Back to ready from drain or maintenance: back into rotation, so slow_start applies.
+      if (state === 'ready' && this.opts.states.admin(entry.index) !== 'ready') this.opts.states.startWarming(entry.index, now);
       this.opts.states.setAdmin(entry.index, state);
       // Set by host name: later addresses of the name get it too.
       const configured = findEntry(this.config!, entry);
@@ -426,10 +440,13 @@ function hostNames(config: Config): Set<string> {
   return hosts;
 }
 
-function findEntry(config: Config, entry: BackendEntry): RouteConfig['backends'][number] | undefined {
+function findRoute(config: Config, entry: BackendEntry): RouteConfig | undefined {
   const listener: ListenerConfig | undefined = config.listeners.find((l) => l.name === entry.listener);
-  const route = listener?.routes.find((r) => r.name === entry.route);
-  return route?.backends.find((b) => b.address.text === entry.configured);
+  return listener?.routes.find((r) => r.name === entry.route);
+}
+
+function findEntry(config: Config, entry: BackendEntry): RouteConfig['backends'][number] | undefined {
+  return findRoute(config, entry)?.backends.find((b) => b.address.text === entry.configured);
 }
 
 /** The runner's definition of a route's check: bytes encoded, the SNI and PROXY header chosen. */

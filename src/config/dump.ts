@@ -145,7 +145,7 @@ function listenerLines(listener: ListenerConfig): string[] {
 }
 
 function routeLines(route: RouteConfig): string[] {
-  const { name, path, sni, isDefault, backends, balance, onAllDown, healthCheck, ejection, limits, firewall, sendProxyProtocol, passThroughTlvs, onRemoval, ...rest } = route;
+  const { name, path, sni, isDefault, backends, balance, onAllDown, slowStartMs, healthCheck, ejection, limits, firewall, sendProxyProtocol, passThroughTlvs, onRemoval, ...rest } = route;
   allWritten(rest);
   const { consecutiveFailures, baseTimeMs, maxTimeMs, maxSharePct, ...restOfEjection } = ejection;
   allWritten(restOfEjection);
@@ -159,6 +159,7 @@ function routeLines(route: RouteConfig): string[] {
     `  backends = ${backendList(backends)}`,
     `  balance = ${tomlString(balance)}`,
     `  on_all_down = ${tomlString(onAllDown)}`,
+    `  slow_start = ${tomlString(formatDuration(slowStartMs))}`,
   ];
   // pass_through_tlvs is only allowed next to send_proxy_protocol = "v2".
   if (sendProxyProtocol === null) lines.push('  # send_proxy_protocol: off');

@@ -212,6 +212,7 @@ function resolveRoute(route: RouteFile, path: string, listenerOnRemoval: OnRemov
     ),
     balance: route.balance,
     onAllDown: route.on_all_down,
+    slowStartMs: route.slow_start,
     healthCheck: resolveHealthCheck(route.health_check, route.send_proxy_protocol !== undefined),
     ejection: {
       consecutiveFailures: route.ejection.consecutive_failures,

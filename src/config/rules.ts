@@ -150,7 +150,7 @@ function routeRules(routes: { table: Table; path: Path }[]): ConfigIssue[] {
       });
     }
 
-    issues.push(...backendRules(table, path), ...healthCheckRules(table.health_check, [...path, 'health_check']), ...ejectionRules(table.ejection, [...path, 'ejection']));
+    issues.push(...backendRules(table, path), ...slowStartRules(table, path), ...healthCheckRules(table.health_check, [...path, 'health_check']), ...ejectionRules(table.ejection, [...path, 'ejection']));
 
     if (table.pass_through_tlvs !== undefined && table.send_proxy_protocol !== 'v2') {
       const sending = table.send_proxy_protocol === undefined
@@ -203,6 +203,14 @@ function backendRules(route: Table, path: Path): ConfigIssue[] {
     issues.push({ path: formatPath([...path, 'backends']), message: `every backend of ${describeRoute(route)} is a backup; at least one must be a primary (backup = false)` });
   }
   return issues;
+}
+
+/** slow_start ramps weights; source_hash's weights place clients, so a ramp would move them back and forth. */
+function slowStartRules(route: Table, path: Path): ConfigIssue[] {
+  if (route.balance !== 'source_hash' || typeof route.slow_start !== 'string') return [];
+  const ms = parseDuration(route.slow_start);
+  if (isUnitError(ms) || ms === 0) return [];
+  return [{ path: formatPath([...path, 'slow_start']), message: `slow_start does not apply to balance = "source_hash" (a ramping weight would move clients between backends and back); remove it or use another balance` }];
 }
 
 /** Keys of a health check that belong to another check type, and a send_expect with nothing to expect. */

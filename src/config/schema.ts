@@ -259,6 +259,7 @@ const route = z.strictObject(
     backends: z.union([backend.transform((b) => [b]), z.array(backend).min(1).max(MAX_BACKENDS_PER_ROUTE)], expecting('host:port, a backend table or a list of them')),
     balance: z.enum(['round_robin', 'least_conn', 'random_two', 'source_hash']).default('round_robin'),
     on_all_down: z.enum(['panic', 'refuse']).default('panic'),
+    slow_start: duration({ positive: false }).default(0),
     health_check: healthCheck.optional(),
     ejection: ejection.prefault({}),
     send_proxy_protocol: z.enum(['v1', 'v2']).optional(),

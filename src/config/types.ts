@@ -124,6 +124,11 @@ export interface RouteConfig {
   readonly balance: Balance;
   /** Every backend down (checks, ejection): "panic" tries them all anyway, "refuse" closes with no_healthy_backend. */
   readonly onAllDown: 'panic' | 'refuse';
+  /**
+   * A backend back in rotation (checks up again, an ejection over, ready again, or added) ramps
+   * its weight from 10 % to 100 % over this long. 0 = off. Not for source_hash.
+   */
+  readonly slowStartMs: number;
   readonly healthCheck: HealthCheckConfig | null;
   readonly ejection: EjectionConfig;
   readonly limits: RouteLimits;

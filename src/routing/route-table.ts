@@ -40,9 +40,15 @@ export class RouteTable {
 
   /** `countIndex` gives each route's index in the shared counts; `backends` its members. */
   constructor(listener: ListenerConfig, countIndex: (route: RouteConfig) => number, backends: BackendDirectory) {
-    this.routes = listener.routes.map(
-      (r) => new Route(r, countIndex(r), new BackendPool(r.balance, r.onAllDown, backends.states, backends.membersOf(listener.name, r), listener.timeouts.connectMs + PROBE_SLACK_MS)),
-    );
+    this.routes = listener.routes.map((r) => {
+      const pool = new BackendPool(backends.states, backends.membersOf(listener.name, r), {
+        balance: r.balance,
+        onAllDown: r.onAllDown,
+        probeWindowMs: listener.timeouts.connectMs + PROBE_SLACK_MS,
+        slowStartMs: r.slowStartMs,
+      });
+      return new Route(r, countIndex(r), pool);
+    });
     let fallback: Route | null = null;
     for (const route of this.routes) {
       if (route.config.isDefault) fallback = route;

@@ -13,7 +13,7 @@
 //
 // Pool backends (issue 17): routes "pool" (SNI pool.test) over four counting echo servers p0..p3
 // and the SYN black hole, with every balance mode, weights, backups, per-backend max_connections,
-// tcp and send_expect checks every 50-200 ms, short ejections and both on_all_down. Their steps
+// tcp and send_expect checks every 50-200 ms, short ejections, slow_start and both on_all_down. Their steps
 // come from a second PRNG (a seed's other steps are unchanged): pool clients and bursts, `backend`
 // (a server dies, every connection reset, and comes back), `state` (POST /backends/state: drain,
 // maintenance, ready; in every route or one; unknown backends, routes and broken requests); a
@@ -151,6 +151,8 @@ export interface PoolSpec {
   readonly check: { readonly type: 'tcp' | 'send_expect'; readonly intervalMs: number; readonly timeoutMs: number; readonly rise: number; readonly fall: number } | null;
   /** null: the defaults (3 failures, 30 s); else short cooldowns. */
   readonly ejection: { readonly failures: number; readonly baseMs: number; readonly maxShare: number } | null;
+  /** slow_start in ms (0 = off; never with source_hash). */
+  readonly slowStartMs: number;
 }
 
 export interface ListenerSpec {
@@ -417,9 +419,11 @@ class Generator {
       backup: i > 0 && p.chance(0.25), // the first is a primary: a route needs one
       maxConnections: p.chance(0.4) ? p.int(1, 3) : 0,
     }));
+    const balance = p.pick(['round_robin', 'least_conn', 'random_two', 'source_hash'] as const);
     return {
-      balance: p.pick(['round_robin', 'least_conn', 'random_two', 'source_hash'] as const),
+      balance,
       onAllDown: p.pick(['panic', 'refuse'] as const),
+      slowStartMs: balance !== 'source_hash' && p.chance(0.4) ? p.pick([200, 1000, 5000]) : 0,
       members,
       check: p.chance(0.6)
         ? { type: p.pick(['tcp', 'send_expect'] as const), intervalMs: p.pick([50, 100, 200]), timeoutMs: p.pick([100, 200, 300]), rise: p.int(1, 2), fall: p.int(1, 3) }
@@ -1218,6 +1222,7 @@ export function renderConfig(config: ConfigVersion, env: Env): string {
       else {
         const entry = (m: PoolMember): string => `{ address = ${q(env.pool[m.backend])}, weight = ${m.weight}, backup = ${m.backup}, max_connections = ${m.maxConnections} }`;
         out.push(`  backends = [${pool.members.map(entry).join(', ')}]`, `  balance = ${q(pool.balance)}`, `  on_all_down = ${q(pool.onAllDown)}`);
+        if (pool.slowStartMs > 0) out.push(`  slow_start = "${pool.slowStartMs}ms"`);
       }
       if (r.onRemoval !== null) out.push(`  on_removal = ${q(r.onRemoval)}`);
       if (r.maxConnections > 0) out.push('    [listeners.routes.limits]', `    max_connections = ${r.maxConnections}`);
