@@ -344,3 +344,19 @@ test('slow_start: a backend back in rotation takes 10 % of its weight at first a
   });
   assert.deepEqual(during, before);
 });
+
+test('a failed probe ejects again whatever max_share says, and a connect during a cooldown ends it', () => {
+  const states = new SharedBackendStates();
+  let now = 1_000_000;
+  for (let i = 0; i < 3; i++) states.connectFailed(0, now, NO_EJECTION, () => true);
+  now += 1000;
+  assert.ok(states.onProbation(0, now));
+  // Another backend's ejection has used the route's share meanwhile: a first ejection would be refused...
+  for (let i = 0; i < 3; i++) assert.equal(states.connectFailed(1, now, NO_EJECTION, () => false), 0);
+  // ...but the failed probe is ejected again, else it would stay the route's probing tier.
+  assert.equal(states.connectFailed(0, now, NO_EJECTION, () => false), 2000);
+  assert.ok(states.isEjected(0, now + 10));
+  // A connect that succeeds during the cooldown (panic, or a dial from before) ends it.
+  assert.equal(states.connected(0), true);
+  assert.ok(!states.isEjected(0, now + 10) && !states.onProbation(0, now + 10) && states.isUp(0, now + 10));
+});

@@ -132,7 +132,7 @@ export function renderStatus(stats: DaemonStats): string {
     const rows = [['BACKEND', 'ROUTE', 'HEALTH', 'STATE', 'ACTIVE', 'LAST CHECK', 'SINCE']];
     for (const b of backends) {
       const check = b.lastCheck === null ? '-' : b.lastCheck.ok ? `ok ${b.lastCheck.ms}ms` : `failed: ${b.lastCheck.reason}`;
-      rows.push([`${b.backend}${b.backup ? ' (backup)' : ''}`, `${b.listener}/${b.route}`, `${b.health}${b.slowStartUntil !== null ? ' (slow start)' : ''}`, b.state, String(b.active), check, b.since.slice(0, 19)]);
+      rows.push([`${b.backend}${b.backup ? ' (backup)' : ''}`, `${b.listener}/${b.route}`, `${b.health}${b.slowStartUntil != null ? ' (slow start)' : ''}`, b.state, String(b.active), check, b.since.slice(0, 19)]);
     }
     lines.push(...table(rows));
   }

@@ -201,6 +201,8 @@ export class SharedBackendStates {
     if (Atomics.load(this.i32, base + FAILS) !== 0) Atomics.store(this.i32, base + FAILS, 0);
     if (Atomics.load(this.i32, base + EJECTIONS) === 0) return false;
     if (Atomics.exchange(this.i32, base + EJECTIONS, 0) === 0) return false;
+    // A connect during the cooldown (panic, or a dial from before the ejection) ends it too.
+    Atomics.store(this.until, index, 0n);
     Atomics.store(this.probeUntil, index, 0n);
     return true;
   }
@@ -218,7 +220,9 @@ export class SharedBackendStates {
     if (fails < policy.consecutiveFailures && ejections === 0) return 0;
     const until = Atomics.load(this.until, index);
     if (Number(until) > now) return 0; // already out
-    if (!mayEject()) return 0;
+    // A backend that failed again after an ejection (a failed probe) is ejected whatever the share:
+    // left on probation it would take the route's connections one timeout after another.
+    if (ejections === 0 && !mayEject()) return 0;
     Atomics.store(this.i32, base + EJECTED, 1); // before UNTIL: a reader that sees UNTIL sees the hint
     const cooldown = Math.min(policy.baseTimeMs * (ejections + 1), policy.maxTimeMs);
     // One thread ejects: the one whose compare-and-swap moves UNTIL from the value it read.

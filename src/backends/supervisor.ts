@@ -206,7 +206,9 @@ export class BackendSupervisor {
     const known = new Set(indexes.backends.keys());
     const full = indexes.assignBackends(keys, MAX_BACKENDS);
     if (full !== null) return full;
-    for (const [key, index] of indexes.backends) if (!known.has(key)) this.opts.states.reset(index);
+    // After start-up a new backend ramps (slow_start) from here: the threads may commit before refresh().
+    const warmSince = this.refreshed ? Date.now() : 0;
+    for (const [key, index] of indexes.backends) if (!known.has(key)) this.opts.states.reset(index, warmSince);
     return null;
   }
 
@@ -266,6 +268,8 @@ export class BackendSupervisor {
             this.since.set(key, now);
             if (named.has(namedKey)) states.setAdmin(index, namedState!.state);
           } else if (previous !== settings) {
+            // A reload that changes the entry ends its runtime state: back to ready, ramping if it was out.
+            if (states.admin(index) !== 'ready') states.startWarming(index, now);
             states.setAdmin(index, 'ready');
           }
           live.set(key, settings);

@@ -666,8 +666,9 @@ function ignoreError(): void {}
 /**
  * max_share: a passive ejection may leave at most that share of the route's backends ejected
  * (as Envoy's max_ejection_percent), so a network blip cannot empty a route. Always at least one
- * may be ejected. Threads can race past it by one each at the same instant. The backend to eject
- * is not counted: one on probation (counted as ejected) is ejected again whatever the share.
+ * may be ejected. Threads can race past it by one each at the same instant. Only cooldowns count
+ * (not probation), and not the backend to eject; one that fails again after an ejection is
+ * ejected again whatever the share (SharedBackendStates.connectFailed).
  */
 function ejectionAllowed(route: Route, states: SharedBackendStates, index: number, now: number): boolean {
   const members = route.pool.all;
