@@ -48,8 +48,8 @@ const USAGE = `usage: npm run bench -- [options]
                         no-threads-key (a build before [process] threads), health=INTERVAL (an active
                         TCP health check of the backend every INTERVAL), per-ip (per-client limits set
                         too high to refuse: their code runs on every admission) and cluster (per-ip, shared
-                        through a loopback redis-server the bench starts: [cluster]). Only a cluster variant runs
-                        in the flood scenario (with the flood's limits shared through the store)
+                        through a loopback redis-server the bench starts: [cluster]). Variants run in the flood
+                        scenario too (a cluster variant with the flood's limits shared through the store)
   --node-flags="FLAGS"  Node/V8 flags on smartproxy's command line (default none; A/B runs). They reach
                         every thread, except the heap flags the daemon sets itself before it starts its
                         threads (src/event-loops.ts THREAD_V8_FLAGS), which win there
@@ -172,9 +172,9 @@ function estimateSeconds(options, scenarios, contenders) {
   return seconds;
 }
 
-/** The contenders the flood scenario runs: those that limit per client (a `cluster` variant too). */
+/** The contenders the flood scenario runs: those that limit per client (every smartproxy variant too). */
 function floodContenders(contenders, variants) {
-  return contenders.filter((name) => GOVERNED_CONTENDER_NAMES.includes(name) || variants.get(name)?.cluster === true);
+  return contenders.filter((name) => GOVERNED_CONTENDER_NAMES.includes(name) || variants.has(name));
 }
 
 /** Share of all cores' time spent not idle over one second, from /proc/stat. */

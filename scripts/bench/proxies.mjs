@@ -153,7 +153,7 @@ export function describeContender(ctx, name) {
  */
 export async function startContender(ctx, name, { backendPort, routeBySni, limits }) {
   if (name === 'direct') return { name, port: backendPort, child: null, adminPort: null };
-  if (limits && !GOVERNED_CONTENDER_NAMES.includes(name) && !smartproxyRuntime(ctx, name)?.cluster) throw new Error(`${name} has no per-client limits in this bench`);
+  if (limits && !GOVERNED_CONTENDER_NAMES.includes(name) && smartproxyRuntime(ctx, name) === null) throw new Error(`${name} has no per-client limits in this bench`);
   const port = await freePort();
   const adminPort = limits && smartproxyRuntime(ctx, name) !== null ? await freePort() : null;
   if (smartproxyRuntime(ctx, name)?.cluster) await startBenchRedis(ctx);
