@@ -185,7 +185,7 @@ test('passive ejection: the Nth failure in a row ejects for base x times ejected
     assert.equal(states.connectFailed(0, now, NO_EJECTION, may), expected, 'capped at max_time');
     now += expected;
   }
-  states.connected(0);
+  states.connected(0, now);
   assert.equal(states.connectFailed(0, now, NO_EJECTION, may), 0, 'a success starts the count again');
   assert.equal(states.snapshot(0, now).ejections, 0);
 });
@@ -258,7 +258,7 @@ test('after its cooldown an ejected backend is on probation: one connection at a
   now += 2000;
   assert.deepEqual(picks(20, now), [19, 1]);
   // The probe connects: the history ends and the backend takes its full share at once.
-  assert.equal(states.connected(1), true);
+  assert.equal(states.connected(1, now), true);
   assert.ok(states.isHealthy(1, now) && !states.onProbation(1, now) && !states.isEjected(1, now));
   assert.deepEqual(picks(20, now), [10, 10]);
 });
@@ -357,6 +357,13 @@ test('a failed probe ejects again whatever max_share says, and a connect during 
   assert.equal(states.connectFailed(0, now, NO_EJECTION, () => false), 2000);
   assert.ok(states.isEjected(0, now + 10));
   // A connect that succeeds during the cooldown (panic, or a dial from before) ends it.
-  assert.equal(states.connected(0), true);
+  assert.equal(states.connected(0, now + 10), true);
   assert.ok(!states.isEjected(0, now + 10) && !states.onProbation(0, now + 10) && states.isUp(0, now + 10));
+  assert.equal(states.warmShare(0, now + 10, 10_000), 0.1, 'back in rotation: its slow start begins');
+  // A passing check ends an ejection the same way, slow start included.
+  for (let i = 0; i < 3; i++) states.connectFailed(1, now + 20, NO_EJECTION, () => true);
+  assert.ok(states.isEjected(1, now + 20));
+  assert.equal(states.uneject(1, now + 20), true);
+  assert.ok(states.isUp(1, now + 20) && !states.onProbation(1, now + 20));
+  assert.equal(states.warmShare(1, now + 5_020, 10_000), 0.5);
 });

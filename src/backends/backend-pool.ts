@@ -85,7 +85,7 @@ export class BackendPool {
     this.balance = settings.balance;
     this.onAllDown = settings.onAllDown;
     this.probeWindowMs = settings.probeWindowMs;
-    this.slowStartMs = settings.balance === 'source_hash' ? 0 : settings.slowStartMs;
+    this.slowStartMs = settings.slowStartMs; // source_hash never reads it: its picks use the configured weight
     this.setMembers(members);
   }
 

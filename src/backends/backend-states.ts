@@ -36,9 +36,6 @@ const EJECTIONS = 4;
 const EJECTED = 5;
 
 export type AdminState = 'ready' | 'drain' | 'maintenance';
-
-/** The least share of its weight a backend in slow start takes. */
-const MIN_WARM_SHARE = 0.1;
 const ADMIN_STATES: readonly AdminState[] = ['ready', 'drain', 'maintenance'];
 
 /** What a thread needs to know to pick, and the numbers /stats shows. */
@@ -53,6 +50,9 @@ export interface BackendSnapshot {
   /** Its cooldown is over and no connect has succeeded since: one connection at a time. */
   readonly probation: boolean;
 }
+
+/** The least share of its weight a backend in slow start takes. */
+const MIN_WARM_SHARE = 0.1;
 
 export class SharedBackendStates {
   readonly buffer: SharedArrayBuffer;
@@ -193,9 +193,10 @@ export class SharedBackendStates {
 
   /**
    * A connect succeeded: the failure streak and the ejection history end. True when this ended an
-   * ejection history (the backend is back: one log line, from the thread that saw it first).
+   * ejection history (the backend is back: one log line, from the thread that saw it first; its
+   * slow start begins `now`, as after uneject()).
    */
-  connected(index: number): boolean {
+  connected(index: number, now: number): boolean {
     const base = index * FIELDS;
     // Read first: a healthy backend's fields stay untouched, so threads do not fight over the line.
     if (Atomics.load(this.i32, base + FAILS) !== 0) Atomics.store(this.i32, base + FAILS, 0);
@@ -204,6 +205,7 @@ export class SharedBackendStates {
     // A connect during the cooldown (panic, or a dial from before the ejection) ends it too.
     Atomics.store(this.until, index, 0n);
     Atomics.store(this.probeUntil, index, 0n);
+    this.startWarming(index, now);
     return true;
   }
 

@@ -375,7 +375,8 @@ export class BackendSupervisor {
       const snap = this.opts.states.snapshot(entry.index, now);
       const route = findRoute(config!, entry);
       const settings = route?.backends.find((b) => b.address.text === entry.configured);
-      const slowStartMs = route === undefined || route.balance === 'source_hash' ? 0 : route.slowStartMs;
+      // check-config refuses slow_start with source_hash: slowStartMs is 0 there.
+      const slowStartMs = route?.slowStartMs ?? 0;
       const warmUntil = slowStartMs === 0 ? 0 : this.opts.states.warmUntil(entry.index, now, slowStartMs);
       const last = lastCheck.get(entry.index) ?? null;
       views.push({

@@ -252,18 +252,12 @@ export class Cluster {
    */
   private flushReleases(store: RedisStore, limit = Infinity): void {
     if (this.releases.size === 0) return;
-    let releases: Array<[string, number]>;
-    if (this.releases.size <= limit) {
-      releases = [...this.releases];
-      this.releases.clear();
-    } else {
-      releases = [];
-      for (const entry of this.releases) {
-        if (releases.length >= limit) break;
-        releases.push(entry);
-      }
-      for (const [tag] of releases) this.releases.delete(tag);
+    const releases: Array<[string, number]> = [];
+    for (const entry of this.releases) {
+      if (releases.length >= limit) break;
+      releases.push(entry);
     }
+    for (const [tag] of releases) this.releases.delete(tag);
     store.release(releases).catch((err: unknown) => {
       if (store !== this.store) return;
       // Whether Redis ran them is unknown: the renewal writes these tags' counts over them.

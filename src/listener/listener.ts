@@ -546,8 +546,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
 
   /** ConnectionOwner: the dial connected. */
   backendConnected(conn: Connection): void {
-    if (this.deps.shared.backends.connected(conn.backendIndex)) {
-      this.deps.shared.backends.startWarming(conn.backendIndex, Date.now());
+    if (this.deps.shared.backends.connected(conn.backendIndex, Date.now())) {
       const route = conn.route!;
       const backend = conn.backendAddress!.text;
       this.deps.log.info({ listener: this.name, route: route.name, backend }, `backend ${backend} of route ${route.name} is back: a connect succeeded after its ejection`);
