@@ -440,11 +440,10 @@ export class Daemon {
    */
   private applyRouteRemovals(listener: Listener, old: ListenerGeneration, gen: ListenerGeneration, config: Config): void {
     const kept = new Set(gen.config.routes.map((r) => r.name));
-    for (const name of kept) listener.removedRoutes.delete(name);
     const removed = old.config.routes.filter((r) => !kept.has(r.name));
     if (removed.length === 0) return;
     const closeAt = Date.now() + config.shutdown.drainTimeoutMs;
-    for (const route of removed) listener.removedRoutes.set(route.name, { policy: route.onRemoval, closeAt });
+    for (const route of removed) listener.removedRoutes.set(route.name, { policy: route.onRemoval, closeAt, seq: gen.seq });
     const names = new Set(removed.map((r) => r.name));
     const doomed = [...this.registry.values()].filter(
       (c) => c.owner === listener && c.route !== null && names.has(c.route.name),

@@ -371,6 +371,34 @@ for (const policy of ['close', 'drain'] as const) {
   });
 }
 
+test('a ClientHello for a route removed with on_removal = "close" and added back by a later reload, both while it was arriving, ends the connection: the route it would take is the removed one', { timeout: 15_000 }, async (t) => {
+  const a = await startBackend(t);
+  const b = await startBackend(t);
+  const proxy = await startProxy(t, removalConfig(a.port, b.port, 'close', true));
+  const hello = clientHello('a.test');
+  const client = await connect(proxy.port('sni'));
+  const clientClosed = ended(client);
+  client.write(hello.subarray(0, 20));
+  await until(
+    () => [...proxy.daemon.registry.values()].some((c) => c.state === 'handshake' && c.client.bytesRead >= 20),
+    5000,
+    'the first bytes to be read in the handshake',
+  );
+
+  await proxy.daemon.reload(configFrom(removalConfig(a.port, b.port, 'close', false)));
+  await proxy.daemon.reload(configFrom(removalConfig(a.port, b.port, 'close', true)));
+  client.write(hello.subarray(20));
+  assert.ok(await settlesWithin(clientClosed, 1500), 'the connection is still open 1500 ms after the reloads');
+  client.destroy();
+  assert.equal(a.accepted, 0, 'the connection never reaches the backend through the removed route');
+  // A connection that arrives after the route came back is served by it.
+  const fresh = await connect(proxy.port('sni'));
+  fresh.write(hello);
+  await until(() => a.accepted === 1, 5000, 'a new connection to reach the route added back');
+  fresh.destroy();
+  await within(proxy.daemon.registry.whenEmpty(), 5000, 'the registry to empty');
+});
+
 // ---- defect 8: an address moving between two kept listeners --------------------------------------
 
 function movingConfig(xBinds: number[], yBinds: number[], xBackend: number, yBackend: number): string {

@@ -10,7 +10,12 @@ import type { CountIndexes } from '../governance/shared-counts.ts';
 import type { ProxyVersionAccept } from '../proxy-protocol/parse.ts';
 import { RouteTable } from '../routing/route-table.ts';
 
+/** Generations in order of creation: a later one has a larger `seq`. */
+let generations = 0;
+
 export class ListenerGeneration implements ConnectionSettings {
+  /** Its place in the order of generations (see Listener.removedRoutes). */
+  readonly seq = ++generations;
   readonly name: string;
   readonly config: ListenerConfig;
   readonly timeouts: Timeouts;

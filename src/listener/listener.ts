@@ -99,11 +99,13 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
   /** Index of this listener's counts in the shared counts. */
   readonly countIndex: number;
   /**
-   * Routes that reloads removed (by name; a later reload that adds the name back deletes it), so
-   * a connection still in its handshake at that reload, routing later through its older
-   * generation, gets the removal policy too: refused for "close", closed at `closeAt` for "drain".
+   * Routes that reloads removed, by name, with the generation that removed them (`seq`), so a
+   * connection still in its handshake at that reload, routing later through its older generation,
+   * gets the removal policy too: refused for "close", closed at `closeAt` for "drain". A later
+   * reload that adds the name back does not undo it for those connections: their route is the
+   * removed one, not the one added back (connections of generations from `seq` on are unaffected).
    */
-  readonly removedRoutes = new Map<string, { readonly policy: OnRemoval; readonly closeAt: number }>();
+  readonly removedRoutes = new Map<string, { readonly policy: OnRemoval; readonly closeAt: number; readonly seq: number }>();
   draining = false;
   /** Open connections (queued included): +1 right after `new Connection`, -1 in connectionClosed. */
   private open = 0;
@@ -435,7 +437,7 @@ export class Listener implements SlotWaiter, ConnectionOwner, GateOwner {
    */
   admitRoute(conn: Connection, route: Route): CloseReason | null {
     const removal = this.removedRoutes.size === 0 ? undefined : this.removedRoutes.get(route.name);
-    if (removal !== undefined) {
+    if (removal !== undefined && (conn.settings as ListenerGeneration).seq < removal.seq) {
       if (removal.policy === 'close') return 'removed';
       if (removal.policy === 'drain') conn.closeAtRemovalDeadline(removal.closeAt);
     }
